@@ -1,0 +1,1 @@
+"""Triton kernels for NSA (import name: nsa_kernels). Never imports Megatron."""

@@ -1,0 +1,152 @@
+"""`nsa_attention`: the functional entry point, with input checks and the backend switch."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from .config import NSAConfig
+from .reference import RopeFn, nsa_reference
+
+BACKENDS = ("torch", "triton")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+KV = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def default_backend(device: torch.device) -> str:
+    """triton on CUDA (when the kernels import), torch elsewhere."""
+    if device.type == "cuda" and triton_backend_available():
+        return "triton"
+    return "torch"
+
+
+def triton_backend_available() -> bool:
+    try:
+        import nsa_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _branch_tensors(name: str, value: KV, separate: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cmp, slc, win) tensors of k or v."""
+    if separate:
+        if isinstance(value, torch.Tensor) or len(value) != 3:
+            raise ValueError(
+                f"{name} must be a (cmp, slc, win) triple of tensors when config.separate_kv=True, "
+                f"got {type(value).__name__}"
+            )
+        return tuple(value)
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(
+            f"{name} must be one tensor shared by the branches when config.separate_kv=False, "
+            f"got {type(value).__name__}; set separate_kv=True to pass (cmp, slc, win) triples"
+        )
+    return value, value, value
+
+
+def check_inputs(q, ks, vs, gates, cu_seqlens, config: NSAConfig):
+    """Shape, dtype and device checks; errors name the tensor."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"q must be a 4-D tensor [B, T, H_q, d_k], got {getattr(q, 'shape', type(q))}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}; allowed: {_FLOAT_DTYPES}")
+    batch, seq_len, num_q_heads, head_dim_qk = q.shape
+    named = [(f"k[{b}]" if len(set(map(id, ks))) > 1 else "k", t) for b, t in zip(("cmp", "slc", "win"), ks)]
+    named += [(f"v[{b}]" if len(set(map(id, vs))) > 1 else "v", t) for b, t in zip(("cmp", "slc", "win"), vs)]
+    named.append(("gates", gates))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, T, H, D], got shape {tuple(t.shape)}")
+        if t.shape[:2] != q.shape[:2]:
+            raise ValueError(f"{name} has [B, T] = {tuple(t.shape[:2])} but q has {tuple(q.shape[:2])}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; all inputs must share one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    k0, v0 = ks[0], vs[0]
+    num_kv_heads = k0.shape[2]
+    for name, t in named[:-1]:
+        ref = k0 if name.startswith("k") else v0
+        if t.shape != ref.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(ref.shape)} like the other branches")
+        if t.shape[2] != num_kv_heads:
+            raise ValueError(f"{name} has {t.shape[2]} heads but k has {num_kv_heads}; k and v must share H_kv")
+    if k0.shape[3] != head_dim_qk:
+        raise ValueError(f"k has head dim {k0.shape[3]} but q has {head_dim_qk}; they must be equal (d_k)")
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"q has H_q={num_q_heads} heads and k has H_kv={num_kv_heads}: H_q must be a positive multiple of H_kv"
+        )
+    if gates.shape[2:] != (num_q_heads, 3):
+        raise ValueError(f"gates must be [B, T, H_q, 3] = {(batch, seq_len, num_q_heads, 3)}, got {tuple(gates.shape)}")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, batch, seq_len, q.device)
+
+
+def check_cu_seqlens(cu_seqlens, batch: int, seq_len: int, device) -> None:
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D tensor of document boundaries [0, ..., T] with at least 2 entries")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens has dtype {cu_seqlens.dtype}; allowed: torch.int32, torch.int64")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
+    if batch != 1:
+        raise ValueError(f"packed documents (cu_seqlens) need batch size 1, got B={batch}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != seq_len:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T={seq_len}, got {bounds[0]} .. {bounds[-1]}")
+    if any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+
+
+def nsa_attention(
+    q: torch.Tensor,
+    k: KV,
+    v: KV,
+    gates: torch.Tensor,
+    config: NSAConfig,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    compressor=None,
+    backend: Optional[str] = None,
+    compressed_rope: Optional[RopeFn] = None,
+) -> torch.Tensor:
+    """Native Sparse Attention.
+
+    q      [B, T, H_q, d_k]
+    k, v   [B, T, H_kv, d_k] / [B, T, H_kv, d_v], shared by the branches; or (cmp, slc, win)
+           triples of such tensors when config.separate_kv
+    gates  [B, T, H_q, 3] in [0, 1], order (cmp, slc, win)
+    cu_seqlens  optional [N+1] document boundaries of packed sequences (B must be 1)
+    compressor  a KVCompressor (required for compression 'linear' / 'mlp')
+    backend     'torch' | 'triton' | None (triton on CUDA, torch elsewhere)
+    compressed_rope  optional fn(compressed_k [N, H_kv, d_k], positions [N]) rotating each
+           compressed key at its block's last token position (within its document)
+    returns [B, T, H_q, d_v]
+    """
+    if not isinstance(config, NSAConfig):
+        raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
+    if config.compression != "mean" and compressor is None:
+        raise ValueError(f"config.compression={config.compression!r} needs a compressor (a KVCompressor); got None")
+    if compressor is not None and getattr(compressor, "kind", None) != config.compression:
+        raise ValueError(
+            f"compressor.kind={getattr(compressor, 'kind', None)!r} does not match "
+            f"config.compression={config.compression!r}"
+        )
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not allowed; choose one of {BACKENDS} or None")
+    ks = _branch_tensors("k", k, config.separate_kv)
+    vs = _branch_tensors("v", v, config.separate_kv)
+    check_inputs(q, ks, vs, gates, cu_seqlens, config)
+    backend = backend or default_backend(q.device)
+    if backend == "triton":
+        if not triton_backend_available():
+            raise RuntimeError("backend='triton' needs the nsa_kernels package and triton; install them or use 'torch'")
+        from nsa_kernels import nsa_triton
+
+        return nsa_triton(q, ks, vs, gates, config, cu_seqlens, compressor, compressed_rope)
+    kv = [(kb, vb) for kb, vb in zip(ks, vs)]
+    return nsa_reference(q, *kv, gates, config, cu_seqlens, compressor, compressed_rope)
