@@ -83,7 +83,10 @@ def masked_attention(scores: torch.Tensor, mask: torch.Tensor, values_fn: Callab
     Returns (values_fn(probs), lse, probs). The max used for stability is detached (exact gradient).
     """
     masked = scores.masked_fill(~mask, float("-inf"))
-    row_max = masked.amax(dim=-1, keepdim=True).detach()
+    if masked.shape[-1] == 0:  # no keys at all (e.g. a document shorter than one compressed block)
+        row_max = masked.new_zeros(masked.shape[:-1] + (1,))
+    else:
+        row_max = masked.amax(dim=-1, keepdim=True).detach()
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     exp = torch.exp(masked - row_max)
     denom = exp.sum(dim=-1, keepdim=True)

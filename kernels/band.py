@@ -1,0 +1,296 @@
+"""Flash attention over a "band" of keys: the sliding-window and the compressed branches.
+
+Key j of a document sits at position j*KEY_STRIDE + KEY_OFFSET; query t sees it when
+    position <= t   and   (WINDOW == 0 or position > t - WINDOW).
+- window branch:     keys are tokens,            KEY_STRIDE=1, KEY_OFFSET=0,     WINDOW=w
+- compressed branch: keys are compressed blocks, KEY_STRIDE=d, KEY_OFFSET=l-1,   WINDOW=0
+A query with no visible key gets output 0 and lse -inf.
+
+Forward and dQ: one program per (query tile, query head). dK/dV: one program per (key tile,
+KV head), looping over the G query heads of the group, so no atomics are needed.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import tiles
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _first_key(t_lo, KEY_STRIDE: tl.constexpr, KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr):
+    if WINDOW == 0:
+        return 0
+    return tl.maximum(t_lo - WINDOW + 1 - KEY_OFFSET, 0) // KEY_STRIDE
+
+
+@triton.jit
+def _end_key(t_hi, k_len, KEY_STRIDE: tl.constexpr, KEY_OFFSET: tl.constexpr):
+    end = tl.where(t_hi >= KEY_OFFSET, (t_hi - KEY_OFFSET) // KEY_STRIDE + 1, 0)
+    return tl.minimum(end, k_len)
+
+
+@triton.jit
+def _visible(t, key_pos, WINDOW: tl.constexpr):
+    ok = key_pos[None, :] <= t[:, None]
+    if WINDOW > 0:
+        ok = ok & (key_pos[None, :] > t[:, None] - WINDOW)
+    return ok
+
+
+@triton.jit
+def _band_fwd(
+    Q, K, V, O, LSE, TileStart, TileEnd, TileSeg, CuQ, CuK,
+    sqt, sqh, skt, skh, svt, svh, sot, soh, slt, slh,
+    qk_scale,
+    G: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // G
+    start = tl.load(TileStart + tile)
+    end = tl.load(TileEnd + tile)
+    seg = tl.load(TileSeg + tile)
+    q_doc = tl.load(CuQ + seg)
+    k_doc = tl.load(CuK + seg)
+    k_len = tl.load(CuK + seg + 1) - k_doc
+
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    t = rows - q_doc
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    rows64 = rows.to(tl.int64)
+    q = tl.load(Q + rows64[:, None] * sqt + head * sqh + offs_dk[None, :],
+                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    j_lo = _first_key(start - q_doc, KEY_STRIDE, KEY_OFFSET, WINDOW)
+    j_hi = _end_key(end - 1 - q_doc, k_len, KEY_STRIDE, KEY_OFFSET)
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        keys = j0 + offs_n
+        key_ok = keys < j_hi
+        krow = (k_doc + keys).to(tl.int64)
+        k = tl.load(K + krow[:, None] * skt + kv_head * skh + offs_dk[None, :],
+                    mask=key_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+        v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
+                    mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        ok = _visible(t, keys * KEY_STRIDE + KEY_OFFSET, WINDOW) & key_ok[None, :]
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    has_key = l_i > 0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(O + rows64[:, None] * sot + head * soh + offs_dv[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + rows64 * slt + head * slh, lse, mask=row_ok)
+
+
+@triton.jit
+def _band_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, TileStart, TileEnd, TileSeg, CuQ, CuK,
+    sqt, sqh, skt, skh, svt, svh, sdot, sdoh, slt, slh, sdqt, sdqh,
+    qk_scale, sm_scale,
+    G: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // G
+    start = tl.load(TileStart + tile)
+    end = tl.load(TileEnd + tile)
+    seg = tl.load(TileSeg + tile)
+    q_doc = tl.load(CuQ + seg)
+    k_doc = tl.load(CuK + seg)
+    k_len = tl.load(CuK + seg + 1) - k_doc
+
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    t = rows - q_doc
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    rows64 = rows.to(tl.int64)
+    q = tl.load(Q + rows64[:, None] * sqt + head * sqh + offs_dk[None, :],
+                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    do = tl.load(DO + rows64[:, None] * sdot + head * sdoh + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + rows64 * slt + head * slh, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + rows64 * slt + head * slh, mask=row_ok, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
+    j_lo = _first_key(start - q_doc, KEY_STRIDE, KEY_OFFSET, WINDOW)
+    j_hi = _end_key(end - 1 - q_doc, k_len, KEY_STRIDE, KEY_OFFSET)
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        keys = j0 + offs_n
+        key_ok = keys < j_hi
+        krow = (k_doc + keys).to(tl.int64)
+        k = tl.load(K + krow[:, None] * skt + kv_head * skh + offs_dk[None, :],
+                    mask=key_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+        v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
+                    mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        ok = _visible(t, keys * KEY_STRIDE + KEY_OFFSET, WINDOW) & key_ok[None, :]
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + rows64[:, None] * sdqt + head * sdqh + offs_dk[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dk[None, :] < DK))
+
+
+@triton.jit
+def _band_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK_, DV_, TileStart, TileEnd, TileSeg, CuQ, CuK,
+    sqt, sqh, skt, skh, svt, svh, sdot, sdoh, slt, slh, sdkt, sdkh, sdvt, sdvh,
+    qk_scale, sm_scale,
+    G: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    k_start = tl.load(TileStart + tile)
+    k_end = tl.load(TileEnd + tile)
+    seg = tl.load(TileSeg + tile)
+    q_doc = tl.load(CuQ + seg)
+    q_len = tl.load(CuQ + seg + 1) - q_doc
+    k_doc = tl.load(CuK + seg)
+
+    keys = k_start - k_doc + tl.arange(0, BLOCK_N)
+    krow = k_start + tl.arange(0, BLOCK_N)
+    key_ok = krow < k_end
+    key_pos = keys * KEY_STRIDE + KEY_OFFSET
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_m = tl.arange(0, BLOCK_M)
+    krow64 = krow.to(tl.int64)
+    k = tl.load(K + krow64[:, None] * skt + kv_head * skh + offs_dk[None, :],
+                mask=key_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    v = tl.load(V + krow64[:, None] * svt + kv_head * svh + offs_dv[None, :],
+                mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    t_lo = (k_start - k_doc) * KEY_STRIDE + KEY_OFFSET
+    last_pos = (k_end - 1 - k_doc) * KEY_STRIDE + KEY_OFFSET
+    t_hi = q_len
+    if WINDOW > 0:
+        t_hi = tl.minimum(q_len, last_pos + WINDOW)
+    for g in range(G):
+        head = kv_head * G + g
+        for t0 in range(t_lo, t_hi, BLOCK_M):
+            t = t0 + offs_m
+            row_ok = t < t_hi
+            rows64 = (q_doc + t).to(tl.int64)
+            q = tl.load(Q + rows64[:, None] * sqt + head * sqh + offs_dk[None, :],
+                        mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+            do = tl.load(DO + rows64[:, None] * sdot + head * sdoh + offs_dv[None, :],
+                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            lse = tl.load(LSE + rows64 * slt + head * slh, mask=row_ok, other=float("-inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(DELTA + rows64 * slt + head * slh, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            ok = _visible(t, key_pos, WINDOW) & key_ok[None, :] & row_ok[:, None]
+            p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    tl.store(DK_ + krow64[:, None] * sdkt + kv_head * sdkh + offs_dk[None, :], (dk * sm_scale).to(DK_.dtype.element_ty),
+             mask=key_ok[:, None] & (offs_dk[None, :] < DK))
+    tl.store(DV_ + krow64[:, None] * sdvt + kv_head * sdvh + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
+             mask=key_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+def _geometry(kind: str, config):
+    """(KEY_STRIDE, KEY_OFFSET, WINDOW) of a branch."""
+    if kind == "window":
+        return 1, 0, config.window_size
+    return config.compress_stride, config.compress_block_size - 1, 0
+
+
+def _blocks(dk: int, dv: int):
+    block_dk, block_dv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
+    big = max(block_dk, block_dv) > 128
+    return dict(BLOCK_M=64, BLOCK_N=32 if big else 64, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+                num_warps=4 if big else 4, num_stages=2)
+
+
+class BandAttention(torch.autograd.Function):
+    """q [T, H_q, d_k] packed with cu_q; k [Tk, H_kv, d_k], v [Tk, H_kv, d_v] packed with cu_k."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, kind, config, scale):
+        num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
+        stride_, offset_, window = _geometry(kind, config)
+        blocks = _blocks(q.shape[2], v.shape[2])
+        out = torch.empty(q.shape[0], num_q_heads, v.shape[2], device=q.device, dtype=q.dtype)
+        lse = torch.empty(q.shape[0], num_q_heads, device=q.device, dtype=torch.float32)
+        q_tiles = tiles(cu_q, blocks["BLOCK_M"])
+        if q_tiles[0].numel():
+            _band_fwd[(q_tiles[0].numel(), num_q_heads)](
+                q, k, v, out, lse, *q_tiles, cu_q, cu_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+                scale * LOG2E, G=num_q_heads // num_kv_heads, KEY_STRIDE=stride_, KEY_OFFSET=offset_,
+                WINDOW=window, DK=q.shape[2], DV=v.shape[2], **blocks,
+            )
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.mark_non_differentiable(lse)
+        ctx.geometry, ctx.blocks, ctx.scale = (stride_, offset_, window), blocks, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        stride_, offset_, window = ctx.geometry
+        blocks, scale = ctx.blocks, ctx.scale
+        num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
+        grad_out = grad_out.contiguous()
+        delta = (grad_out.float() * out.float()).sum(-1)  # [T, H_q]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        common = dict(G=num_q_heads // num_kv_heads, KEY_STRIDE=stride_, KEY_OFFSET=offset_, WINDOW=window,
+                      DK=q.shape[2], DV=v.shape[2], **blocks)
+        q_tiles = tiles(cu_q, blocks["BLOCK_M"])
+        if q_tiles[0].numel():
+            _band_bwd_dq[(q_tiles[0].numel(), num_q_heads)](
+                q, k, v, grad_out, lse, delta, dq, *q_tiles, cu_q, cu_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1),
+                scale * LOG2E, scale, **common,
+            )
+        k_tiles = tiles(cu_k, blocks["BLOCK_N"])
+        if k_tiles[0].numel():
+            _band_bwd_dkdv[(k_tiles[0].numel(), num_kv_heads)](
+                q, k, v, grad_out, lse, delta, dk, dv, *k_tiles, cu_q, cu_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
+                dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                scale * LOG2E, scale, **common,
+            )
+        return dq, dk, dv, None, None, None, None, None
+
+
+def band_attention(q, k, v, cu_q, cu_k, kind: str, config, scale: float):
+    """Window (kind='window') or compressed (kind='compressed') attention. Returns (out [T, H_q, d_v], lse [T, H_q])."""
+    return BandAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, kind, config, scale)

@@ -1,0 +1,70 @@
+"""Packed-sequence bookkeeping shared by the kernels: documents, per-row tables and tile tables.
+
+Every kernel works on packed tensors [total_tokens, H, D] with document boundaries `cu_seqlens`
+(a batch [B, T] is B documents of T tokens). A tile never crosses a document boundary.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+def num_compressed(seq_lens: torch.Tensor, block: int, stride: int) -> torch.Tensor:
+    """Compressed blocks per document: floor((T - l) / d) + 1 when T >= l, else 0."""
+    return torch.where(seq_lens >= block, torch.div(seq_lens - block, stride, rounding_mode="floor") + 1, 0)
+
+
+@dataclasses.dataclass
+class Docs:
+    """Document layout of one packed batch; all int32 tensors on the data's device."""
+
+    cu_seqlens: torch.Tensor  # [N+1] token rows
+    cu_cmp: torch.Tensor  # [N+1] compressed-token rows
+    cu_slc: torch.Tensor  # [N+1] global selection-block ids
+    row_doc_start: torch.Tensor  # [T] first token row of each row's document
+    row_cmp_start: torch.Tensor  # [T] first compressed row of each row's document
+    row_slc_start: torch.Tensor  # [T] first global selection-block id of each row's document
+    max_seqlen: int
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    @property
+    def num_slc_blocks(self) -> int:
+        return int(self.cu_slc[-1])
+
+
+def make_docs(cu_seqlens: torch.Tensor, cmp_block: int, cmp_stride: int, slc_block: int) -> Docs:
+    cu = cu_seqlens.to(torch.int64)
+    lens = cu[1:] - cu[:-1]
+    zero = torch.zeros(1, dtype=torch.int64, device=cu.device)
+    cu_cmp = torch.cat([zero, torch.cumsum(num_compressed(lens, cmp_block, cmp_stride), 0)])
+    cu_slc = torch.cat([zero, torch.cumsum(torch.div(lens + slc_block - 1, slc_block, rounding_mode="floor"), 0)])
+    doc_of_row = torch.repeat_interleave(torch.arange(lens.numel(), device=cu.device), lens)
+    return Docs(
+        cu_seqlens=cu.to(torch.int32),
+        cu_cmp=cu_cmp.to(torch.int32),
+        cu_slc=cu_slc.to(torch.int32),
+        row_doc_start=cu[:-1][doc_of_row].to(torch.int32),
+        row_cmp_start=cu_cmp[:-1][doc_of_row].to(torch.int32),
+        row_slc_start=cu_slc[:-1][doc_of_row].to(torch.int32),
+        max_seqlen=int(lens.max()) if lens.numel() else 0,
+    )
+
+
+def tiles(cu_rows: torch.Tensor, block: int):
+    """Tiles of at most `block` rows that stay inside one segment of `cu_rows`.
+
+    Returns (tile_start [NT], tile_end [NT], tile_segment [NT]) int32.
+    """
+    cu = cu_rows.to(torch.int64)
+    lens = cu[1:] - cu[:-1]
+    counts = torch.div(lens + block - 1, block, rounding_mode="floor")
+    segment = torch.repeat_interleave(torch.arange(lens.numel(), device=cu.device), counts)
+    first_tile = torch.cumsum(counts, 0) - counts
+    local = torch.arange(segment.numel(), device=cu.device) - first_tile[segment]
+    start = cu[:-1][segment] + local * block
+    end = torch.minimum(start + block, cu[1:][segment])
+    return start.to(torch.int32), end.to(torch.int32), segment.to(torch.int32)
