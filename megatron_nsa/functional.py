@@ -1,12 +1,13 @@
 """`nsa_attention`: the functional entry point, with input checks and the backend switch."""
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from .config import NSAConfig
-from .reference import RopeFn, nsa_reference
+from .reference import RopeFn, compress_packed, nsa_reference
 
 BACKENDS = ("torch", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -27,6 +28,25 @@ def triton_backend_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _nsa_triton(q, ks, vs, gates, config: NSAConfig, cu_seqlens, compressor, compressed_rope):
+    """The Triton path: batch rows become packed documents; compression runs in PyTorch."""
+    from nsa_kernels import make_docs, nsa_core
+
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors (q is on {q.device}) or TRITON_INTERPRET=1 for the CPU interpreter"
+        )
+    batch, seq_len, num_q_heads = q.shape[:3]
+    if cu_seqlens is None:
+        cu_seqlens = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seq_len
+    packed = lambda t: t.reshape(batch * seq_len, *t.shape[2:])  # noqa: E731
+    docs = make_docs(cu_seqlens, config.compress_block_size, config.compress_stride, config.select_block_size)
+    compressed_kv = compress_packed(packed(ks[0]), packed(vs[0]), cu_seqlens, config, compressor, compressed_rope)
+    out = nsa_core(packed(q), (packed(ks[1]), packed(vs[1])), (packed(ks[2]), packed(vs[2])), compressed_kv,
+                   packed(gates), docs, config, config.scale_for(q.shape[-1]))
+    return out.view(batch, seq_len, num_q_heads, -1)
 
 
 def _branch_tensors(name: str, value: KV, separate: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -145,8 +165,6 @@ def nsa_attention(
     if backend == "triton":
         if not triton_backend_available():
             raise RuntimeError("backend='triton' needs the nsa_kernels package and triton; install them or use 'torch'")
-        from nsa_kernels import nsa_triton
-
-        return nsa_triton(q, ks, vs, gates, config, cu_seqlens, compressor, compressed_rope)
+        return _nsa_triton(q, ks, vs, gates, config, cu_seqlens, compressor, compressed_rope)
     kv = [(kb, vb) for kb, vb in zip(ks, vs)]
     return nsa_reference(q, *kv, gates, config, cu_seqlens, compressor, compressed_rope)

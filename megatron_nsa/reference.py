@@ -153,6 +153,14 @@ def compressed_attention(q, compressed_k, compressed_v, q_pos, config: NSAConfig
     return torch.cat(outs), torch.cat(lses), torch.cat(probs_all)
 
 
+def block_scores(cmp_probs: torch.Tensor, num_slc: int, num_kv_heads: int, config: NSAConfig) -> torch.Tensor:
+    """Importance of each selection block (Eq. 9-10): cmp_probs [Tq, H_q, N_cmp] -> [Tq, H_kv, N_slc]."""
+    tq, hq, num_cmp = cmp_probs.shape
+    weights = selection_overlap_weights(num_cmp, num_slc, config, cmp_probs.device, cmp_probs.dtype)
+    head_scores = cmp_probs @ weights  # [Tq, H_q, N_slc]
+    return head_scores.view(tq, num_kv_heads, hq // num_kv_heads, num_slc).sum(dim=2)
+
+
 @torch.no_grad()
 def select_blocks(cmp_probs: torch.Tensor, q_pos: torch.Tensor, num_slc: int, num_kv_heads: int, config: NSAConfig):
     """Top-n selection blocks per query and KV head (NSA_SPEC.md, Eq. 9-12).
@@ -162,10 +170,7 @@ def select_blocks(cmp_probs: torch.Tensor, q_pos: torch.Tensor, num_slc: int, nu
     win; blocks after t's are never chosen; ties go to the lower block id.
     """
     n, lp = config.select_count, config.select_block_size
-    tq, hq, num_cmp = cmp_probs.shape
-    weights = selection_overlap_weights(num_cmp, num_slc, config, cmp_probs.device, cmp_probs.dtype)
-    head_scores = cmp_probs @ weights  # [Tq, H_q, N_slc]
-    scores = head_scores.view(tq, num_kv_heads, hq // num_kv_heads, num_slc).sum(dim=2)  # [Tq, H_kv, N_slc]
+    scores = block_scores(cmp_probs, num_slc, num_kv_heads, config)  # [Tq, H_kv, N_slc]
 
     block = torch.arange(num_slc, device=q_pos.device)[None, :]
     current = (q_pos // lp)[:, None]  # block holding t
@@ -282,6 +287,13 @@ def sequence_spans(batch: int, seq_len: int, cu_seqlens: Optional[torch.Tensor])
         return [(b, 0, seq_len) for b in range(batch)]
     bounds = cu_seqlens.tolist()
     return [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+
+
+def compress_packed(k, v, cu_seqlens, config: NSAConfig, compressor=None, rope: Optional[RopeFn] = None):
+    """Compressed K/V of packed documents: k [T, H_kv, d_k], v [T, H_kv, d_v] -> each document's blocks, in order."""
+    bounds = cu_seqlens.tolist()
+    parts = [compress_sequence(k[s:e], v[s:e], config, compressor, rope) for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def nsa_reference(q, kv_cmp, kv_slc, kv_win, gates, config: NSAConfig, cu_seqlens=None, compressor=None,

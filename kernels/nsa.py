@@ -1,0 +1,30 @@
+"""NSA on packed sequences with the Triton kernels: the three branches and the gated combination."""
+from __future__ import annotations
+
+import torch
+
+from .band import band_attention
+from .layout import Docs, make_docs
+from .selected import selected_attention
+from .topk import select_blocks
+
+
+def nsa_core(q, kv_slc, kv_win, compressed_kv, gates, docs: Docs, config, scale: float, return_intermediates=False):
+    """q [T, H_q, d_k]; kv_slc / kv_win (k [T, H_kv, d_k], v [T, H_kv, d_v]); compressed_kv
+    (k [N_cmp, H_kv, d_k], v [N_cmp, H_kv, d_v]) packed per document as docs.cu_cmp; gates [T, H_q, 3].
+
+    Returns out [T, H_q, d_v] (and a dict of per-branch results when asked).
+    """
+    cu = docs.cu_seqlens
+    cmp_out, cmp_lse = band_attention(q, *compressed_kv, cu, docs.cu_cmp, "compressed", config, scale)
+    selected_block_idx = select_blocks(q.detach(), compressed_kv[0].detach(), cmp_lse, cu, docs.cu_cmp, config, scale)
+    slc_out, slc_lse = selected_attention(q, *kv_slc, selected_block_idx, docs, config, scale)
+    win_out, win_lse = band_attention(q, *kv_win, cu, cu, "window", config, scale)
+    out = gates[..., 0:1] * cmp_out + gates[..., 1:2] * slc_out + gates[..., 2:3] * win_out
+    if not return_intermediates:
+        return out
+    return out, dict(cmp_out=cmp_out, cmp_lse=cmp_lse, slc_out=slc_out, slc_lse=slc_lse, win_out=win_out,
+                     win_lse=win_lse, selected_block_idx=selected_block_idx)
+
+
+__all__ = ["nsa_core", "make_docs", "Docs"]

@@ -1,0 +1,322 @@
+"""Selected-block attention, group-centric (NSA paper, section 3.4).
+
+Forward and dQ: one program per (query token, KV head) loads the G query heads of the group
+together and streams the token's selected K/V blocks (l' tokens each), causal inside the block
+that holds the token.
+
+dK/dV: no atomics. The selection is inverted on the host side into, per (KV head, block), the
+sorted list of query tokens that picked it; long lists are cut into pieces of at most
+PIECE tokens. One program per piece accumulates that piece's contribution, and a second pass
+sums the pieces of each block in a fixed order, so the result is bitwise reproducible.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .band import LOG2E
+
+PIECE = 512
+
+
+@triton.jit
+def _selected_fwd(
+    Q, K, V, O, LSE, IDX, RowDocStart,
+    sqt, sqh, skt, skh, svt, svh, sot, soh, slt, slh, sit, sih,
+    qk_scale,
+    G: tl.constexpr, GP: tl.constexpr, N_SELECT: tl.constexpr, SLC_BLOCK: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    doc = tl.load(RowDocStart + row)
+    t = row - doc
+    offs_g = tl.arange(0, GP)
+    g_ok = offs_g < G
+    heads = kv_head * G + offs_g
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(Q + row * sqt + heads[:, None] * sqh + offs_dk[None, :],
+                mask=g_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, BLOCK_DV], tl.float32)
+    for slot in range(N_SELECT):
+        block = tl.load(IDX + row * sit + kv_head * sih + slot)
+        if block >= 0:
+            pos = block * SLC_BLOCK + offs_n
+            key_ok = (offs_n < SLC_BLOCK) & (pos <= t)
+            krow = doc + pos
+            k = tl.load(K + krow[:, None] * skt + kv_head * skh + offs_dk[None, :],
+                        mask=key_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+            v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
+                        mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(O + row * sot + heads[:, None] * soh + offs_dv[None, :], out.to(O.dtype.element_ty),
+             mask=g_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + row * slt + heads * slh, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=g_ok)
+
+
+@triton.jit
+def _selected_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, IDX, RowDocStart,
+    sqt, sqh, skt, skh, svt, svh, sdot, sdoh, slt, slh, sit, sih, sdqt, sdqh,
+    qk_scale, sm_scale,
+    G: tl.constexpr, GP: tl.constexpr, N_SELECT: tl.constexpr, SLC_BLOCK: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    doc = tl.load(RowDocStart + row)
+    t = row - doc
+    offs_g = tl.arange(0, GP)
+    g_ok = offs_g < G
+    heads = kv_head * G + offs_g
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(Q + row * sqt + heads[:, None] * sqh + offs_dk[None, :],
+                mask=g_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    do = tl.load(DO + row * sdot + heads[:, None] * sdoh + offs_dv[None, :],
+                 mask=g_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse2 = tl.load(LSE + row * slt + heads * slh, mask=g_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row * slt + heads * slh, mask=g_ok, other=0.0)
+    dq = tl.zeros([GP, BLOCK_DK], tl.float32)
+    for slot in range(N_SELECT):
+        block = tl.load(IDX + row * sit + kv_head * sih + slot)
+        if block >= 0:
+            pos = block * SLC_BLOCK + offs_n
+            key_ok = (offs_n < SLC_BLOCK) & (pos <= t)
+            krow = doc + pos
+            k = tl.load(K + krow[:, None] * skt + kv_head * skh + offs_dk[None, :],
+                        mask=key_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+            v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
+                        mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            p = tl.where(key_ok[None, :] & g_ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + row * sdqt + heads[:, None] * sdqh + offs_dk[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=g_ok[:, None] & (offs_dk[None, :] < DK))
+
+
+@triton.jit
+def _selected_bwd_dkdv_pieces(
+    Q, K, V, DO, LSE, DELTA, PDK, PDV, PieceKey, PieceStart, PieceEnd, QueryList, BlockDocStart,
+    sqt, sqh, skt, skh, svt, svh, sdot, sdoh, slt, slh,
+    qk_scale, num_blocks,
+    G: tl.constexpr, GP: tl.constexpr, SLC_BLOCK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    TQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Partial dK/dV of one (KV head, block) from one piece of its query list -> PDK/PDV[piece]."""
+    piece = tl.program_id(0).to(tl.int64)
+    key = tl.load(PieceKey + piece)  # kv_head * num_blocks + global block id
+    kv_head = key // num_blocks
+    block = key % num_blocks
+    doc = tl.load(BlockDocStart + block)  # (first token row of the doc, block id within the doc)
+    local_block = tl.load(BlockDocStart + num_blocks + block)
+    first = tl.load(PieceStart + piece)
+    last = tl.load(PieceEnd + piece)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    pos = local_block * SLC_BLOCK + offs_n
+    krow = (doc + pos).to(tl.int64)
+    doc_end = tl.load(BlockDocStart + 2 * num_blocks + block)
+    col_ok = (offs_n < SLC_BLOCK) & (krow < doc_end)
+    k = tl.load(K + krow[:, None] * skt + kv_head * skh + offs_dk[None, :],
+                mask=col_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
+                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    offs_r = tl.arange(0, TQ * GP)  # row r: query entry r // GP, head r % GP of the group
+    for i0 in range(first, last, TQ):
+        entry = i0 + offs_r // GP
+        r_ok = (entry < last) & (offs_r % GP < G)
+        qrow = tl.load(QueryList + entry, mask=r_ok, other=0).to(tl.int64)
+        head = kv_head * G + offs_r % GP
+        t = qrow - doc
+        q = tl.load(Q + qrow[:, None] * sqt + head[:, None] * sqh + offs_dk[None, :],
+                    mask=r_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+        do = tl.load(DO + qrow[:, None] * sdot + head[:, None] * sdoh + offs_dv[None, :],
+                     mask=r_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        lse2 = tl.load(LSE + qrow * slt + head * slh, mask=r_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + qrow * slt + head * slh, mask=r_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        ok = r_ok[:, None] & col_ok[None, :] & (pos[None, :] <= t[:, None])
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    tl.store(PDK + piece * BLOCK_N * BLOCK_DK + offs_n[:, None] * BLOCK_DK + offs_dk[None, :], dk)
+    tl.store(PDV + piece * BLOCK_N * BLOCK_DV + offs_n[:, None] * BLOCK_DV + offs_dv[None, :], dv)
+
+
+@triton.jit
+def _selected_bwd_dkdv_sum(
+    PDK, PDV, DK_, DV_, PiecesOfKey, BlockDocStart,
+    sdkt, sdkh, sdvt, sdvh, sm_scale, num_blocks,
+    SLC_BLOCK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dK/dV of one (KV head, block) = the sum of its pieces, in piece order."""
+    key = tl.program_id(0).to(tl.int64)
+    kv_head = key // num_blocks
+    block = key % num_blocks
+    doc = tl.load(BlockDocStart + block)
+    local_block = tl.load(BlockDocStart + num_blocks + block)
+    doc_end = tl.load(BlockDocStart + 2 * num_blocks + block)
+    p_lo = tl.load(PiecesOfKey + key)
+    p_hi = tl.load(PiecesOfKey + key + 1)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for piece in range(p_lo, p_hi):
+        dk += tl.load(PDK + piece * BLOCK_N * BLOCK_DK + offs_n[:, None] * BLOCK_DK + offs_dk[None, :])
+        dv += tl.load(PDV + piece * BLOCK_N * BLOCK_DV + offs_n[:, None] * BLOCK_DV + offs_dv[None, :])
+    pos = local_block * SLC_BLOCK + offs_n
+    krow = (doc + pos).to(tl.int64)
+    ok = (offs_n < SLC_BLOCK) & (krow < doc_end)
+    tl.store(DK_ + krow[:, None] * sdkt + kv_head * sdkh + offs_dk[None, :], (dk * sm_scale).to(DK_.dtype.element_ty),
+             mask=ok[:, None] & (offs_dk[None, :] < DK))
+    tl.store(DV_ + krow[:, None] * sdvt + kv_head * sdvh + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
+             mask=ok[:, None] & (offs_dv[None, :] < DV))
+
+
+def _invert_selection(selected_block_idx, row_slc_start, num_blocks: int):
+    """Per (KV head, global block): the sorted query rows that selected it, cut into pieces.
+
+    Returns query_list [E], piece_key/start/end [P], pieces_of_key [H_kv*num_blocks + 1] (int32/int64).
+    """
+    tokens, num_kv_heads, n = selected_block_idx.shape
+    device = selected_block_idx.device
+    idx = selected_block_idx.to(torch.int64)
+    used = idx >= 0
+    head = torch.arange(num_kv_heads, device=device)[None, :, None].expand_as(idx)
+    row = torch.arange(tokens, device=device)[:, None, None].expand_as(idx)
+    key = head * num_blocks + row_slc_start.to(torch.int64)[:, None, None] + idx
+    key, row = key[used], row[used]
+    # sort by (key, row): rows are ascending already within a key after a stable sort on key
+    order = torch.sort(key, stable=True).indices
+    key, query_list = key[order], row[order].to(torch.int32)
+    num_keys = num_kv_heads * num_blocks
+    counts = torch.bincount(key, minlength=num_keys)
+    key_start = torch.cumsum(counts, 0) - counts
+    pieces_per_key = torch.div(counts + PIECE - 1, PIECE, rounding_mode="floor")
+    pieces_of_key = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), torch.cumsum(pieces_per_key, 0)])
+    piece_key = torch.repeat_interleave(torch.arange(num_keys, device=device), pieces_per_key)
+    piece_local = torch.arange(piece_key.numel(), device=device) - pieces_of_key[:-1][piece_key]
+    piece_start = key_start[piece_key] + piece_local * PIECE
+    piece_end = torch.minimum(piece_start + PIECE, key_start[piece_key] + counts[piece_key])
+    return query_list, piece_key, piece_start, piece_end, pieces_of_key
+
+
+def _block_doc_table(docs, select_block_size: int):
+    """[3, num_blocks] int64: for each global selection block, its doc's first row, its id in the doc, doc end."""
+    cu_slc = docs.cu_slc.to(torch.int64)
+    cu = docs.cu_seqlens.to(torch.int64)
+    blocks_per_doc = cu_slc[1:] - cu_slc[:-1]
+    doc_of_block = torch.repeat_interleave(torch.arange(blocks_per_doc.numel(), device=cu.device), blocks_per_doc)
+    local = torch.arange(doc_of_block.numel(), device=cu.device) - cu_slc[:-1][doc_of_block]
+    return torch.stack([cu[:-1][doc_of_block], local, cu[1:][doc_of_block]]).contiguous()
+
+
+def _dims(q, v, select_block_size):
+    num_q_heads = q.shape[1]
+    return dict(
+        SLC_BLOCK=select_block_size, DK=q.shape[2], DV=v.shape[2],
+        BLOCK_N=triton.next_power_of_2(select_block_size),
+        BLOCK_DK=triton.next_power_of_2(q.shape[2]), BLOCK_DV=triton.next_power_of_2(v.shape[2]),
+    ), num_q_heads
+
+
+class SelectedAttention(torch.autograd.Function):
+    """q [T, H_q, d_k]; k, v [T, H_kv, d]; selected_block_idx [T, H_kv, n] (block ids within each document)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, selected_block_idx, docs, config, scale):
+        dims, num_q_heads = _dims(q, v, config.select_block_size)
+        num_kv_heads = k.shape[1]
+        group = num_q_heads // num_kv_heads
+        out = torch.empty(q.shape[0], num_q_heads, v.shape[2], device=q.device, dtype=q.dtype)
+        lse = torch.empty(q.shape[0], num_q_heads, device=q.device, dtype=torch.float32)
+        if q.shape[0]:
+            _selected_fwd[(q.shape[0], num_kv_heads)](
+                q, k, v, out, lse, selected_block_idx, docs.row_doc_start,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+                selected_block_idx.stride(0), selected_block_idx.stride(1),
+                scale * LOG2E, G=group, GP=max(16, triton.next_power_of_2(group)),
+                N_SELECT=config.select_count, num_warps=4, num_stages=2, **dims,
+            )
+        ctx.save_for_backward(q, k, v, out, lse, selected_block_idx)
+        ctx.mark_non_differentiable(lse)
+        ctx.docs, ctx.config, ctx.scale = docs, config, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, selected_block_idx = ctx.saved_tensors
+        docs, config, scale = ctx.docs, ctx.config, ctx.scale
+        dims, num_q_heads = _dims(q, v, config.select_block_size)
+        num_kv_heads = k.shape[1]
+        group = num_q_heads // num_kv_heads
+        grad_out = grad_out.contiguous()
+        delta = (grad_out.float() * out.float()).sum(-1)  # [T, H_q]
+        dq = torch.empty_like(q)
+        dk = torch.zeros_like(k)
+        dv = torch.zeros_like(v)
+        if q.shape[0] == 0:
+            return dq, dk, dv, None, None, None, None
+        _selected_bwd_dq[(q.shape[0], num_kv_heads)](
+            q, k, v, grad_out, lse, delta, dq, selected_block_idx, docs.row_doc_start,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
+            selected_block_idx.stride(0), selected_block_idx.stride(1), dq.stride(0), dq.stride(1),
+            scale * LOG2E, scale, G=group, GP=max(16, triton.next_power_of_2(group)),
+            N_SELECT=config.select_count, num_warps=4, num_stages=2, **dims,
+        )
+        num_blocks = docs.num_slc_blocks
+        group_pad = triton.next_power_of_2(group)
+        query_list, piece_key, piece_start, piece_end, pieces_of_key = _invert_selection(
+            selected_block_idx, docs.row_slc_start, num_blocks)
+        block_docs = _block_doc_table(docs, config.select_block_size)
+        num_pieces = piece_key.numel()
+        partial_dk = torch.empty(num_pieces, dims["BLOCK_N"], dims["BLOCK_DK"], device=q.device, dtype=torch.float32)
+        partial_dv = torch.empty(num_pieces, dims["BLOCK_N"], dims["BLOCK_DV"], device=q.device, dtype=torch.float32)
+        if num_pieces:
+            _selected_bwd_dkdv_pieces[(num_pieces,)](
+                q, k, v, grad_out, lse, delta, partial_dk, partial_dv, piece_key, piece_start, piece_end,
+                query_list, block_docs,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
+                scale * LOG2E, num_blocks, G=group, GP=group_pad, TQ=max(1, 64 // group_pad),
+                num_warps=4, num_stages=2, **dims,
+            )
+        _selected_bwd_dkdv_sum[(num_kv_heads * num_blocks,)](
+            partial_dk, partial_dv, dk, dv, pieces_of_key, block_docs,
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), scale, num_blocks,
+            num_warps=4, **dims,
+        )
+        return dq, dk, dv, None, None, None, None
+
+
+def selected_attention(q, k, v, selected_block_idx, docs, config, scale):
+    """Returns (out [T, H_q, d_v], lse [T, H_q])."""
+    return SelectedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(),
+                                   selected_block_idx.contiguous(), docs, config, scale)

@@ -1,0 +1,127 @@
+"""Fused block importance and top-n selection (NSA_SPEC.md, Eq. 9-12).
+
+One program per (query tile, KV head). It walks the selection blocks in tiles of BS blocks; for
+each it recomputes the compressed probabilities of the G query heads of the group from the
+compressed branch's lse, sums them over the group, maps them onto selection blocks by the
+overlap rule, and merges the tile into a running top-n kept in registers. No
+[T x blocks] score tensor is written: the only output is selected_block_idx [T, H_kv, n].
+
+Ranking key (int64): float bits of the score << 32 | (2^31 - 1 - block), so that a larger score
+wins and, among equal scores, the lower block id wins. Forced blocks score +inf; blocks after
+the query's own are invalid (key -1).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .band import LOG2E
+from .layout import tiles
+
+
+@triton.jit
+def _topk_kernel(
+    Q, CK, LSE, IDX, TileStart, TileEnd, TileSeg, CuQ, CuC,
+    sqt, sqh, skt, skh, slt, slh, sit, sih,
+    qk_scale,
+    G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
+    N_SELECT: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr,
+    DK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
+    NP: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    start = tl.load(TileStart + tile)
+    end = tl.load(TileEnd + tile)
+    seg = tl.load(TileSeg + tile)
+    q_doc = tl.load(CuQ + seg)
+    c_doc = tl.load(CuC + seg)
+    c_len = tl.load(CuC + seg + 1) - c_doc
+
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    rows64 = rows.to(tl.int64)
+    t = rows - q_doc
+    current = t // SLC_BLOCK  # selection block holding t
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_bn = tl.arange(0, BN)
+    offs_bs = tl.arange(0, BS)
+    offs_np = tl.arange(0, NP)
+    CMP_PER_SLC: tl.constexpr = SLC_BLOCK // CMP_STRIDE
+
+    best = tl.full([BLOCK_M, NP], -1, tl.int64)
+    carry = tl.zeros([BLOCK_M], tl.float32)
+    j_end = (end - 1 - q_doc) // SLC_BLOCK + 1
+    for j0 in range(0, j_end, BS):
+        # compressed blocks starting inside selection blocks [j0, j0 + BS)
+        cmp_idx = j0 * CMP_PER_SLC + offs_bn
+        cmp_ok = (offs_bn < BS * CMP_PER_SLC) & (cmp_idx < c_len)
+        visible = ((cmp_idx * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= t[:, None]) & cmp_ok[None, :]
+        crow = (c_doc + cmp_idx).to(tl.int64)
+        ck = tl.load(CK + crow[:, None] * skt + kv_head * skh + offs_dk[None, :],
+                     mask=cmp_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+        prob_sum = tl.zeros([BLOCK_M, BN], tl.float32)
+        for g in range(G):
+            head = kv_head * G + g
+            q = tl.load(Q + rows64[:, None] * sqt + head * sqh + offs_dk[None, :],
+                        mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+            lse = tl.load(LSE + rows64 * slt + head * slh, mask=row_ok, other=float("-inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            s = tl.dot(q, tl.trans(ck)) * qk_scale
+            prob_sum += tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+        # overlap (in stride units) of compressed block i with selection block j
+        cmp_lo = cmp_idx * CMP_STRIDE
+        slc = j0 + offs_bs
+        overlap = tl.minimum(cmp_lo[:, None] + CMP_BLOCK, (slc[None, :] + 1) * SLC_BLOCK) \
+            - tl.maximum(cmp_lo[:, None], slc[None, :] * SLC_BLOCK)
+        weight = tl.maximum(overlap, 0).to(tl.float32) / CMP_STRIDE  # [BN, BS]
+        score = tl.dot(prob_sum, weight, input_precision="ieee")  # [BLOCK_M, BS]
+        score = tl.where(offs_bs[None, :] == 0, score + carry[:, None], score)
+        next_lo = (j0 + BS) * SLC_BLOCK
+        spill = tl.maximum(tl.minimum(cmp_lo + CMP_BLOCK, next_lo + SLC_BLOCK) - tl.maximum(cmp_lo, next_lo), 0)
+        carry = tl.sum(prob_sum * (spill.to(tl.float32) / CMP_STRIDE)[None, :], 1)
+
+        valid = slc[None, :] <= current[:, None]
+        forced = valid & ((slc[None, :] < N_INIT) | (slc[None, :] > current[:, None] - N_LOCAL))
+        score = tl.where(forced, float("inf"), score)
+        bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+        key = (bits << 32) | (2147483647 - slc[None, :]).to(tl.int64)
+        key = tl.where(valid, key, -1)
+        # merge this tile into the running top-n: n rounds of "take the largest key"
+        merged = tl.full([BLOCK_M, NP], -1, tl.int64)
+        for r in tl.static_range(N_SELECT):
+            top = tl.maximum(tl.max(best, 1), tl.max(key, 1))
+            merged = tl.where(offs_np[None, :] == r, top[:, None], merged)
+            best = tl.where(best == top[:, None], -1, best)
+            key = tl.where(key == top[:, None], -1, key)
+        best = merged
+
+    block = tl.where(best >= 0, 2147483647 - (best & 2147483647), 2147483647).to(tl.int32)
+    block = tl.sort(block, 1)
+    block = tl.where(block == 2147483647, -1, block)
+    tl.store(IDX + rows64[:, None] * sit + kv_head * sih + offs_np[None, :], block,
+             mask=row_ok[:, None] & (offs_np[None, :] < N_SELECT))
+
+
+def select_blocks(q, compressed_k, cmp_lse, cu_q, cu_cmp, config, scale):
+    """selected_block_idx [T, H_kv, n] int32 (ascending, -1 padded) for packed q [T, H_q, d_k]."""
+    num_q_heads, num_kv_heads, head_dim = q.shape[1], compressed_k.shape[1], q.shape[2]
+    n = config.select_count
+    idx = torch.empty(q.shape[0], num_kv_heads, n, device=q.device, dtype=torch.int32)
+    block_m, bs = 64, 16
+    cmp_per_slc = config.select_block_size // config.compress_stride
+    q_tiles = tiles(cu_q, block_m)
+    if q_tiles[0].numel():
+        _topk_kernel[(q_tiles[0].numel(), num_kv_heads)](
+            q, compressed_k, cmp_lse, idx, *q_tiles, cu_q, cu_cmp,
+            q.stride(0), q.stride(1), compressed_k.stride(0), compressed_k.stride(1),
+            cmp_lse.stride(0), cmp_lse.stride(1), idx.stride(0), idx.stride(1),
+            scale * LOG2E,
+            G=num_q_heads // num_kv_heads, CMP_BLOCK=config.compress_block_size, CMP_STRIDE=config.compress_stride,
+            SLC_BLOCK=config.select_block_size, N_SELECT=n, N_INIT=config.select_init_blocks,
+            N_LOCAL=config.select_local_blocks, DK=head_dim, BLOCK_M=block_m,
+            BLOCK_DK=triton.next_power_of_2(head_dim), BS=bs, BN=triton.next_power_of_2(bs * cmp_per_slc),
+            NP=triton.next_power_of_2(n), num_warps=4, num_stages=1,
+        )
+    return idx
