@@ -1,0 +1,216 @@
+"""The Triton backend computes the reference's function: outputs, LSEs, selected blocks and all gradients.
+
+On CPU (CI) the kernels run in Triton's interpreter, in fp32/fp16 at tiny shapes. On a GPU the same
+tests run in bf16 at real sizes (ragged documents, G = 1..32, the paper's shape).
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from megatron_nsa import KVCompressor, NSAConfig, nsa_attention
+from megatron_nsa import reference as R
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+nsa_kernels = pytest.importorskip("nsa_kernels")
+
+
+@dataclasses.dataclass
+class Case:
+    doc_lens: list
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim_qk: int
+    head_dim_v: int
+    config: NSAConfig
+    dtype: torch.dtype
+    compression: str = "mean"
+
+    def __str__(self):
+        return (f"docs{self.doc_lens}-h{self.num_q_heads}/{self.num_kv_heads}-d{self.head_dim_qk}/{self.head_dim_v}-"
+                f"{str(self.dtype)[6:]}-{self.config.compression}")
+
+
+TINY = NSAConfig(compress_block_size=8, compress_stride=4, select_block_size=16, select_count=4, window_size=20)
+PAPER = NSAConfig()  # l/d/l'/n/w = 32/16/64/16/512
+
+if CUDA:
+    CASES = [
+        Case([4096], 64, 4, 128, 128, PAPER, torch.bfloat16),
+        Case([3001, 95, 1000], 16, 4, 128, 128, PAPER, torch.bfloat16),
+        Case([2048], 64, 4, 192, 128, PAPER, torch.bfloat16),
+        Case([1500, 700], 8, 2, 64, 64, PAPER, torch.float16),
+        Case([2500], 32, 4, 128, 64, dataclasses.replace(PAPER, compression="linear"), torch.bfloat16, "linear"),
+    ] + [Case([1800, 300], 2 * g, 2, 128, 128, PAPER, torch.bfloat16) for g in (1, 2, 4, 8, 16, 32)]
+else:
+    CASES = [
+        Case([37, 5, 70], 4, 2, 16, 32, TINY, torch.float32),
+        Case([90], 4, 4, 16, 16, TINY, torch.float32),
+        Case([61, 40], 8, 1, 32, 16, dataclasses.replace(TINY, compression="linear"), torch.float32, "linear"),
+        Case([77], 4, 2, 16, 16, TINY, torch.float16),
+    ]
+
+
+def _inputs(case: Case, seed: int):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    total = sum(case.doc_lens)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=DEVICE).to(case.dtype).requires_grad_()
+
+    q = randn(1, total, case.num_q_heads, case.head_dim_qk)
+    k = randn(1, total, case.num_kv_heads, case.head_dim_qk)
+    v = randn(1, total, case.num_kv_heads, case.head_dim_v)
+    gates = torch.rand(1, total, case.num_q_heads, 3, generator=gen, device=DEVICE).to(case.dtype).requires_grad_()
+    cu = torch.tensor([0] + torch.tensor(case.doc_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    compressor = None
+    if case.compression != "mean":
+        torch.manual_seed(seed)
+        compressor = KVCompressor(case.compression, case.config.compress_block_size, case.head_dim_qk,
+                                  case.head_dim_v, device=DEVICE, dtype=torch.float32)
+    return q, k, v, gates, cu, compressor
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _tolerance(dtype):
+    return {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1.5e-2}[dtype]
+
+
+def _reference_block_ranking(q, k, v, cu, config, compressor):
+    """Per (token, KV head, block): the reference's ranking value (forced +inf, invalid -inf), float64."""
+    rows = []
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qd, kd, vd = (t[0, start:end].double() for t in (q, k, v))
+        ck, cv = R.compress_sequence(kd, vd, config, compressor.double() if compressor else None)
+        pos = torch.arange(end - start, device=q.device)
+        _, _, probs = R.compressed_attention(qd, ck, cv, pos, config, config.scale_for(q.shape[-1]))
+        num_slc = R.num_selection_blocks(end - start, config)
+        scores = R.block_scores(probs, num_slc, k.shape[2], config)
+        block = torch.arange(num_slc, device=q.device)[None, :]
+        current = (pos // config.select_block_size)[:, None]
+        valid = block <= current
+        forced = valid & ((block < config.select_init_blocks) | (block > current - config.select_local_blocks))
+        rows.append(torch.where(forced[:, None], float("inf"), torch.where(valid[:, None], scores, float("-inf"))))
+    return rows
+
+
+def _check_selection(kernel_idx, q, k, v, cu, config, compressor):
+    """Kernel picks a top-n set: identical to the reference's except where block scores tie (to rounding)."""
+    for doc, ranking in zip(range(len(cu) - 1), _reference_block_ranking(q, k, v, cu, config, compressor)):
+        idx = kernel_idx[cu[doc]:cu[doc + 1]].long()  # [T, H_kv, n]
+        picked = torch.where(idx >= 0, ranking.gather(-1, idx.clamp(min=0)), float("-inf"))
+        best = ranking.sort(dim=-1, descending=True).values[..., : idx.shape[-1]]
+        if best.shape[-1] < idx.shape[-1]:
+            best = torch.nn.functional.pad(best, (0, idx.shape[-1] - best.shape[-1]), value=float("-inf"))
+        picked = picked.sort(dim=-1, descending=True).values
+        finite = torch.isfinite(best)
+        assert torch.equal(torch.isinf(picked), torch.isinf(best)), "forced / valid block counts differ"
+        assert torch.allclose(picked[finite], best[finite], atol=1e-3, rtol=1e-3), "kernel skipped a better block"
+        assert (idx >= 0).sum() == torch.isfinite(best).logical_or(best == float("inf")).sum()
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_triton_matches_reference(case):
+    config = dataclasses.replace(case.config)
+    q, k, v, gates, cu, compressor = _inputs(case, seed=hash(str(case)) % 1000)
+    params = [q, k, v, gates] + (list(compressor.parameters()) if compressor else [])
+
+    out, inter = _triton_with_intermediates(q, k, v, gates, cu, config, compressor)
+    assert torch.isfinite(out).all()
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, params, grad_out)
+
+    up = [t.detach().float().requires_grad_() for t in (q, k, v, gates)]
+    ref_out, ref_inter = R.nsa_reference(up[0], (up[1], up[2]), (up[1], up[2]), (up[1], up[2]), up[3], config,
+                                         cu, compressor, return_intermediates=True)
+    ref_params = up + (list(compressor.parameters()) if compressor else [])
+    ref_grads = torch.autograd.grad(ref_out[0], ref_params, grad_out.float())
+
+    tol = _tolerance(case.dtype)
+    assert _rel(out, ref_out[0]) < tol
+    for name in ("cmp_out", "win_out", "slc_out"):
+        assert _rel(inter[name], getattr(ref_inter, name)) < tol, name
+    for name in ("cmp_lse", "win_lse", "slc_lse"):
+        got, want = inter[name], getattr(ref_inter, name)
+        assert torch.equal(torch.isinf(got), torch.isinf(want)), name
+        finite = torch.isfinite(want)
+        assert torch.allclose(got[finite], want[finite], atol=20 * tol, rtol=tol), name
+    names = ["q", "k", "v", "gates"] + [n for n, _ in compressor.named_parameters()] if compressor else ["q", "k", "v", "gates"]
+    for name, got, want in zip(names, grads, ref_grads):
+        # phi's position embedding shifts every compressed key alike; its gradient is a small residual
+        scale = want.norm().item() + (1e-2 * ref_grads[1].norm().item() if "pos_emb" in name else 0.0)
+        assert ((got.double() - want.double()).norm() / max(scale, 1e-30)).item() < 2 * tol, name
+    _check_selection(inter["selected_block_idx"], q, k, v, cu, config, compressor)
+
+
+def _triton_with_intermediates(q, k, v, gates, cu, config, compressor):
+    docs = nsa_kernels.make_docs(cu, config.compress_block_size, config.compress_stride, config.select_block_size)
+    compressed = R.compress_packed(k[0], v[0], cu, config, compressor)
+    return nsa_kernels.nsa_core(q[0], (k[0], v[0]), (k[0], v[0]), compressed, gates[0], docs, config,
+                                config.scale_for(q.shape[-1]), return_intermediates=True)
+
+
+def test_functional_triton_backend_matches_torch_backend_batched():
+    """nsa_attention(backend='triton') on a [B, T] batch with separate K/V per branch."""
+    config = dataclasses.replace(TINY if not CUDA else PAPER, separate_kv=True)
+    seq_len = 50 if not CUDA else 1500
+    dtype = torch.float32 if not CUDA else torch.bfloat16
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    mk = lambda *s: torch.randn(*s, generator=gen, device=DEVICE).to(dtype).requires_grad_()  # noqa: E731
+    q = mk(2, seq_len, 4, 16 if not CUDA else 64)
+    ks = tuple(mk(2, seq_len, 2, q.shape[-1]) for _ in range(3))
+    vs = tuple(mk(2, seq_len, 2, 16 if not CUDA else 64) for _ in range(3))
+    gates = torch.rand(2, seq_len, 4, 3, generator=gen, device=DEVICE).to(dtype).requires_grad_()
+    out = nsa_attention(q, ks, vs, gates, config, backend="triton")
+    ref = nsa_attention(q, ks, vs, gates, config, backend="torch")
+    grad_out = torch.randn_like(out)
+    params = [q, *ks, *vs, gates]
+    grads = torch.autograd.grad(out, params, grad_out)
+    ref_grads = torch.autograd.grad(ref, params, grad_out)
+    tol = _tolerance(dtype)
+    assert _rel(out, ref) < tol
+    for got, want in zip(grads, ref_grads):
+        assert _rel(got, want) < 2 * tol
+
+
+def test_backward_is_bitwise_reproducible():
+    case = CASES[0] if not CUDA else CASES[1]
+    q, k, v, gates, cu, compressor = _inputs(case, seed=3)
+    grad_out = None
+    results = []
+    for _ in range(2):
+        out, _ = _triton_with_intermediates(q, k, v, gates, cu, case.config, compressor)
+        grad_out = torch.randn_like(out, generator=None) if grad_out is None else grad_out
+        results.append(torch.autograd.grad(out, (q, k, v, gates), grad_out))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+def test_outputs_are_fully_written(monkeypatch):
+    """Every buffer the kernels allocate starts poisoned (NaN / -7777): all outputs and gradients must be written."""
+    case = CASES[0]
+    q, k, v, gates, cu, compressor = _inputs(case, seed=11)
+    out, _ = _triton_with_intermediates(q, k, v, gates, cu, case.config, compressor)
+    grad_out = torch.randn_like(out)
+    clean = (out.detach(),) + torch.autograd.grad(out, (q, k, v, gates), grad_out)
+
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7777)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
+    out, inter = _triton_with_intermediates(q, k, v, gates, cu, case.config, compressor)
+    poisoned = (out.detach(),) + torch.autograd.grad(out, (q, k, v, gates), grad_out)
+    for name in ("slc_out", "win_out", "cmp_out", "slc_lse", "win_lse"):
+        assert torch.isfinite(inter[name]).all(), name
+    assert (inter["selected_block_idx"] >= -1).all()
+    for a, b in zip(clean, poisoned):
+        assert torch.equal(a, b)
