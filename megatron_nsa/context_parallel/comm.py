@@ -1,0 +1,99 @@
+"""The collectives context parallelism uses, on one process group, with a byte count.
+
+`Communicator` runs them; `LocalCommunicator` does no communication at all (outputs are filled
+from local data of the right shape), so that a benchmark can time a step without its
+communication and call the difference the exposed communication time.
+"""
+from __future__ import annotations
+
+import collections
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class _Done:
+    """A finished piece of work (what a local or synchronous operation returns)."""
+
+    def wait(self):
+        return True
+
+
+class Communicator:
+    """all-gather, reduce-scatter and batched point-to-point on `group`.
+
+    bytes_received[kind] counts what this rank receives (ring algorithms: (C-1)/C of the gathered
+    buffer for all-gather and of the input for reduce-scatter; the receive buffers for p2p).
+    `kind` is a label chosen by the caller, e.g. 'selection fwd'.
+    """
+
+    def __init__(self, group):
+        self.group = group if group is not None else dist.group.WORLD
+        self.size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.bytes_received = collections.Counter()
+
+    def _count(self, kind: str, nbytes: float) -> None:
+        self.bytes_received[kind] += int(nbytes)
+
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, kind: str, async_op: bool = False):
+        """out [C * N, ...] <- every rank's inp [N, ...], in rank order."""
+        self._count(kind, out.numel() * out.element_size() * (self.size - 1) / self.size)
+        if self.size == 1:
+            out.copy_(inp)
+            return _Done()
+        work = _all_gather(out, inp, group=self.group, async_op=async_op)
+        return work if async_op else _Done()
+
+    def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, kind: str, async_op: bool = False):
+        """out [N, ...] <- the sum over ranks of inp [C * N, ...] rows of this rank."""
+        self._count(kind, inp.numel() * inp.element_size() * (self.size - 1) / self.size)
+        if self.size == 1:
+            out.copy_(inp)
+            return _Done()
+        work = _reduce_scatter(out, inp, group=self.group, async_op=async_op)
+        return work if async_op else _Done()
+
+    def exchange(self, sends: Sequence[Tuple[torch.Tensor, int]], recvs: Sequence[Tuple[torch.Tensor, int]],
+                 kind: str) -> None:
+        """Send each (tensor, peer) and receive each (buffer, peer) in one batch; peers are group ranks."""
+        self._count(kind, sum(buf.numel() * buf.element_size() for buf, _ in recvs))
+        ops: List[dist.P2POp] = []
+        for tensor, peer in sends:
+            ops.append(dist.P2POp(dist.isend, tensor, dist.get_global_rank(self.group, peer), self.group))
+        for buf, peer in recvs:
+            ops.append(dist.P2POp(dist.irecv, buf, dist.get_global_rank(self.group, peer), self.group))
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+
+
+class LocalCommunicator(Communicator):
+    """Same shapes, no communication: every received buffer is filled from this rank's own data.
+
+    Results are wrong on purpose; only for timing a step without its communication. Bytes are
+    counted as if the operations had run.
+    """
+
+    def all_gather(self, out, inp, kind, async_op=False):
+        self._count(kind, out.numel() * out.element_size() * (self.size - 1) / self.size)
+        out.view(self.size, *inp.shape).copy_(inp.unsqueeze(0).expand(self.size, *inp.shape))
+        return _Done()
+
+    def reduce_scatter(self, out, inp, kind, async_op=False):
+        self._count(kind, inp.numel() * inp.element_size() * (self.size - 1) / self.size)
+        out.copy_(inp.view(self.size, *out.shape)[self.rank])
+        return _Done()
+
+    def exchange(self, sends, recvs, kind):
+        self._count(kind, sum(buf.numel() * buf.element_size() for buf, _ in recvs))
+        for buf, _ in recvs:
+            source = next((t for t, _ in sends if t.numel() == buf.numel()), None)
+            if source is None:  # rank 0 / rank C-1 send one halo fewer than they receive
+                buf.normal_()
+            else:
+                buf.copy_(source.view_as(buf))

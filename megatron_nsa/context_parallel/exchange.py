@@ -1,0 +1,270 @@
+"""How remote K/V reach a rank: one small interface, `KVExchange`, with one mode per class.
+
+Every mode gathers the compressed K/V in global order (every rank needs all of them before top-n
+scoring). Modes differ in how the selection branch gets its keys:
+
+- 'allgather' (here): the selection K/V of the whole sequence, gathered asynchronously from the
+  layer's entry, KV heads a group at a time; backward re-gathers them and reduce-scatters dK/dV.
+- 'ring', 'fetch', 'hierarchical': planned (DESIGN.md, "Context parallelism"); they subclass
+  KVExchange and implement begin_selection / selected_attention.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .comm import Communicator
+from .layout import LoadBalancedLayout
+from .segments import CPPlan
+
+EXCHANGE_MODES = ("allgather",)
+PLANNED_EXCHANGE_MODES = ("ring", "fetch", "hierarchical")
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunk-ordered all-gather and its reduce-scatter
+
+
+def global_chunk_rows(layout: LoadBalancedLayout, counts: Sequence[int], slot_rows: int, device) -> torch.Tensor:
+    """Rows of a rank-major gather buffer [C * 2 * slot_rows] that form the global sequence.
+
+    Chunk j holds counts[j] valid rows at the start of its owner's slot; the result lists them
+    chunk after chunk, [sum(counts)] int64.
+    """
+    order = layout.rank_major_chunk_order()
+    return torch.cat([order[j] * slot_rows + torch.arange(counts[j], device=device) for j in range(len(counts))])
+
+
+class PendingGather:
+    """An all-gather in flight; wait() returns the gathered tensor in global order."""
+
+    def __init__(self, received: torch.Tensor, work, rows: torch.Tensor):
+        self.received, self.work, self.rows = received, work, rows
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        gathered = self.received.index_select(0, self.rows)
+        self.received = None
+        return gathered
+
+
+def start_chunk_gather(comm: Communicator, layout: LoadBalancedLayout, local: torch.Tensor, counts: Sequence[int],
+                       kind: str, async_op: bool = True) -> PendingGather:
+    """Gather local [2 * slot_rows, ...] (slot 0 rows, then slot 1 rows, zero-padded) from every rank."""
+    received = local.new_empty(comm.size * local.shape[0], *local.shape[1:])
+    work = comm.all_gather(received, local, kind, async_op=async_op)
+    return PendingGather(received, work, global_chunk_rows(layout, counts, local.shape[0] // 2, local.device))
+
+
+def reduce_scatter_chunks(comm: Communicator, layout: LoadBalancedLayout, grad: torch.Tensor, counts: Sequence[int],
+                          slot_rows: int, kind: str) -> torch.Tensor:
+    """Backward of the chunk gather: grad [sum(counts), ...] in global order -> this rank's [2 * slot_rows, ...]."""
+    rows = global_chunk_rows(layout, counts, slot_rows, grad.device)
+    full = grad.new_zeros(comm.size * 2 * slot_rows, *grad.shape[1:])
+    full.index_copy_(0, rows, grad)
+    mine = grad.new_empty(2 * slot_rows, *grad.shape[1:])
+    comm.reduce_scatter(mine, full, kind)
+    return mine
+
+
+def pack_slots(slot0: torch.Tensor, slot1: torch.Tensor, slot_rows: int) -> torch.Tensor:
+    """[n0, ...], [n1, ...] -> [2 * slot_rows, ...], each slot zero-padded to slot_rows."""
+    packed = slot0.new_zeros(2 * slot_rows, *slot0.shape[1:])
+    packed[:slot0.shape[0]] = slot0
+    packed[slot_rows:slot_rows + slot1.shape[0]] = slot1
+    return packed
+
+
+class _GatherCompressed(torch.autograd.Function):
+    """Compressed tokens of both local chunks -> all compressed tokens in global order (differentiable)."""
+
+    @staticmethod
+    def forward(ctx, comm, plan: CPPlan, slot0, slot1):
+        counts = plan.chunk_cmp_counts
+        slot_rows = max(counts)
+        ctx.comm, ctx.plan, ctx.slot_rows, ctx.sizes = comm, plan, slot_rows, (slot0.shape[0], slot1.shape[0])
+        local = pack_slots(slot0, slot1, slot_rows)
+        return start_chunk_gather(comm, plan.layout, local, counts, "compressed fwd", async_op=False).wait()
+
+    @staticmethod
+    def backward(ctx, grad):
+        mine = reduce_scatter_chunks(ctx.comm, ctx.plan.layout, grad.contiguous(), ctx.plan.chunk_cmp_counts,
+                                     ctx.slot_rows, "compressed bwd")
+        n0, n1 = ctx.sizes
+        return None, None, mine[:n0], mine[ctx.slot_rows:ctx.slot_rows + n1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The interface
+
+
+class KVExchange(abc.ABC):
+    """Moves K/V between the ranks of one context-parallel group (see the module docstring)."""
+
+    mode: str
+
+    def __init__(self, comm: Communicator):
+        self.comm = comm
+
+    def gather_compressed(self, slot0: torch.Tensor, slot1: torch.Tensor, plan: CPPlan) -> torch.Tensor:
+        """Compressed tokens whose last token is in this rank's chunks ([n0, ...], [n1, ...]) ->
+        every compressed token in global order, [plan.num_cmp, ...]. Differentiable."""
+        return _GatherCompressed.apply(self.comm, plan, slot0, slot1)
+
+    @abc.abstractmethod
+    def begin_selection(self, k: torch.Tensor, v: torch.Tensor, plan: CPPlan, branches, config, scale: float,
+                        head_group_size: int):
+        """Called at the layer's entry with the local selection-branch k [B, 2c, H_kv, d_k], v [.., d_v]:
+        start moving them. Returns a handle for selected_attention."""
+
+    @abc.abstractmethod
+    def selected_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected_block_idx: torch.Tensor,
+                           handle) -> torch.Tensor:
+        """The selection branch of the local queries q [B, 2c, H_q, d_k] with global block ids
+        selected_block_idx [B, 2c, H_kv, n] (per document). Returns [B, 2c, H_q, d_v], differentiable
+        in q, k, v."""
+
+    def on_output(self, out: torch.Tensor, handle) -> None:
+        """Called with the layer's gated output (e.g. to start backward communication early)."""
+
+
+def make_exchange(mode, cp_group) -> KVExchange:
+    """A KVExchange for `mode` ('allgather', or a KVExchange object, returned as is) on cp_group."""
+    if isinstance(mode, KVExchange):
+        return mode
+    if mode in PLANNED_EXCHANGE_MODES:
+        raise NotImplementedError(f"exchange mode {mode!r} is planned but not implemented; available: {EXCHANGE_MODES}")
+    if mode != "allgather":
+        raise ValueError(f"exchange={mode!r} is not allowed; choose one of {EXCHANGE_MODES} or a KVExchange object")
+    return AllGatherExchange(Communicator(cp_group))
+
+
+# ---------------------------------------------------------------------------------------------
+# 'allgather'
+
+
+@dataclasses.dataclass
+class _SelectionRun:
+    """State of one layer call's selection branch, shared by forward, the backward prefetch and backward."""
+
+    exchange: "AllGatherExchange"
+    plan: CPPlan
+    branches: object
+    config: object
+    scale: float
+    head_groups: List[Tuple[int, int]]  # KV-head ranges [h0, h1)
+    k: torch.Tensor  # local [B, 2c, H_kv, d_k], detached
+    v: torch.Tensor
+    pending: Optional[Tuple[PendingGather, PendingGather]] = None
+
+    def start(self, group: int, kind: str) -> Tuple[PendingGather, PendingGather]:
+        h0, h1 = self.head_groups[group]
+        counts = [self.plan.chunk_len] * self.plan.layout.num_chunks
+        comm, layout = self.exchange.comm, self.plan.layout
+        # [2c, B, h, D]: sequence-major, so that each rank's share is one contiguous block
+        return tuple(start_chunk_gather(comm, layout, x[:, :, h0:h1].transpose(0, 1).contiguous(), counts, kind)
+                     for x in (self.k, self.v))
+
+    def prefetch_for_backward(self) -> None:
+        if self.pending is None:
+            self.pending = self.start(0, "selection bwd gather")
+
+    def take_pending(self, kind: str) -> Tuple[PendingGather, PendingGather]:
+        pending, self.pending = self.pending, None
+        return pending if pending is not None else self.start(0, kind)
+
+    def attend(self, q_group: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, idx_group: torch.Tensor):
+        """Selected attention of one KV-head group, per segment. q_group [B, 2c, G*h, d_k]; k_full
+        [S, B, h, d_k] in global order; idx_group [B, 2c, h, n]. Returns [(local slice, row, out)]."""
+        results = []
+        chunk_len = self.plan.chunk_len
+        for seg in self.plan.segments:
+            rows = seg.local_slice(chunk_len)
+            doc = slice(seg.doc_start, seg.doc_end)
+            out, _ = self.branches.selected_attention(
+                q_group[seg.row, rows], k_full[doc, seg.row], v_full[doc, seg.row], idx_group[seg.row, rows],
+                seg.query_positions(q_group.device), self.config, self.scale)
+            results.append((rows, seg.row, out))
+        return results
+
+
+class _AllGatherSelected(torch.autograd.Function):
+    """Selection branch over the gathered sequence, head group by head group.
+
+    Forward waits for group g's gather and starts group g+1's before attending. The gathered K/V
+    are not kept: backward gathers them again, recomputes the group's attention, and
+    reduce-scatters the gathered dK/dV back to their owners.
+    """
+
+    @staticmethod
+    def forward(ctx, run: _SelectionRun, q, k, v, idx):
+        ctx.run = run
+        ctx.save_for_backward(q, k, v, idx)
+        groups = run.head_groups
+        group_size = q.shape[2] // k.shape[2]
+        out = q.new_empty(*q.shape[:3], v.shape[3])
+        pending = run.take_pending("selection fwd")
+        for g, (h0, h1) in enumerate(groups):
+            k_full, v_full = (p.wait() for p in pending)
+            if g + 1 < len(groups):
+                pending = run.start(g + 1, "selection fwd")
+            heads = slice(h0 * group_size, h1 * group_size)
+            for rows, row, seg_out in run.attend(q[:, :, heads], k_full, v_full, idx[:, :, h0:h1]):
+                out[row, rows, heads] = seg_out
+            del k_full, v_full
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        run = ctx.run
+        q, k, v, idx = ctx.saved_tensors
+        comm, layout, chunk_len = run.exchange.comm, run.plan.layout, run.plan.chunk_len
+        counts = [chunk_len] * layout.num_chunks
+        group_size = q.shape[2] // k.shape[2]
+        grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        pending = run.take_pending("selection bwd gather")
+        for g, (h0, h1) in enumerate(run.head_groups):
+            k_full, v_full = (p.wait() for p in pending)
+            if g + 1 < len(run.head_groups):
+                pending = run.start(g + 1, "selection bwd gather")
+            heads = slice(h0 * group_size, h1 * group_size)
+            with torch.enable_grad():
+                q_group = q[:, :, heads].detach().requires_grad_()
+                k_full.requires_grad_()
+                v_full.requires_grad_()
+                results = run.attend(q_group, k_full, v_full, idx[:, :, h0:h1])
+                outs = [out for _, _, out in results]
+                grads = [grad_out[row, rows, heads] for rows, row, _ in results]
+                dq, dk_full, dv_full = torch.autograd.grad(outs, (q_group, k_full, v_full), grads, allow_unused=True)
+            if dq is not None:
+                grad_q[:, :, heads] = dq
+            for grad_local, d_full in ((grad_k, dk_full), (grad_v, dv_full)):
+                if d_full is None:
+                    continue
+                mine = reduce_scatter_chunks(comm, layout, d_full, counts, chunk_len, "selection bwd reduce-scatter")
+                grad_local[:, :, h0:h1] = mine.transpose(0, 1)
+            del k_full, v_full
+        return None, grad_q, grad_k, grad_v, None
+
+
+class AllGatherExchange(KVExchange):
+    mode = "allgather"
+
+    def begin_selection(self, k, v, plan, branches, config, scale, head_group_size):
+        num_kv_heads = k.shape[2]
+        step = min(head_group_size, num_kv_heads)
+        groups = [(h0, min(h0 + step, num_kv_heads)) for h0 in range(0, num_kv_heads, step)]
+        run = _SelectionRun(self, plan, branches, config, scale, groups, k.detach(), v.detach())
+        run.pending = run.start(0, "selection fwd")
+        return run
+
+    def selected_attention(self, q, k, v, selected_block_idx, handle):
+        return _AllGatherSelected.apply(handle, q, k, v, selected_block_idx)
+
+    def on_output(self, out, handle) -> None:
+        """Start re-gathering the first head group as soon as backward reaches the layer output."""
+        if out.requires_grad:
+            out.register_hook(lambda grad: handle.prefetch_for_backward())
