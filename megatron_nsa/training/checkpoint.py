@@ -1,0 +1,212 @@
+"""Save and resume: model, optimizer, schedule, RNG and data position.
+
+Layout under checkpoint.dir:
+
+    step_00000100/            a complete checkpoint (the newest one is what a restart resumes)
+        meta.json             step, consumed samples, scheduler state, format, parallel layout
+        ...                   megatron.core.dist_checkpointing files (CUDA), or rank_00000.pt ... (CPU)
+    .partial-step_00000200/   a checkpoint being written; renamed to step_00000200 when complete
+
+Every rank writes into the .partial directory, rank 0 adds meta.json last and renames the directory,
+so a crash at any point leaves the previous checkpoint as the newest complete one. Only the newest
+`keep_last` checkpoints are kept.
+
+On CUDA the shards are megatron.core.dist_checkpointing (torch_dist) state, which can be reloaded under
+another parallel layout; on CPU (where that writer needs CUDA) every rank saves its own state dicts
+and the layout must match on resume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+from typing import List, Optional
+
+import numpy
+import torch
+import torch.distributed as dist
+
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from .config import Recipe
+
+STEP_PREFIX = "step_"
+PARTIAL_PREFIX = ".partial-"
+META = "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed; the message names it and says what to do."""
+
+
+@dataclasses.dataclass
+class Progress:
+    step: int = 0
+    consumed_samples: int = 0
+
+
+def rng_state(on_cuda: bool) -> dict:
+    state = {"python": random.getstate(), "numpy": numpy.random.get_state(), "torch": torch.get_rng_state()}
+    if on_cuda:
+        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda_tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def set_rng_state(state: dict, on_cuda: bool) -> None:
+    random.setstate(state["python"])
+    numpy.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if on_cuda:
+        torch.cuda.set_rng_state(state["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["cuda_tracker"])
+
+
+def layout_of(recipe: Recipe, world_size: int) -> dict:
+    par = recipe.parallel
+    return {"world_size": world_size, "tensor_model_parallel_size": par.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": par.pipeline_model_parallel_size,
+            "context_parallel_size": par.context_parallel_size, "attention": recipe.model.attention}
+
+
+def _step_of(name: str) -> Optional[int]:
+    digits = name[len(STEP_PREFIX):]
+    return int(digits) if name.startswith(STEP_PREFIX) and digits.isdigit() else None
+
+
+def list_checkpoints(directory: str) -> List[str]:
+    """Complete checkpoints (by name), oldest first."""
+    if not os.path.isdir(directory):
+        return []
+    names = [n for n in os.listdir(directory) if _step_of(n) is not None and os.path.isdir(os.path.join(directory, n))]
+    return sorted(names, key=_step_of)
+
+
+class Checkpointer:
+    """Saves and restores one training run's state in recipe.checkpoint.dir."""
+
+    def __init__(self, recipe: Recipe, launch, core_model: torch.nn.Module, optimizer, scheduler):
+        self.directory = os.path.abspath(recipe.checkpoint.dir)
+        self.keep_last = recipe.checkpoint.keep_last
+        self.layout = layout_of(recipe, launch.world_size)
+        self.launch = launch
+        self.model = core_model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+
+    @property
+    def format(self) -> str:
+        return "dist_checkpointing" if self.launch.on_cuda else "host"
+
+    def _sharded_state(self, is_loading: bool) -> dict:
+        model_state = self.model.sharded_state_dict()
+        rank, world = self.launch.rank, self.launch.world_size
+        return {
+            "model": model_state,
+            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading),
+            "rng": ShardedObject("rng_state", rng_state(True), (world,), (rank,), replica_id=0),
+        }
+
+    def _host_file(self, path: str) -> str:
+        return os.path.join(path, f"rank_{self.launch.rank:05d}.pt")
+
+    def save(self, progress: Progress) -> str:
+        name = f"{STEP_PREFIX}{progress.step:08d}"
+        final = os.path.join(self.directory, name)
+        partial = os.path.join(self.directory, PARTIAL_PREFIX + name)
+        is_writer = self.launch.rank == 0
+        if is_writer:
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
+        dist.barrier()
+        if self.format == "dist_checkpointing":
+            dist_checkpointing.save(self._sharded_state(is_loading=False), partial)
+        else:
+            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "rng": rng_state(False)}, self._host_file(partial))
+        dist.barrier()
+        if is_writer:
+            meta = {"step": progress.step, "consumed_samples": progress.consumed_samples, "format": self.format,
+                    "layout": self.layout, "scheduler": self.scheduler.state_dict()}
+            with open(os.path.join(partial, META), "w") as f:
+                json.dump(meta, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(partial, final)
+            self._prune()
+        dist.barrier()
+        return final
+
+    def _prune(self) -> None:
+        for name in list_checkpoints(self.directory)[:-self.keep_last]:
+            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        for name in os.listdir(self.directory):
+            if name.startswith(PARTIAL_PREFIX):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    def latest(self) -> Optional[str]:
+        names = list_checkpoints(self.directory)
+        return os.path.join(self.directory, names[-1]) if names else None
+
+    def _read_meta(self, path: str) -> dict:
+        advice = self._advice(path)
+        meta_path = os.path.join(path, META)
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            missing = {"step", "consumed_samples", "format", "layout", "scheduler"} - set(meta)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"checkpoint {path} is corrupt: cannot read {META} ({err}); {advice}") from None
+        if missing:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {META} lacks {sorted(missing)}; {advice}")
+        if meta["format"] != self.format:
+            raise CheckpointError(
+                f"checkpoint {path} was written in the '{meta['format']}' format but this run needs "
+                f"'{self.format}' ({'CUDA' if self.launch.on_cuda else 'CPU'}); resume on the device that wrote it"
+            )
+        changed = {k: (meta["layout"].get(k), v) for k, v in self.layout.items() if meta["layout"].get(k) != v}
+        if self.format == "host":
+            if changed:
+                raise CheckpointError(
+                    f"checkpoint {path} was written with a different layout {changed} (saved, now); CPU checkpoints "
+                    "resume only with the same recipe parallel sizes and process count"
+                )
+        elif "attention" in changed:
+            raise CheckpointError(f"checkpoint {path} holds a model.attention={meta['layout']['attention']} model; "
+                                  f"this recipe builds attention={self.layout['attention']}")
+        return meta
+
+    def _advice(self, path: str) -> str:
+        older = [n for n in list_checkpoints(self.directory) if os.path.join(self.directory, n) != path]
+        fallback = f"delete it to resume from {older[-1]}" if older else "delete it"
+        return f"{fallback}, or set checkpoint.resume=false to start afresh"
+
+    def load(self, path: str) -> Progress:
+        """Restore everything from `path`; every rank raises CheckpointError if any rank fails."""
+        meta = self._read_meta(path)
+        error = None
+        try:
+            if self.format == "dist_checkpointing":
+                sharded = self._sharded_state(is_loading=True)
+                if meta["layout"]["world_size"] != self.launch.world_size:
+                    sharded.pop("rng")
+                state = dist_checkpointing.load(sharded, path)
+            else:
+                state = torch.load(self._host_file(path), map_location="cpu", weights_only=False)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if "rng" in state:
+                set_rng_state(state["rng"], self.launch.on_cuda)
+            self.scheduler.load_state_dict(meta["scheduler"])
+        except Exception as err:  # noqa: BLE001 - any failure to read back means the files are unusable
+            error = f"{type(err).__name__}: {err}"
+        failed = torch.tensor([0 if error is None else 1], device=self.launch.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item():
+            detail = error or "another rank could not read its part"
+            raise CheckpointError(f"checkpoint {path} cannot be loaded ({detail}); {self._advice(path)}")
+        return Progress(step=meta["step"], consumed_samples=meta["consumed_samples"])

@@ -1,0 +1,131 @@
+"""Training and validation data through megatron.core.datasets.
+
+Sources: `stdlib` (the Python standard library's sources as an indexed dataset, built on first use in the
+cache directory), `indexed` (your .bin/.idx prefixes, optionally weighted: a blend), `mock` (random tokens).
+Validation uses the same blend with `data.split`'s second share of the documents.
+
+Each data-parallel rank reads its own micro-batches by global sample index, so the position in the data is
+just the number of samples consumed: resuming at step k restarts at sample k * global_batch_size.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy
+import torch
+
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
+
+from .build_dataset import build_indexed_dataset, stdlib_source_files
+from .config import Recipe, RecipeError
+
+Batch = Dict[str, torch.Tensor]
+
+
+def cache_dir(recipe: Recipe) -> str:
+    return os.path.abspath(os.path.expanduser(
+        recipe.data.cache_dir or os.environ.get("MEGATRON_NSA_CACHE") or "~/.cache/megatron_nsa"
+    ))
+
+
+def stdlib_prefix(recipe: Recipe, tokenizer) -> str:
+    """Where the standard-library corpus for this interpreter and tokenizer lives."""
+    version = f"py{sys.version_info.major}{sys.version_info.minor}"
+    if recipe.data.tokenizer == "bytes":
+        tag = "bytes"
+    else:
+        tag = "hf-" + hashlib.md5(tokenizer.unique_identifiers["path"].encode(), usedforsecurity=False).hexdigest()[:10]
+    return os.path.join(cache_dir(recipe), f"stdlib-{version}-{tag}")
+
+
+def _exists(prefix: str) -> bool:
+    return os.path.isfile(get_bin_path(prefix)) and os.path.isfile(get_idx_path(prefix))
+
+
+def parse_blend(paths: List) -> Tuple[List[str], Optional[List[float]]]:
+    """[prefix, ...] or [weight, prefix, weight, prefix, ...] -> (prefixes, weights or None)."""
+    if all(isinstance(p, str) for p in paths):
+        return [os.path.expanduser(p) for p in paths], None
+    pairs = list(zip(paths[0::2], paths[1::2]))
+    if len(paths) % 2 or not all(isinstance(w, (int, float)) and isinstance(p, str) for w, p in pairs):
+        raise RecipeError(
+            f"data.paths={paths!r} must be a list of dataset prefixes or of weight, prefix pairs "
+            "(e.g. [0.7, data/web, 0.3, data/code])"
+        )
+    if any(w <= 0 for w, _ in pairs):
+        raise RecipeError(f"data.paths={paths!r}: blend weights must be > 0")
+    return [os.path.expanduser(p) for _, p in pairs], [float(w) for w, _ in pairs]
+
+
+def check_data_paths(recipe: Recipe) -> None:
+    """Missing .bin/.idx files stop the run before any model is built."""
+    if recipe.data.source != "indexed":
+        return
+    prefixes, _ = parse_blend(recipe.data.paths)
+    for prefix in prefixes:
+        if not _exists(prefix):
+            missing = [p for p in (get_bin_path(prefix), get_idx_path(prefix)) if not os.path.isfile(p)]
+            raise RecipeError(
+                f"data.paths: dataset '{prefix}' is missing {', '.join(missing)}; build it with "
+                f"`python -m megatron_nsa.training.build_dataset --output {prefix} YOUR_TEXT_FILES` "
+                "or fix the path"
+            )
+
+
+def ensure_stdlib_dataset(recipe: Recipe, tokenizer) -> str:
+    """Build the standard-library corpus once per node (local rank 0), then every rank uses it."""
+    prefix = stdlib_prefix(recipe, tokenizer)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not _exists(prefix):
+        num_tokens = build_indexed_dataset(stdlib_source_files(), prefix, tokenizer)
+        print(f"built the standard-library corpus {prefix}.bin/.idx ({num_tokens} tokens)", flush=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return prefix
+
+
+def build_datasets(recipe: Recipe, tokenizer, num_train_samples: int, num_valid_samples: int):
+    """(train, validation) datasets; validation is None when the split leaves it no documents."""
+    data = recipe.data
+    if data.source == "mock":
+        blend = None
+    elif data.source == "stdlib":
+        blend = ([ensure_stdlib_dataset(recipe, tokenizer)], None)
+    else:
+        blend = parse_blend(data.paths)
+    config = GPTDatasetConfig(
+        random_seed=recipe.training.seed,
+        sequence_length=data.seq_length,
+        blend=blend,
+        split=data.split,
+        path_to_cache=os.path.join(cache_dir(recipe), "gpt_dataset_indices"),
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    dataset_class = MockGPTDataset if data.source == "mock" else GPTDataset
+    sizes = [num_train_samples, num_valid_samples, 0]
+    train, valid, _ = BlendedMegatronDatasetBuilder(dataset_class, sizes, lambda: True, config).build()
+    return train, valid
+
+
+def micro_batches(dataset, first_sample: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                  device: torch.device) -> Iterator[Batch]:
+    """Endless micro-batches for one data-parallel rank, from global sample `first_sample` on.
+
+    Global sample order: consecutive groups of micro_batch_size * dp_size samples; rank r takes the r-th slice.
+    """
+    sample = first_sample
+    while True:
+        start = sample + dp_rank * micro_batch_size
+        items = [dataset[(start + i) % len(dataset)] for i in range(micro_batch_size)]
+        batch = {key: torch.stack([torch.as_tensor(numpy.asarray(item[key])) for item in items])
+                 for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        sample += micro_batch_size * dp_size

@@ -1,0 +1,49 @@
+"""Entry point: `python -m megatron_nsa.training.train CONFIG [key=value ...]` (usually through launch/train.sh).
+
+Bad input (unknown keys, missing data, a layout the world size or the sequence length cannot take, an
+unreadable checkpoint) stops the run before the first step with a message that says what to change.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+# megatron-core warns at import time that the optional Transformer Engine / Apex are absent, and 0.16
+# warns about its own default cuda_graph_scope.
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
+warnings.filterwarnings("ignore", message="full scope is deprecated")
+
+import torch  # noqa: E402
+
+from .checkpoint import CheckpointError  # noqa: E402
+from .config import RecipeError, load_recipe  # noqa: E402
+from .loop import train  # noqa: E402
+
+USAGE = "usage: python -m megatron_nsa.training.train CONFIG.yaml [section.key=value ...]"
+
+
+def main(argv=None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        print(__doc__)
+        return 0 if args else 2
+    path, overrides = args[0], args[1:]
+    if "=" in path and not os.path.exists(path):
+        print(f"error: the first argument must be a recipe file, got '{path}'\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        train(load_recipe(path, overrides))
+    except (RecipeError, CheckpointError) as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
