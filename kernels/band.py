@@ -165,10 +165,21 @@ def _band_bwd_dkdv(
     qk_scale, sm_scale,
     G: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT_HEADS: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # SPLIT_HEADS: one program per (query head, key tile) writing that head's share to DK_/DV_[g]
+    # (summed over g afterwards); otherwise one program per (KV head, key tile) looping over the group.
+    tile = tl.program_id(1)
+    if SPLIT_HEADS:
+        kv_head = tl.program_id(0) // G
+        g_lo = tl.program_id(0) % G
+        g_hi = g_lo + 1
+        DK_ += g_lo * sdkh
+        DV_ += g_lo * sdvh
+    else:
+        kv_head = tl.program_id(0)
+        g_lo = 0
+        g_hi = G
     k_start = tl.load(TileStart + tile)
     k_end = tl.load(TileEnd + tile)
     seg = tl.load(TileSeg + tile)
@@ -196,7 +207,7 @@ def _band_bwd_dkdv(
     t_hi = q_len
     if WINDOW > 0:
         t_hi = tl.minimum(q_len, last_pos + WINDOW)
-    for g in range(G):
+    for g in range(g_lo, g_hi):
         head = kv_head * G + g
         for t0 in range(t_lo, t_hi, BLOCK_M):
             t = t0 + offs_m
@@ -216,9 +227,10 @@ def _band_bwd_dkdv(
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    tl.store(DK_ + krow64[:, None] * sdkt + kv_head * sdkh + offs_dk[None, :], (dk * sm_scale).to(DK_.dtype.element_ty),
-             mask=key_ok[:, None] & (offs_dk[None, :] < DK))
-    tl.store(DV_ + krow64[:, None] * sdvt + kv_head * sdvh + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
+    out_head = kv_head * G if SPLIT_HEADS else kv_head  # split: DK_ is [T, H_kv * G (kv-major), D]
+    tl.store(DK_ + krow64[:, None] * sdkt + out_head * sdkh + offs_dk[None, :],
+             (dk * sm_scale).to(DK_.dtype.element_ty), mask=key_ok[:, None] & (offs_dk[None, :] < DK))
+    tl.store(DV_ + krow64[:, None] * sdvt + out_head * sdvh + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
              mask=key_ok[:, None] & (offs_dv[None, :] < DV))
 
 
@@ -229,11 +241,12 @@ def _geometry(kind: str, config):
     return config.compress_stride, config.compress_block_size - 1, 0
 
 
-def _blocks(dk: int, dv: int):
+def _blocks(dk: int, dv: int, backward_kv: bool = False):
+    """Tile shapes: larger query tiles and deeper pipelines for head dims up to 128."""
     block_dk, block_dv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
-    big = max(block_dk, block_dv) > 128
-    return dict(BLOCK_M=64, BLOCK_N=32 if big else 64, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                num_warps=4 if big else 4, num_stages=2)
+    if backward_kv or max(block_dk, block_dv) > 128:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_DK=block_dk, BLOCK_DV=block_dv, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_DK=block_dk, BLOCK_DV=block_dv, num_warps=8, num_stages=3)
 
 
 class BandAttention(torch.autograd.Function):
@@ -268,26 +281,36 @@ class BandAttention(torch.autograd.Function):
         num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
         grad_out = grad_out.contiguous()
         delta = (grad_out.float() * out.float()).sum(-1)  # [T, H_q]
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        common = dict(G=num_q_heads // num_kv_heads, KEY_STRIDE=stride_, KEY_OFFSET=offset_, WINDOW=window,
-                      DK=q.shape[2], DV=v.shape[2], **blocks)
+        group = num_q_heads // num_kv_heads
+        dq = torch.empty_like(q)
+        common = dict(G=group, KEY_STRIDE=stride_, KEY_OFFSET=offset_, WINDOW=window, DK=q.shape[2], DV=v.shape[2])
         q_tiles = tiles(cu_q, blocks["BLOCK_M"])
         if q_tiles[0].numel():
             _band_bwd_dq[(q_tiles[0].numel(), num_q_heads)](
                 q, k, v, grad_out, lse, delta, dq, *q_tiles, cu_q, cu_k,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1),
-                scale * LOG2E, scale, **common,
+                scale * LOG2E, scale, **common, **blocks,
             )
-        k_tiles = tiles(cu_k, blocks["BLOCK_N"])
+        # Compressed keys are few and each is seen by many queries: split the group's heads over
+        # programs (partial dK/dV per head, summed below in a fixed order). Window keys are many.
+        split = window == 0 and group > 1
+        kv_blocks = _blocks(q.shape[2], v.shape[2], backward_kv=True)
+        heads_out = num_q_heads if split else num_kv_heads
+        dk = torch.empty(k.shape[0], heads_out, k.shape[2], device=k.device, dtype=torch.float32 if split else k.dtype)
+        dv = torch.empty(v.shape[0], heads_out, v.shape[2], device=v.device, dtype=torch.float32 if split else v.dtype)
+        k_tiles = tiles(cu_k, kv_blocks["BLOCK_N"])
         if k_tiles[0].numel():
-            _band_bwd_dkdv[(k_tiles[0].numel(), num_kv_heads)](
+            _band_bwd_dkdv[(heads_out, k_tiles[0].numel())](
                 q, k, v, grad_out, lse, delta, dk, dv, *k_tiles, cu_q, cu_k,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
                 dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                scale * LOG2E, scale, **common,
+                scale * LOG2E, scale, **common, **kv_blocks, SPLIT_HEADS=split,
             )
+        if split:
+            dk = dk.view(k.shape[0], num_kv_heads, group, -1).sum(2).to(k.dtype)
+            dv = dv.view(v.shape[0], num_kv_heads, group, -1).sum(2).to(v.dtype)
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .band import band_attention
+from .combine import gated_combine
 from .layout import Docs, make_docs
 from .selected import selected_attention
 from .topk import select_blocks
@@ -20,7 +21,7 @@ def nsa_core(q, kv_slc, kv_win, compressed_kv, gates, docs: Docs, config, scale:
     selected_block_idx = select_blocks(q.detach(), compressed_kv[0].detach(), cmp_lse, cu, docs.cu_cmp, config, scale)
     slc_out, slc_lse = selected_attention(q, *kv_slc, selected_block_idx, docs, config, scale)
     win_out, win_lse = band_attention(q, *kv_win, cu, cu, "window", config, scale)
-    out = gates[..., 0:1] * cmp_out + gates[..., 1:2] * slc_out + gates[..., 2:3] * win_out
+    out = gated_combine(gates, cmp_out, slc_out, win_out)
     if not return_intermediates:
         return out
     return out, dict(cmp_out=cmp_out, cmp_lse=cmp_lse, slc_out=slc_out, slc_lse=slc_lse, win_out=win_out,

@@ -44,23 +44,22 @@ def _selected_fwd(
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, BLOCK_DV], tl.float32)
     for slot in range(N_SELECT):
-        block = tl.load(IDX + row * sit + kv_head * sih + slot)
-        if block >= 0:
-            pos = block * SLC_BLOCK + offs_n
-            key_ok = (offs_n < SLC_BLOCK) & (pos <= t)
-            krow = doc + pos
-            k = tl.load(K + krow[:, None] * skt + kv_head * skh + offs_dk[None, :],
-                        mask=key_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-            v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
-                        mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(key_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        block = tl.load(IDX + row * sit + kv_head * sih + slot)  # -1: unused slot, nothing visible
+        pos = block * SLC_BLOCK + offs_n
+        key_ok = (offs_n < SLC_BLOCK) & (pos >= 0) & (pos <= t)
+        krow = doc + pos
+        k = tl.load(K + krow[:, None] * skt + kv_head * skh + offs_dk[None, :],
+                    mask=key_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+        v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
+                    mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
     out = acc / l_i[:, None]
     tl.store(O + row * sot + heads[:, None] * soh + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=g_ok[:, None] & (offs_dv[None, :] < DV))
@@ -93,20 +92,19 @@ def _selected_bwd_dq(
     delta = tl.load(DELTA + row * slt + heads * slh, mask=g_ok, other=0.0)
     dq = tl.zeros([GP, BLOCK_DK], tl.float32)
     for slot in range(N_SELECT):
-        block = tl.load(IDX + row * sit + kv_head * sih + slot)
-        if block >= 0:
-            pos = block * SLC_BLOCK + offs_n
-            key_ok = (offs_n < SLC_BLOCK) & (pos <= t)
-            krow = doc + pos
-            k = tl.load(K + krow[:, None] * skt + kv_head * skh + offs_dk[None, :],
-                        mask=key_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-            v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
-                        mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            p = tl.where(key_ok[None, :] & g_ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
+        block = tl.load(IDX + row * sit + kv_head * sih + slot)  # -1: unused slot, nothing visible
+        pos = block * SLC_BLOCK + offs_n
+        key_ok = (offs_n < SLC_BLOCK) & (pos >= 0) & (pos <= t)
+        krow = doc + pos
+        k = tl.load(K + krow[:, None] * skt + kv_head * skh + offs_dk[None, :],
+                    mask=key_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+        v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
+                    mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.where(key_ok[None, :] & g_ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
     tl.store(DQ + row * sdqt + heads[:, None] * sdqh + offs_dk[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=g_ok[:, None] & (offs_dk[None, :] < DK))
 

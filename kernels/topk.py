@@ -50,7 +50,8 @@ def _topk_kernel(
     offs_np = tl.arange(0, NP)
     CMP_PER_SLC: tl.constexpr = SLC_BLOCK // CMP_STRIDE
 
-    best = tl.full([BLOCK_M, NP], -1, tl.int64)
+    # running top-n keys; padding slots past n hold the largest key so they are never replaced
+    best = tl.where(offs_np[None, :] < N_SELECT, tl.full([BLOCK_M, NP], -1, tl.int64), 9223372036854775807)
     carry = tl.zeros([BLOCK_M], tl.float32)
     j_end = (end - 1 - q_doc) // SLC_BLOCK + 1
     for j0 in range(0, j_end, BS):
@@ -88,16 +89,20 @@ def _topk_kernel(
         bits = score.to(tl.int32, bitcast=True).to(tl.int64)
         key = (bits << 32) | (2147483647 - slc[None, :]).to(tl.int64)
         key = tl.where(valid, key, -1)
-        # merge this tile into the running top-n: n rounds of "take the largest key"
-        merged = tl.full([BLOCK_M, NP], -1, tl.int64)
-        for r in tl.static_range(N_SELECT):
-            top = tl.maximum(tl.max(best, 1), tl.max(key, 1))
-            merged = tl.where(offs_np[None, :] == r, top[:, None], merged)
-            best = tl.where(best == top[:, None], -1, best)
-            key = tl.where(key == top[:, None], -1, key)
-        best = merged
+        # merge this tile into the running top-n: while some row has a candidate better than its
+        # worst kept key, that candidate replaces it (rows that need nothing are left alone)
+        cand = tl.max(key, 1)
+        worst = tl.min(best, 1)
+        while tl.max((cand > worst).to(tl.int32), 0) > 0:
+            slot = tl.argmin(best, 1)
+            take = (offs_np[None, :] == slot[:, None]) & (cand > worst)[:, None]
+            best = tl.where(take, cand[:, None], best)
+            key = tl.where(key == cand[:, None], -1, key)
+            cand = tl.max(key, 1)
+            worst = tl.min(best, 1)
 
-    block = tl.where(best >= 0, 2147483647 - (best & 2147483647), 2147483647).to(tl.int32)
+    kept = (best >= 0) & (offs_np[None, :] < N_SELECT)
+    block = tl.where(kept, 2147483647 - (best & 2147483647), 2147483647).to(tl.int32)
     block = tl.sort(block, 1)
     block = tl.where(block == 2147483647, -1, block)
     tl.store(IDX + rows64[:, None] * sit + kv_head * sih + offs_np[None, :], block,
