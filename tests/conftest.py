@@ -56,3 +56,12 @@ def random_compressor(config, head_dim_k, head_dim_v, seed, dtype=torch.float64)
 @pytest.fixture
 def nsa_compressor():
     return random_compressor
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny shapes run faster on one thread (and do not suffer from a busy machine's other processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
