@@ -1,4 +1,8 @@
-"""CP = 1, 2, 4 give the single-process NSA's outputs and gradients (gloo, torch backend, float64)."""
+"""CP = 1, 2, 4 give the single-process NSA's outputs and gradients (gloo, torch backend, float64).
+
+One spawn per CP size runs every case (process start-up dominates on the CI machine): the
+comparisons, the bytes each exchange moves against DESIGN.md's volumes, and the input errors.
+"""
 from __future__ import annotations
 
 import pytest
@@ -6,6 +10,8 @@ import torch
 import torch.distributed as dist
 
 from cp_harness import assert_cp_matches_reference, make_case, rotate_half_rope, spawn
+from megatron_nsa import NSAConfig
+from megatron_nsa.context_parallel import AllGatherExchange, Communicator, LoadBalancedLayout, nsa_attention_cp
 
 # Tiny geometry: l=8, d=4, l'=8, n=4, w=12. S=128 gives chunks of 64 / 32 / 16 tokens for C = 1 / 2 / 4.
 GEOMETRY = dict(compress_block_size=8, compress_stride=4, select_block_size=8, select_count=4,
@@ -29,6 +35,54 @@ def _cases(rank, world):
     # l == d (no compressed halo) and a window of one token (no window halo), with documents
     geometry = dict(GEOMETRY, compress_block_size=4, compress_stride=4, window_size=1)
     assert_cp_matches_reference(make_case(4, SEQ_LEN, **geometry), group, cu_seqlens=cu_seqlens)
+    _check_bytes(group)
+    _check_errors(group)
+
+
+def _check_bytes(group):
+    """Bytes received per exchange against DESIGN.md: selection (C-1)/C * S * h * D * bytes, compressed the same
+    over S/d tokens (padded to whole chunks here), halos 2 per rank but one on the first and last rank."""
+    cp_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    batch, heads, dim_k, dim_v, item = 2, 2, 8, 6, 8
+    case = make_case(5, SEQ_LEN, batch=batch, num_kv_heads=heads, head_dim_k=dim_k, head_dim_v=dim_v, **GEOMETRY)
+    layout = LoadBalancedLayout(SEQ_LEN, cp_size, case["config"])
+    exchange = AllGatherExchange(Communicator(group))
+    args = [layout.shard(t, rank).requires_grad_() for t in (case["q"], case["ks"][0], case["vs"][0], case["gates"])]
+    out = nsa_attention_cp(*args, case["config"], group, backend="torch", exchange=exchange)
+    out.sum().backward()
+    got = exchange.comm.bytes_received
+    selection = (cp_size - 1) / cp_size * SEQ_LEN * batch * heads * (dim_k + dim_v) * item
+    for kind in ("selection fwd", "selection bwd gather", "selection bwd reduce-scatter"):
+        assert got[kind] == int(selection / 2) * 2, (kind, got[kind], selection)
+    l, d = GEOMETRY["compress_block_size"], GEOMETRY["compress_stride"]
+    compressed = (cp_size - 1) / cp_size * (SEQ_LEN / d) * batch * heads * (dim_k + dim_v) * item
+    assert compressed <= got["compressed fwd"] <= compressed * (1 + l / layout.chunk_len) + 1
+    assert got["compressed bwd"] == got["compressed fwd"]
+    halo = max(GEOMETRY["window_size"] - 1, l - d) * batch * heads * (dim_k + dim_v) * item
+    total_halo = torch.tensor([float(got["halo fwd"]), float(got["halo bwd"])], dtype=torch.float64)
+    dist.all_reduce(total_halo, group=group)
+    assert total_halo.tolist() == [(2 * cp_size - 2) * halo] * 2
+
+
+def _check_errors(group):
+    cp_size = dist.get_world_size(group)
+    config = NSAConfig(**GEOMETRY)
+    case = make_case(6, SEQ_LEN, **GEOMETRY)
+    layout = LoadBalancedLayout(SEQ_LEN, cp_size, config)
+    q, k, v, gates = (layout.shard(t, 0) for t in (case["q"], case["ks"][0], case["vs"][0], case["gates"]))
+    short = 2 * 8  # 2 local chunks of one selection block: shorter than the window for every C
+    with pytest.raises(ValueError, match=f"chunks of {short * cp_size} / {2 * cp_size} = 8 tokens, shorter than "
+                                         f"window_size w=12"):
+        nsa_attention_cp(q[:, :short], k[:, :short], v[:, :short], gates[:, :short], config, group)
+    with pytest.raises(ValueError, match=f"sequence length {(short + 2) * cp_size} .* multiple of 2 \\* {cp_size} "
+                                         f"\\* select_block_size l'=8"):
+        nsa_attention_cp(q[:, :short + 2], k[:, :short + 2], v[:, :short + 2], gates[:, :short + 2], config, group)
+    with pytest.raises(ValueError, match="head_group_size=0"):
+        nsa_attention_cp(q, k, v, gates, config, group, head_group_size=0)
+    with pytest.raises(NotImplementedError, match="'ring' is planned"):
+        nsa_attention_cp(q, k, v, gates, config, group, exchange="ring")
+    with pytest.raises(ValueError, match=f"cu_seqlens must start at 0 and end at T={SEQ_LEN}"):
+        nsa_attention_cp(q, k, v, gates, config, group, cu_seqlens=torch.tensor([0, layout.chunk_len]))
 
 
 @pytest.mark.parametrize("cp_size", [1, 2, 4])
