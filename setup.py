@@ -1,11 +1,16 @@
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# kernels/ installs as nsa_kernels (the bare name `kernels` belongs to another PyPI package).
+PACKAGES = find_packages(include=["megatron_nsa", "megatron_nsa.*"]) + [
+    "nsa_kernels", *("nsa_kernels." + name for name in find_packages("kernels"))
+]
 
 setup(
     name="megatron-nsa",
     version="0.1.0",
     description="Native Sparse Attention (NSA) for Megatron-Core: reference, Triton kernels, context parallelism",
     python_requires=">=3.10",
-    packages=["megatron_nsa", "nsa_kernels"],
+    packages=PACKAGES,
     package_dir={"megatron_nsa": "megatron_nsa", "nsa_kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
