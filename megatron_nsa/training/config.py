@@ -71,7 +71,6 @@ class ParallelSection:
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = False
-    context_parallel_exchange: str = "allgather"  # NSA context-parallel K/V exchange mode
 
 
 @dataclasses.dataclass
@@ -147,7 +146,6 @@ CHOICES = {
     "model.recompute": ("none", "selective", "full"),
     "nsa.compression": ("mean", "linear", "mlp"),
     "nsa.backend": (None, "torch", "triton"),
-    "parallel.context_parallel_exchange": ("allgather", "ring", "fetch", "hierarchical"),
     "data.source": ("stdlib", "indexed", "mock"),
     "training.device": ("auto", "cuda", "cpu"),
     "training.precision": ("auto", "bf16", "fp32"),

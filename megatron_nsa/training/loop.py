@@ -108,6 +108,10 @@ def train(recipe: Recipe) -> RunSummary:
             progress = checkpointer.load(latest)
             if launch.is_logger:
                 print(f"resumed from {latest} at step {progress.step}", flush=True)
+                if progress.step >= recipe.training.train_steps:
+                    print(f"nothing to train: the checkpoint is at training.train_steps={recipe.training.train_steps}; "
+                          "raise train_steps, or set checkpoint.resume=false (or another checkpoint.dir) to start "
+                          "afresh", flush=True)
 
     train_cfg, seq_length = recipe.training, recipe.data.seq_length
     train_set, valid_set = build_datasets(recipe, tokenizer, train_cfg.train_steps * train_cfg.global_batch_size,

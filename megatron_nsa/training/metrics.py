@@ -105,6 +105,7 @@ class Metrics:
         self.num_gpus = num_gpus
         self.device = device
         self.is_logger = is_logger
+        self.unit = "GPU" if device.type == "cuda" else "process"
         self.writer = None
         if is_logger and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
@@ -151,7 +152,7 @@ class Metrics:
             norm = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
             gates = " ".join(f"{k}={v:.3f}" for k, v in gate_means.items())
             print(f"step {step:>6}/{self.total_steps} | loss {values['loss']:.4f} | lr {lr:.2e} | grad norm {norm} | "
-                  f"{tokens_per_second:,.0f} tok/s | {values['tflops_per_gpu']:.2f} TFLOP/s/GPU | "
+                  f"{tokens_per_second:,.0f} tok/s | {values['tflops_per_gpu']:.2f} TFLOP/s/{self.unit} | "
                   f"mem {values['peak_memory_gib']:.2f} GiB | {left} left" + (f" | gates {gates}" if gates else ""),
                   flush=True)
             if self.writer:

@@ -36,7 +36,8 @@ def build_optimizer(recipe: Recipe, model_chunks: List[torch.nn.Module], on_cuda
 
 def build_scheduler(recipe: Recipe, optimizer) -> OptimizerParamScheduler:
     """Linear warmup from 0 to lr over warmup_steps, then decay to min_lr at decay_steps (one step = one
-    optimizer step)."""
+    optimizer step). On resume the recipe defines the schedule and the checkpoint only the step reached,
+    so a run can be extended by raising training.train_steps."""
     opt = recipe.optimizer
     return OptimizerParamScheduler(
         optimizer,
@@ -50,4 +51,6 @@ def build_scheduler(recipe: Recipe, optimizer) -> OptimizerParamScheduler:
         end_wd=opt.weight_decay,
         wd_incr_steps=recipe.training.train_steps,
         wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )

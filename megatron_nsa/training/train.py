@@ -34,15 +34,26 @@ def main(argv=None) -> int:
         print(f"error: the first argument must be a recipe file, got '{path}'\n{USAGE}", file=sys.stderr)
         return 2
     try:
-        train(load_recipe(path, overrides))
+        summary = train(load_recipe(path, overrides))
     except (RecipeError, CheckpointError) as err:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
+            _leave_note(f"error: {err}")
         return 2
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    if summary.stopped_by_signal and int(os.environ.get("RANK", "0")) == 0:
+        saved = f"; checkpoint {summary.checkpoint}: run the same command to resume" if summary.checkpoint else ""
+        _leave_note(f"stopped by SIGTERM at step {summary.final_step}{saved}")
     return 0
+
+
+def _leave_note(text: str) -> None:
+    """launch/train.sh prints this note after torchrun's own report, so that it is the last thing shown."""
+    if os.environ.get("MEGATRON_NSA_NOTE_FILE"):
+        with open(os.environ["MEGATRON_NSA_NOTE_FILE"], "w") as f:
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":
