@@ -71,6 +71,22 @@ def test_layer_matches_hand_computation(separate_kv, compression):
     torch.testing.assert_close(output, layer_by_hand(layer, x, config), rtol=1e-9, atol=1e-9)
 
 
+def test_triton_backend_matches_torch_backend():
+    """The layer on the Triton kernels (interpreted on CPU) against the same layer on the torch backend."""
+    pytest.importorskip("nsa_kernels")
+    results = {}
+    for backend in ("torch", "triton"):
+        config = tiny_config(nsa_backend=backend, qk_head_dim=16, v_head_dim=16, separate_kv=True)
+        torch.manual_seed(0)
+        layer = build_attention(config)
+        x = torch.randn(40, 1, config.hidden_size, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        output, _ = layer(x, None)
+        output.square().sum().backward()
+        results[backend] = [output, x.grad] + [p.grad for p in layer.parameters()]
+    for torch_result, triton_result in zip(results["torch"], results["triton"]):
+        torch.testing.assert_close(triton_result, torch_result, rtol=1e-4, atol=1e-6)
+
+
 def test_packed_documents_match_documents_one_by_one():
     from megatron.core.packed_seq_params import PackedSeqParams
 
