@@ -1,6 +1,6 @@
 """Shared set-up for the Megatron-Core tests: process groups on gloo, tiny NSA GPT models, batches.
 
-Used by the single-process tests (pytest's own process) and by parallel_worker.py (torchrun).
+Used by the single-process tests (pytest's own process) and by megatron_parallel_worker.py (torchrun).
 """
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 """Multi-process checks of the NSA GPT model, run by torchrun with 2 processes:
 
-    python -m torch.distributed.run --nproc-per-node=2 tests/megatron/parallel_worker.py OUT.json \
+    python -m torch.distributed.run --nproc-per-node=2 tests/megatron/megatron_parallel_worker.py OUT.json \
         [--device cpu|cuda] [--backend torch|triton] [--scenarios tp,pp]
 
 tp: the same model (same master weights) at TP=1, TP=2 and TP=2 with sequence parallelism:
     losses and full (gathered) gradients. pp: PP=1 and PP=2 trained for a few optimizer steps with
     Megatron's pipeline schedules from the same initial weights: the losses.
-Rank 0 writes the measured differences as JSON; test_parallel.py asserts on them.
+Rank 0 writes the measured differences as JSON; test_megatron_parallel.py asserts on them.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Tensor, sequence and pipeline parallelism of the NSA GPT model: 2 processes under torchrun, one
-launch for all scenarios (parallel_worker.py); the tests read its measurements.
+launch for all scenarios (megatron_parallel_worker.py); the tests read its measurements.
 
 CPU (default): gloo, torch backend, float32. With MEGATRON_NSA_TEST_GPUS=1 on a machine with 2 GPUs:
 NCCL, triton backend, GPU-sized heads and blocks, float32 (Triton's dots run in TF32, hence looser
@@ -15,7 +15,7 @@ import pytest
 
 from mcore_harness import run_torchrun
 
-WORKER = Path(__file__).with_name("parallel_worker.py")
+WORKER = Path(__file__).with_name("megatron_parallel_worker.py")
 ON_GPUS = os.environ.get("MEGATRON_NSA_TEST_GPUS") == "1"
 LOSS_RTOL, GRAD_RTOL = (1e-4, 5e-3) if ON_GPUS else (1e-5, 1e-4)
 
