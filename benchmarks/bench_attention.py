@@ -169,19 +169,23 @@ def main():
         plan = [(int(s), True) for s in seqlens.split(",") if s] + [(int(s), False) for s in nsa_only.split(",") if s]
         for seq_len, with_dense in plan:
             row = {"shape": shape_name, "H_q/H_kv/d_k/d_v": "/".join(map(str, shape)), "seq_len": seq_len}
-            row["nsa"] = nsa(seq_len, shape, config)
-            if with_dense:
-                row["cudnn"] = dense(seq_len, shape, SDPBackend.CUDNN_ATTENTION)
-                row["flash2"] = dense(seq_len, shape, SDPBackend.FLASH_ATTENTION)
-            if shape_name == "main":
-                row["stages"] = nsa_stages(seq_len, shape, config)
+            try:
+                row["nsa"] = nsa(seq_len, shape, config)
+                if with_dense:
+                    row["cudnn"] = dense(seq_len, shape, SDPBackend.CUDNN_ATTENTION)
+                    row["flash2"] = dense(seq_len, shape, SDPBackend.FLASH_ATTENTION)
+                if shape_name == "main":
+                    row["stages"] = nsa_stages(seq_len, shape, config)
+            except torch.OutOfMemoryError:
+                row["oom"] = True
             rows.append(row)
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
+            write_results(rows, gpu, args, quiet=True)
     write_results(rows, gpu, args)
 
 
-def write_results(rows, gpu, args):
+def write_results(rows, gpu, args, quiet=False):
     tag = gpu.replace(" ", "_").replace("/", "_")
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, f"bench_attention_{tag}.json"), "w") as f:
@@ -191,6 +195,9 @@ def write_results(rows, gpu, args):
              "| speed-up vs cuDNN fwd / bwd / total | vs FA2 total | NSA peak GiB | cuDNN peak GiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "nsa" not in r:
+            lines.append(f"| {r['H_q/H_kv/d_k/d_v']} | {r['seq_len']} | out of memory | | | | | | |")
+            continue
         n = r["nsa"]
         c, fa = r.get("cudnn"), r.get("flash2")
         cells = [r["H_q/H_kv/d_k/d_v"], str(r["seq_len"]), f"{n[0]:.2f} / {n[1]:.2f} / {n[2]:.2f}"]
@@ -216,7 +223,8 @@ def write_results(rows, gpu, args):
     table = "\n".join(lines) + "\n"
     with open(os.path.join(args.out_dir, f"bench_attention_{tag}.md"), "w") as f:
         f.write(table)
-    print(table)
+    if not quiet:
+        print(table)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import tiles
+from .layout import row_dot, tiles
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -280,7 +280,7 @@ class BandAttention(torch.autograd.Function):
         blocks, scale = ctx.blocks, ctx.scale
         num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
         grad_out = grad_out.contiguous()
-        delta = (grad_out.float() * out.float()).sum(-1)  # [T, H_q]
+        delta = row_dot(grad_out, out)  # [T, H_q]
         group = num_q_heads // num_kv_heads
         dq = torch.empty_like(q)
         common = dict(G=group, KEY_STRIDE=stride_, KEY_OFFSET=offset_, WINDOW=window, DK=q.shape[2], DV=v.shape[2])

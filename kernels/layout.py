@@ -68,3 +68,12 @@ def tiles(cu_rows: torch.Tensor, block: int):
     start = cu[:-1][segment] + local * block
     end = torch.minimum(start + block, cu[1:][segment])
     return start.to(torch.int32), end.to(torch.int32), segment.to(torch.int32)
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor, rows_per_chunk: int = 1 << 14) -> torch.Tensor:
+    """sum(a * b, -1) in float32 for [T, H, D] tensors, in row chunks (no full-size fp32 temporary)."""
+    out = torch.empty(a.shape[:-1], device=a.device, dtype=torch.float32)
+    for start in range(0, a.shape[0], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        out[rows] = (a[rows].float() * b[rows].float()).sum(-1)
+    return out

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .band import LOG2E
+from .layout import row_dot
 
 PIECE = 512
 
@@ -275,7 +276,7 @@ class SelectedAttention(torch.autograd.Function):
         num_kv_heads = k.shape[1]
         group = num_q_heads // num_kv_heads
         grad_out = grad_out.contiguous()
-        delta = (grad_out.float() * out.float()).sum(-1)  # [T, H_q]
+        delta = row_dot(grad_out, out)  # [T, H_q]
         dq = torch.empty_like(q)
         dk = torch.zeros_like(k)
         dv = torch.zeros_like(v)
