@@ -12,6 +12,7 @@ _MEGATRON_EXPORTS = {
     "NSASelfAttention": ".attention",
     "NSACoreAttention": ".attention",
     "get_gpt_layer_nsa_spec": ".spec",
+    "get_gpt_decoder_block_nsa_spec": ".spec",
 }
 
 __all__ = ["NSAConfig", "KVCompressor", "nsa_attention", "nsa_reference", "NSAIntermediates", *_MEGATRON_EXPORTS]
