@@ -12,6 +12,8 @@ import torch.distributed as dist
 from cp_harness import assert_cp_matches_reference, make_case, rotate_half_rope, spawn
 from megatron_nsa import NSAConfig
 from megatron_nsa.context_parallel import AllGatherExchange, Communicator, LoadBalancedLayout, nsa_attention_cp
+from megatron_nsa.context_parallel.rope import RankTableRotary, cp_rotary
+from megatron_nsa.rope import Rotary, rotary_angles
 
 # Tiny geometry: l=8, d=4, l'=8, n=4, w=12. S=128 gives chunks of 64 / 32 / 16 tokens for C = 1 / 2 / 4.
 GEOMETRY = dict(compress_block_size=8, compress_stride=4, select_block_size=8, select_count=4,
@@ -37,6 +39,7 @@ def _cases(rank, world):
     assert_cp_matches_reference(make_case(4, SEQ_LEN, **geometry), group, cu_seqlens=cu_seqlens)
     _check_bytes(group)
     _check_errors(group)
+    _check_rotary(group)
 
 
 def _check_bytes(group):
@@ -88,3 +91,24 @@ def _check_errors(group):
 @pytest.mark.parametrize("cp_size", [1, 2, 4])
 def test_cp_matches_single_process(cp_size, tmp_path):
     spawn(_cases, cp_size, tmp_path)
+
+
+def _check_rotary(group):
+    """cp_rotary wraps only a table with one row per local token (Megatron's per-rank slice)."""
+    cp_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    layout = LoadBalancedLayout(SEQ_LEN, cp_size)
+    full = Rotary.from_table(rotary_angles(torch.arange(SEQ_LEN), 4, 100.0))
+    sliced = Rotary.from_table(layout.shard(full.table, rank, dim=0))
+    local_len = 2 * layout.chunk_len
+    assert cp_rotary(full, local_len, None, group) is full
+    from_base = Rotary.from_base(100.0, 4)
+    assert cp_rotary(from_base, local_len, None, group) is from_base
+    wrapped = cp_rotary(sliced, local_len, None, group)
+    if cp_size == 1:
+        assert wrapped is sliced
+        return
+    assert isinstance(wrapped, RankTableRotary)
+    x = torch.randn(local_len, 2, 4, dtype=torch.float64)
+    torch.testing.assert_close(wrapped(x, layout.positions(rank)), full(x, layout.positions(rank)))
+    with pytest.raises(ValueError, match="sliced for CP rank .* packed"):
+        cp_rotary(sliced, local_len, torch.tensor([0, SEQ_LEN]), group)
