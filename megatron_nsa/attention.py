@@ -131,11 +131,10 @@ class NSASelfAttention(Attention):
         rotary = self._rotary(rotary_pos_emb)
         if rotary is not None:
             positions = self._token_positions(seq_len, cu_seqlens, q.device)
-            if get_pg_size(self.pg_collection.cp) > 1:  # global positions; Megatron's per-rank table re-indexed
-                from .context_parallel.rope import cp_rotary_and_positions
+            if get_pg_size(self.pg_collection.cp) > 1:  # a table Megatron sliced to this CP rank: global -> local rows
+                from .context_parallel.rope import cp_rotary
 
-                rotary, positions = cp_rotary_and_positions(rotary, seq_len, cu_seqlens, self.pg_collection.cp,
-                                                            q.device)
+                rotary = cp_rotary(rotary, seq_len, cu_seqlens, self.pg_collection.cp)
             q = rotary(q, positions)
             rotated = rotary(k[1], positions)
             k = (k[0], rotated, rotated if k[2] is k[1] else rotary(k[2], positions))
