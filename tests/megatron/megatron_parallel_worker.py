@@ -11,6 +11,7 @@ Rank 0 writes the measured differences as JSON; test_megatron_parallel.py assert
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 from functools import partial
@@ -48,15 +49,7 @@ class Run:
         return build_gpt(config, seed, **kwargs).to(self.device)
 
     def cuda_shim(self):
-        return megatron_cuda_calls_on_cpu() if self.device.type == "cpu" else _nothing()
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+        return megatron_cuda_calls_on_cpu() if self.device.type == "cpu" else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
