@@ -28,20 +28,29 @@ class Communicator:
 
     bytes_received[kind] counts what this rank receives (ring algorithms: (C-1)/C of the gathered
     buffer for all-gather and of the input for reduce-scatter; the receive buffers for p2p).
-    `kind` is a label chosen by the caller, e.g. 'selection fwd'.
+    `kind` is a label chosen by the caller, e.g. 'selection fwd'. With record=True every operation
+    is also listed in `recorded` as (name, output shape, input shape, dtype, kind), so that a
+    benchmark can replay the communication alone.
     """
 
-    def __init__(self, group):
+    def __init__(self, group, record: bool = False):
         self.group = group if group is not None else dist.group.WORLD
         self.size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         self.bytes_received = collections.Counter()
+        self.record = record
+        self.recorded = []
 
     def _count(self, kind: str, nbytes: float) -> None:
         self.bytes_received[kind] += int(nbytes)
 
+    def _note(self, name: str, out_shape, in_shape, dtype, kind: str) -> None:
+        if self.record:
+            self.recorded.append((name, tuple(out_shape), tuple(in_shape), dtype, kind))
+
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, kind: str, async_op: bool = False):
         """out [C * N, ...] <- every rank's inp [N, ...], in rank order."""
+        self._note("all_gather", out.shape, inp.shape, inp.dtype, kind)
         self._count(kind, out.numel() * out.element_size() * (self.size - 1) / self.size)
         if self.size == 1:
             out.copy_(inp)
@@ -51,6 +60,7 @@ class Communicator:
 
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, kind: str, async_op: bool = False):
         """out [N, ...] <- the sum over ranks of inp [C * N, ...] rows of this rank."""
+        self._note("reduce_scatter", out.shape, inp.shape, inp.dtype, kind)
         self._count(kind, inp.numel() * inp.element_size() * (self.size - 1) / self.size)
         if self.size == 1:
             out.copy_(inp)
@@ -61,6 +71,8 @@ class Communicator:
     def exchange(self, sends: Sequence[Tuple[torch.Tensor, int]], recvs: Sequence[Tuple[torch.Tensor, int]],
                  kind: str) -> None:
         """Send each (tensor, peer) and receive each (buffer, peer) in one batch; peers are group ranks."""
+        self._note("exchange", [(tuple(b.shape), p) for b, p in recvs], [(tuple(t.shape), p) for t, p in sends],
+                   recvs[0][0].dtype if recvs else None, kind)
         self._count(kind, sum(buf.numel() * buf.element_size() for buf, _ in recvs))
         ops: List[dist.P2POp] = []
         for tensor, peer in sends:
@@ -90,10 +102,7 @@ class LocalCommunicator(Communicator):
         return _Done()
 
     def exchange(self, sends, recvs, kind):
+        """In the halo pattern a rank receives as many buffers as it sends, all of one size."""
         self._count(kind, sum(buf.numel() * buf.element_size() for buf, _ in recvs))
-        for buf, _ in recvs:
-            source = next((t for t, _ in sends if t.numel() == buf.numel()), None)
-            if source is None:  # rank 0 / rank C-1 send one halo fewer than they receive
-                buf.normal_()
-            else:
-                buf.copy_(source.view_as(buf))
+        for (buf, _), (tensor, _) in zip(recvs, sends):
+            buf.copy_(tensor.view_as(buf))
