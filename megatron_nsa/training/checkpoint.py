@@ -31,14 +31,14 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from .config import Recipe
+from .config import BadInputError, Recipe
 
 STEP_PREFIX = "step_"
 PARTIAL_PREFIX = ".partial-"
 META = "meta.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BadInputError):
     """A checkpoint that cannot be resumed; the message names it and says what to do."""
 
 

@@ -10,13 +10,17 @@ import dataclasses
 import difflib
 import os
 import typing
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
 
-class RecipeError(ValueError):
-    """A recipe, an override or the launch layout that cannot train; the message says what to change."""
+class BadInputError(Exception):
+    """Input the run cannot start from (recipe, layout, data, checkpoint); the message says what to change."""
+
+
+class RecipeError(BadInputError, ValueError):
+    """A recipe, an override or the launch layout that cannot train."""
 
 
 @dataclasses.dataclass
@@ -205,6 +209,11 @@ def _coerce(key: str, value: Any, annotation) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise RecipeError(f"{key}={value!r} is not allowed: expected a number")
     if annotation is str:
         if isinstance(value, str):
@@ -394,3 +403,54 @@ def check_context_parallel_layout(recipe: Recipe) -> None:
         check_cp_sequence(recipe.data.seq_length, cp, recipe.nsa)
     except ValueError as err:
         raise RecipeError(f"data.seq_length={recipe.data.seq_length}: {err}") from None
+
+
+def dataset_exists(prefix: str) -> bool:
+    """An indexed dataset is the pair PREFIX.bin (tokens) + PREFIX.idx (document index)."""
+    return os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")
+
+
+def parse_blend(paths: List) -> Tuple[List[str], Optional[List[float]]]:
+    """[prefix, ...] or [weight, prefix, weight, prefix, ...] -> (prefixes, weights or None)."""
+    if all(isinstance(p, str) for p in paths):
+        return [os.path.expanduser(p) for p in paths], None
+    pairs = list(zip(paths[0::2], paths[1::2]))
+    if len(paths) % 2 or not all(isinstance(w, (int, float)) and isinstance(p, str) for w, p in pairs):
+        raise RecipeError(
+            f"data.paths={paths!r} must be a list of dataset prefixes or of weight, prefix pairs "
+            "(e.g. [0.7, data/web, 0.3, data/code])"
+        )
+    if any(w <= 0 for w, _ in pairs):
+        raise RecipeError(f"data.paths={paths!r}: blend weights must be > 0")
+    return [os.path.expanduser(p) for _, p in pairs], [float(w) for w, _ in pairs]
+
+
+def check_data_paths(recipe: Recipe) -> None:
+    """Missing .bin/.idx files stop the run before any model is built."""
+    if recipe.data.source != "indexed":
+        return
+    prefixes, _ = parse_blend(recipe.data.paths)
+    for prefix in prefixes:
+        if not dataset_exists(prefix):
+            missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
+            raise RecipeError(
+                f"data.paths: dataset '{prefix}' is missing {', '.join(missing)}; build it with "
+                f"`python -m megatron_nsa.training.build_dataset --output {prefix} YOUR_TEXT_FILES` "
+                "or fix the path"
+            )
+
+
+def wants_cuda(recipe: Recipe) -> bool:
+    """training.device=cuda, or auto with a visible GPU."""
+    import torch
+
+    if recipe.training.device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("training.device=cuda but no CUDA device is visible; use training.device=auto or cpu")
+    return recipe.training.device == "cuda" or (recipe.training.device == "auto" and torch.cuda.is_available())
+
+
+def check_before_launch(recipe: Recipe) -> None:
+    """Everything checkable from the recipe and torchrun's environment alone, in a second, before any
+    model is built: the parallel layout against WORLD_SIZE, CUDA-only features, data files."""
+    check_layout(recipe, int(os.environ.get("WORLD_SIZE", "1")), wants_cuda(recipe))
+    check_data_paths(recipe)

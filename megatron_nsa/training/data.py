@@ -19,10 +19,9 @@ import torch
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
-from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
 
 from .build_dataset import build_indexed_dataset, stdlib_source_files
-from .config import Recipe, RecipeError
+from .config import Recipe, dataset_exists, parse_blend
 
 Batch = Dict[str, torch.Tensor]
 
@@ -43,44 +42,10 @@ def stdlib_prefix(recipe: Recipe, tokenizer) -> str:
     return os.path.join(cache_dir(recipe), f"stdlib-{version}-{tag}")
 
 
-def _exists(prefix: str) -> bool:
-    return os.path.isfile(get_bin_path(prefix)) and os.path.isfile(get_idx_path(prefix))
-
-
-def parse_blend(paths: List) -> Tuple[List[str], Optional[List[float]]]:
-    """[prefix, ...] or [weight, prefix, weight, prefix, ...] -> (prefixes, weights or None)."""
-    if all(isinstance(p, str) for p in paths):
-        return [os.path.expanduser(p) for p in paths], None
-    pairs = list(zip(paths[0::2], paths[1::2]))
-    if len(paths) % 2 or not all(isinstance(w, (int, float)) and isinstance(p, str) for w, p in pairs):
-        raise RecipeError(
-            f"data.paths={paths!r} must be a list of dataset prefixes or of weight, prefix pairs "
-            "(e.g. [0.7, data/web, 0.3, data/code])"
-        )
-    if any(w <= 0 for w, _ in pairs):
-        raise RecipeError(f"data.paths={paths!r}: blend weights must be > 0")
-    return [os.path.expanduser(p) for _, p in pairs], [float(w) for w, _ in pairs]
-
-
-def check_data_paths(recipe: Recipe) -> None:
-    """Missing .bin/.idx files stop the run before any model is built."""
-    if recipe.data.source != "indexed":
-        return
-    prefixes, _ = parse_blend(recipe.data.paths)
-    for prefix in prefixes:
-        if not _exists(prefix):
-            missing = [p for p in (get_bin_path(prefix), get_idx_path(prefix)) if not os.path.isfile(p)]
-            raise RecipeError(
-                f"data.paths: dataset '{prefix}' is missing {', '.join(missing)}; build it with "
-                f"`python -m megatron_nsa.training.build_dataset --output {prefix} YOUR_TEXT_FILES` "
-                "or fix the path"
-            )
-
-
 def ensure_stdlib_dataset(recipe: Recipe, tokenizer) -> str:
     """Build the standard-library corpus once per node (local rank 0), then every rank uses it."""
     prefix = stdlib_prefix(recipe, tokenizer)
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not _exists(prefix):
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not dataset_exists(prefix):
         num_tokens = build_indexed_dataset(stdlib_source_files(), prefix, tokenizer)
         print(f"built the standard-library corpus {prefix}.bin/.idx ({num_tokens} tokens)", flush=True)
     if torch.distributed.is_initialized():

@@ -20,7 +20,7 @@ from megatron.core import parallel_state
 
 from . import checkpoint as ckpt
 from .config import Recipe
-from .data import build_datasets, check_data_paths, micro_batches
+from .data import build_datasets, micro_batches
 from .metrics import GateMonitor, Metrics, model_flops_per_token
 from .model import build_model
 from .optimizer import build_optimizer, build_scheduler
@@ -92,7 +92,6 @@ def mean_loss(reports: List[dict], device: torch.device) -> Optional[float]:
 def train(recipe: Recipe) -> RunSummary:
     # ---- set-up: every check that can fail does so before the first step -------------------------
     launch = initialize(recipe)
-    check_data_paths(recipe)
     tokenizer = build_tokenizer(recipe.data.tokenizer)
     core_model = build_model(recipe, tokenizer.vocab_size, launch.on_cuda, launch.bf16)
     model = wrap_model(core_model, recipe, launch)

@@ -20,7 +20,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from .config import Recipe, RecipeError, check_layout
+from .config import Recipe, check_data_paths, check_layout, wants_cuda
 from .host_fallback import HostDataParallel, forward_backward_on_host
 
 
@@ -49,10 +49,7 @@ class Launch:
 
 
 def _pick_device(recipe: Recipe) -> torch.device:
-    wanted = recipe.training.device
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("training.device=cuda but no CUDA device is visible; use training.device=auto or cpu")
-    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+    if wants_cuda(recipe):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
@@ -71,6 +68,7 @@ def initialize(recipe: Recipe) -> Launch:
     world_size = int(os.environ["WORLD_SIZE"])
     device = _pick_device(recipe)
     check_layout(recipe, world_size, device.type == "cuda")
+    check_data_paths(recipe)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

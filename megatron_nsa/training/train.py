@@ -16,9 +16,7 @@ warnings.filterwarnings("ignore", message="full scope is deprecated")
 
 import torch  # noqa: E402
 
-from .checkpoint import CheckpointError  # noqa: E402
-from .config import RecipeError, load_recipe  # noqa: E402
-from .loop import train  # noqa: E402
+from .config import BadInputError, check_before_launch, load_recipe  # noqa: E402
 
 USAGE = "usage: python -m megatron_nsa.training.train CONFIG.yaml [section.key=value ...]"
 
@@ -34,8 +32,12 @@ def main(argv=None) -> int:
         print(f"error: the first argument must be a recipe file, got '{path}'\n{USAGE}", file=sys.stderr)
         return 2
     try:
-        summary = train(load_recipe(path, overrides))
-    except (RecipeError, CheckpointError) as err:
+        recipe = load_recipe(path, overrides)
+        check_before_launch(recipe)
+        from .loop import train  # megatron-core takes seconds to import: only once the recipe is sound
+
+        summary = train(recipe)
+    except BadInputError as err:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
             _leave_note(f"error: {err}")

@@ -1,0 +1,150 @@
+"""Recipes: YAML + key=value overrides, unknown keys with suggestions, and the launch-layout checks."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_nsa.training.config import (RecipeError, all_keys, check_layout, load_recipe, parse_override)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def write_recipe(tmp_path, content: dict) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return str(path)
+
+
+def test_overrides_parse_yaml_values():
+    rng = random.Random()
+    steps, lr = rng.randint(1, 10_000), rng.uniform(1e-5, 1e-2)
+    assert parse_override(f"training.train_steps={steps}") == ("training.train_steps", steps)
+    assert parse_override(f"optimizer.lr={lr!r}") == ("optimizer.lr", lr)
+    assert parse_override("checkpoint.dir=null") == ("checkpoint.dir", None)
+    assert parse_override("data.paths=[0.3, a/b, 0.7, c]") == ("data.paths", [0.3, "a/b", 0.7, "c"])
+    assert parse_override("data.split=90,10,0") == ("data.split", "90,10,0")
+    with pytest.raises(RecipeError, match="key=value"):
+        parse_override("training.train_steps")
+
+
+def test_file_then_overrides(tmp_path):
+    rng = random.Random()
+    file_steps, override_steps = rng.sample(range(20, 500), 2)
+    hidden = 32 * rng.randint(1, 8)
+    path = write_recipe(tmp_path, {"training": {"train_steps": file_steps}, "model": {"hidden_size": hidden}})
+    recipe = load_recipe(path, [f"training.train_steps={override_steps}", "attention=dense", "optimizer.lr=1"])
+    assert recipe.training.train_steps == override_steps
+    assert recipe.model.hidden_size == hidden
+    assert recipe.model.attention == "dense"  # a bare name that is unique is accepted
+    assert recipe.optimizer.lr == 1.0 and isinstance(recipe.optimizer.lr, float)
+    assert load_recipe(None, ["optimizer.lr=3e-4"]).optimizer.lr == 3e-4  # YAML 1.1 reads this as a string
+    assert recipe.training.micro_batch_size == load_recipe(None).training.micro_batch_size  # untouched default
+
+
+@pytest.mark.parametrize("key, suggestion", [
+    ("training.train_step", "training.train_steps"),
+    ("model.num_layer", "model.num_layers"),
+    ("optimizer.warmup", "optimizer.warmup_steps"),
+    ("nsa.window", "nsa.window_size"),
+    ("hidden_sise", "model.hidden_size"),
+])
+def test_unknown_key_suggests_nearest(key, suggestion):
+    with pytest.raises(RecipeError, match=f"unknown recipe key '{key}'.*did you mean '{suggestion}'"):
+        load_recipe(None, [f"{key}=1"])
+
+
+def test_unknown_key_in_file_and_unknown_section(tmp_path):
+    with pytest.raises(RecipeError, match="did you mean 'model.hidden_size'"):
+        load_recipe(write_recipe(tmp_path, {"model": {"hiden_size": 64}}))
+    with pytest.raises(RecipeError, match="unknown recipe section 'optimiser'.*did you mean 'optimizer'"):
+        load_recipe(write_recipe(tmp_path, {"optimiser": {"lr": 1e-3}}))
+
+
+def test_values_are_checked():
+    with pytest.raises(RecipeError, match="training.train_steps='many' is not allowed: expected an integer"):
+        load_recipe(None, ["training.train_steps=many"])
+    with pytest.raises(RecipeError, match=r"model.attention='sparse' is not allowed; choose one of \['nsa', 'dense'\]"):
+        load_recipe(None, ["model.attention=sparse"])
+    with pytest.raises(RecipeError, match="training.micro_batch_size=0 is not allowed: it must be >= 1"):
+        load_recipe(None, ["training.micro_batch_size=0"])
+    with pytest.raises(RecipeError, match="nsa: compress_stride=5 must divide compress_block_size"):
+        load_recipe(None, ["nsa.compress_stride=5"])
+    with pytest.raises(RecipeError, match="optimizer.warmup_steps=50 must be smaller than the decay steps"):
+        load_recipe(None, ["training.train_steps=50", "optimizer.warmup_steps=50"])
+
+
+def test_bare_names_must_be_unique(monkeypatch):
+    from megatron_nsa.training import config
+
+    keys = all_keys()
+    monkeypatch.setattr(config, "all_keys", lambda: keys + ["logging.seed"])
+    with pytest.raises(RecipeError, match=r"'seed' is ambiguous: write one of \['training.seed', 'logging.seed'\]"):
+        load_recipe(None, ["seed=3"])
+
+
+def test_world_size_must_be_divisible_by_parallel_sizes():
+    rng = random.Random()
+    tp, pp = rng.choice([2, 4]), rng.choice([1, 2])
+    recipe = load_recipe(None, [f"tensor_model_parallel_size={tp}", f"pipeline_model_parallel_size={pp}",
+                                "model.num_attention_heads=8", "model.num_layers=4"])
+    world = tp * pp * rng.randint(1, 3) + 1
+    with pytest.raises(RecipeError, match=f"world size {world} is not divisible by .* = {tp * pp}"):
+        check_layout(recipe, world, on_cuda=True)
+    recipe.training.global_batch_size = recipe.training.micro_batch_size * 2
+    check_layout(recipe, tp * pp * 2, on_cuda=True)
+
+
+def test_batch_and_heads_must_fit_the_layout():
+    recipe = load_recipe(None, ["training.micro_batch_size=2", "training.global_batch_size=6"])
+    with pytest.raises(RecipeError, match="global_batch_size=6 must be a multiple of micro_batch_size"):
+        check_layout(recipe, 2, on_cuda=False)
+    recipe = load_recipe(None, ["model.num_attention_heads=6", "model.num_query_groups=3",
+                                "tensor_model_parallel_size=4", "model.hidden_size=96", "global_batch_size=4"])
+    with pytest.raises(RecipeError, match="num_attention_heads=6 is not divisible by tensor_model_parallel_size=4"):
+        check_layout(recipe, 4, on_cuda=False)
+    recipe.model.num_attention_heads = 12
+    with pytest.raises(RecipeError, match="num_query_groups=3 is not divisible by tensor_model_parallel_size=4"):
+        check_layout(recipe, 4, on_cuda=False)
+
+
+def test_sequence_length_must_fit_the_context_parallel_layout():
+    pytest.importorskip("megatron_nsa.context_parallel")
+    base = ["context_parallel_size=2", "nsa.select_block_size=64", "nsa.window_size=128"]
+    recipe = load_recipe(None, base + ["data.seq_length=1000"])
+    with pytest.raises(RecipeError, match="data.seq_length=1000: .*multiple of"):
+        check_layout(recipe, 2, on_cuda=False)
+    recipe = load_recipe(None, base + ["data.seq_length=256"])  # chunks of 64 tokens < window 128
+    with pytest.raises(RecipeError, match="data.seq_length=256: .*shorter than window_size"):
+        check_layout(recipe, 2, on_cuda=False)
+    recipe = load_recipe(None, base + ["data.seq_length=512", "model.attention=dense"])
+    with pytest.raises(RecipeError, match="context_parallel_size=2 needs model.attention=nsa"):
+        check_layout(recipe, 2, on_cuda=False)
+    check_layout(load_recipe(None, base + ["data.seq_length=512"]), 2, on_cuda=False)
+
+
+def test_cuda_only_features_are_refused_on_cpu():
+    for override, key in [("pipeline_model_parallel_size=2", "parallel.pipeline_model_parallel_size"),
+                          ("training.precision=bf16", "training.precision"),
+                          ("model.recompute=full", "model.recompute")]:
+        recipe = load_recipe(None, [override, "model.num_layers=2"])
+        with pytest.raises(RecipeError, match=f"{key}=.* needs CUDA"):
+            check_layout(recipe, 2, on_cuda=False)
+
+
+@pytest.mark.parametrize("name, world_size", [("tiny.yaml", 1), ("nsa_1b_64k.yaml", 1), ("dense_1b_64k.yaml", 1),
+                                              ("nsa_1b_64k.yaml", 8), ("nsa_1m_multinode.yaml", 128)])
+def test_shipped_recipes_are_valid(name, world_size):
+    recipe = load_recipe(str(CONFIGS / name))
+    check_layout(recipe, world_size, on_cuda=True)
+    if name == "tiny.yaml":
+        check_layout(recipe, world_size, on_cuda=False)
+
+
+def test_1b_recipes_differ_only_in_attention():
+    nsa = load_recipe(str(CONFIGS / "nsa_1b_64k.yaml")).to_dict()
+    dense = load_recipe(str(CONFIGS / "dense_1b_64k.yaml")).to_dict()
+    differences = {(s, k) for s in nsa for k in nsa[s] if nsa[s][k] != dense[s][k]}
+    assert differences == {("model", "attention"), ("checkpoint", "dir")}
