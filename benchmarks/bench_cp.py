@@ -258,8 +258,9 @@ def _gib(value: float) -> str:
 
 def table(rows, speedups) -> str:
     lines = [
-        "| S | GPUs | step ms | tokens/s | TFLOP/s/GPU | peak GiB/GPU | fwd recv MiB: selection / compressed / halo "
-        "(DESIGN.md) | bwd recv MiB | comm-only ms | step without comm ms | exposed ms (% of step) | speed-up vs 1 GPU |",
+        "| S | GPUs | step ms | tokens/s | TFLOP/s/GPU | peak GiB/GPU | fwd recv MiB: selection / compressed / "
+        "halo (DESIGN.md) | bwd recv MiB | comm-only ms | step without comm ms | exposed ms (% of step) | "
+        "speed-up vs 1 GPU |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -273,9 +274,9 @@ def table(rows, speedups) -> str:
         speed = speedups.get(row["seq_len"])
         lines.append(
             f"| {row['seq_len']} | {row['gpus']} | {row['step_ms']:.1f} | {row['tokens_per_s']:.3g} | "
-            f"{row['tflops_per_gpu']:.1f} | {_gib(row['peak_gib'])} | {fwd} | {_mib(bwd)} | {row['comm_only_ms']:.1f} | "
-            f"{row['no_comm_step_ms']:.1f} | {row['exposed_ms']:.1f} ({100 * row['exposed_fraction']:.1f}%) | "
-            f"{f'{speed:.2f}x' if speed else '-'} |"
+            f"{row['tflops_per_gpu']:.1f} | {_gib(row['peak_gib'])} | {fwd} | {_mib(bwd)} | "
+            f"{row['comm_only_ms']:.1f} | {row['no_comm_step_ms']:.1f} | "
+            f"{row['exposed_ms']:.1f} ({100 * row['exposed_fraction']:.1f}%) | {f'{speed:.2f}x' if speed else '-'} |"
         )
     return "\n".join(lines)
 

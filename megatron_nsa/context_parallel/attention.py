@@ -186,7 +186,6 @@ def nsa_attention_cp(
     slc_out = exchange.selected_attention(q, k_slc, v_slc, selected_block_idx, selection)
 
     # 7. gated combination
-    cmp_out, win_out = _per_row(plan, cmp_out), _per_row(plan, win_out)
-    out = gates[..., 0:1] * cmp_out + gates[..., 1:2] * slc_out + gates[..., 2:3] * win_out
+    out = branches.gated_combine(gates, _per_row(plan, cmp_out), slc_out, _per_row(plan, win_out))
     exchange.on_output(out, selection)
     return out.to(in_dtype)

@@ -10,7 +10,9 @@ within the document):
 
 `scores` is whatever the backend's select_blocks needs (the reference: compressed probabilities
 [Tq, H_q, N_cmp]); context parallelism only passes it on. All four are differentiable in
-q / k / v except select_blocks.
+q / k / v except select_blocks. Optional fifth (a fused kernel; default: the plain expression):
+
+    gated_combine(gates [.., H_q, 3], cmp_out, slc_out, win_out [.., H_q, d_v]) -> out [.., H_q, d_v]
 """
 from __future__ import annotations
 
@@ -26,6 +28,11 @@ from ..functional import BACKENDS
 BRANCH_FUNCTIONS = ("compressed_attention", "select_blocks", "selected_attention", "window_attention")
 
 
+def torch_gated_combine(gates, cmp_out, slc_out, win_out):
+    """NSA_SPEC.md, Eq. 5."""
+    return gates[..., 0:1] * cmp_out + gates[..., 1:2] * slc_out + gates[..., 2:3] * win_out
+
+
 @dataclasses.dataclass(frozen=True)
 class Branches:
     name: str
@@ -34,6 +41,7 @@ class Branches:
     selected_attention: Callable
     window_attention: Callable
     upcast_half: bool  # compute float16 / bfloat16 inputs in float32 (the reference's rule)
+    gated_combine: Callable = torch_gated_combine
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         if self.upcast_half and dtype in (torch.float16, torch.bfloat16):
@@ -66,7 +74,8 @@ def triton_branches() -> Branches:
         )
     import nsa_kernels
 
-    return Branches("triton", *(getattr(nsa_kernels, name) for name in BRANCH_FUNCTIONS), upcast_half=False)
+    return Branches("triton", *(getattr(nsa_kernels, name) for name in BRANCH_FUNCTIONS), upcast_half=False,
+                    gated_combine=getattr(nsa_kernels, "gated_combine", torch_gated_combine))
 
 
 def resolve_branches(backend, device: torch.device) -> Branches:

@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 from cp_harness import assert_cp_matches_reference, make_case, rotate_half_rope, spawn
 from megatron_nsa import NSAConfig
-from megatron_nsa.context_parallel import AllGatherExchange, Communicator, LoadBalancedLayout, nsa_attention_cp
+from megatron_nsa.context_parallel import (AllGatherExchange, Branches, Communicator, LoadBalancedLayout,
+                                          nsa_attention_cp, torch_branches)
 from megatron_nsa.context_parallel.rope import RankTableRotary, cp_rotary
 from megatron_nsa.rope import Rotary, rotary_angles
 
@@ -40,6 +41,7 @@ def _cases(rank, world):
     _check_bytes(group)
     _check_errors(group)
     _check_rotary(group)
+    _check_pluggable_branches(group)
 
 
 def _check_bytes(group):
@@ -112,3 +114,26 @@ def _check_rotary(group):
     torch.testing.assert_close(wrapped(x, layout.positions(rank)), full(x, layout.positions(rank)))
     with pytest.raises(ValueError, match="sliced for CP rank .* packed"):
         cp_rotary(sliced, local_len, torch.tensor([0, SEQ_LEN]), group)
+
+
+def _check_pluggable_branches(group):
+    """A Branches object passed as backend is the one that computes every branch."""
+    calls = {}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    names = ("compressed_attention", "select_blocks", "selected_attention", "window_attention", "gated_combine")
+    spy = Branches("spy", *(counted(n, getattr(torch_branches, n)) for n in names[:4]), upcast_half=True,
+                   gated_combine=counted(names[4], torch_branches.gated_combine))
+    case = make_case(7, SEQ_LEN, **GEOMETRY)
+    rank = dist.get_rank(group)
+    layout = LoadBalancedLayout(SEQ_LEN, dist.get_world_size(group), case["config"])
+    args = [layout.shard(t, rank) for t in (case["q"], case["ks"][0], case["vs"][0], case["gates"])]
+    expected = nsa_attention_cp(*args, case["config"], group, backend="torch")
+    got = nsa_attention_cp(*args, case["config"], group, backend=spy)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert set(calls) == set(names), calls
