@@ -101,5 +101,6 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert command.split()[:3] == ["python", "-m", "pytest"]
 
 
+@pytest.mark.usefixtures("single_thread")
 def test_readme_quick_start_runs():
     exec(compile(readme_block("Quick start", "python"), "README.md (Quick start)", "exec"), {})

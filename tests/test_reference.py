@@ -10,6 +10,9 @@ from oracle import choose_blocks, oracle_batch, oracle_sequence, overlap_tokens
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 
+# Small shapes are as fast on one thread, and one thread does not stall when the machine is busy.
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def paper_ratios(**overrides):
     """The paper's l : d : l' = 32 : 16 : 64 scaled down, n = 4, w = 8."""
