@@ -154,7 +154,7 @@ def nsa_attention_cp(
     head_dim_k = k_cmp.shape[-1]
     (ck0, cv0), (ck1, cv1) = local_cmp
     compressed = exchange.gather_compressed(torch.cat([ck0, cv0], -1), torch.cat([ck1, cv1], -1), plan)
-    compressed_k, compressed_v = compressed[..., :head_dim_k], compressed[..., head_dim_k:]
+    compressed_k, compressed_v = compressed[..., :head_dim_k].contiguous(), compressed[..., head_dim_k:].contiguous()
 
     # 3. selection K/V start moving
     selection = exchange.begin_selection(k_slc, v_slc, plan, branches, config, scale, head_group_size)
@@ -185,7 +185,11 @@ def nsa_attention_cp(
     selected_block_idx = _per_row(plan, selected)  # [B, 2c, H_kv, n]
     slc_out = exchange.selected_attention(q, k_slc, v_slc, selected_block_idx, selection)
 
-    # 7. gated combination
-    out = branches.gated_combine(gates, _per_row(plan, cmp_out), slc_out, _per_row(plan, win_out))
+    # 7. gated combination, per segment, so that only the combined output is concatenated
+    combined = []
+    for seg, cmp_part, win_part in zip(plan.segments, cmp_out, win_out):
+        rows = seg.local_slice(chunk_len)
+        combined.append(branches.gated_combine(gates[seg.row, rows], cmp_part, slc_out[seg.row, rows], win_part))
+    out = _per_row(plan, combined)
     exchange.on_output(out, selection)
     return out.to(in_dtype)
