@@ -11,6 +11,8 @@ KV head), looping over the G query heads of the group, so no atomics are needed.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -244,6 +246,8 @@ def _geometry(kind: str, config):
 def _blocks(dk: int, dv: int, backward_kv: bool = False):
     """Tile shapes: larger query tiles and deeper pipelines for head dims up to 128."""
     block_dk, block_dv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: small tiles keep tests fast
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DK=block_dk, BLOCK_DV=block_dv, num_warps=4, num_stages=1)
     if backward_kv or max(block_dk, block_dv) > 128:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_DK=block_dk, BLOCK_DV=block_dv, num_warps=4, num_stages=2)
     return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_DK=block_dk, BLOCK_DV=block_dv, num_warps=8, num_stages=3)
