@@ -78,6 +78,10 @@ def build_gpt(config, seed: int, pre_process: bool = True, post_process: bool = 
     from megatron_nsa.spec import get_gpt_decoder_block_nsa_spec
 
     torch.manual_seed(seed)
+    if torch.cuda.is_available():  # Megatron's dropout forks the model-parallel CUDA RNG on GPUs
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return GPTModel(
         config, spec if spec is not None else get_gpt_decoder_block_nsa_spec(config), vocab_size=VOCAB,
         max_sequence_length=256,
