@@ -52,7 +52,7 @@ def _nsa_triton(q, ks, vs, gates, config: NSAConfig, cu_seqlens, compressor, com
 def _branch_tensors(name: str, value: KV, separate: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(cmp, slc, win) tensors of k or v."""
     if separate:
-        if isinstance(value, torch.Tensor) or len(value) != 3:
+        if isinstance(value, torch.Tensor) or not isinstance(value, (tuple, list)) or len(value) != 3:
             raise ValueError(
                 f"{name} must be a (cmp, slc, win) triple of tensors when config.separate_kv=True, "
                 f"got {type(value).__name__}"
@@ -109,7 +109,10 @@ def check_inputs(q, ks, vs, gates, cu_seqlens, config: NSAConfig):
 
 def check_cu_seqlens(cu_seqlens, batch: int, seq_len: int, device) -> None:
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError("cu_seqlens must be a 1-D tensor of document boundaries [0, ..., T] with at least 2 entries")
+        raise ValueError(
+            "cu_seqlens must be a 1-D tensor of document boundaries [0, ..., T] with at least 2 entries, "
+            f"got {getattr(cu_seqlens, 'shape', type(cu_seqlens).__name__)}"
+        )
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cu_seqlens has dtype {cu_seqlens.dtype}; allowed: torch.int32, torch.int64")
     if cu_seqlens.device != device:
