@@ -21,4 +21,10 @@ setup(
         "pyyaml",
     ],
     extras_require={"test": ["pytest"]},
+    entry_points={
+        "console_scripts": [
+            "megatron-nsa-train=megatron_nsa.training.train:main",
+            "megatron-nsa-build-dataset=megatron_nsa.training.build_dataset:main",
+        ],
+    },
 )

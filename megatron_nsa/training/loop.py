@@ -147,12 +147,13 @@ def train(recipe: Recipe) -> RunSummary:
         optimizer.zero_grad()
         reports = forward_backward(data_iterator=train_iterator, forward_only=False)
         updated, grad_norm, _ = optimizer.step()
+        grad_norm = None if grad_norm is None else float(grad_norm)
         if updated:
             scheduler.step(increment=1)
         loss = mean_loss(reports, launch.device)
         progress.step += 1
         progress.consumed_samples += train_cfg.global_batch_size
-        lr = optimizer.param_groups[0]["lr"]
+        lr = float(optimizer.param_groups[0]["lr"])
         metrics.step(progress.step, loss or 0.0, lr, grad_norm, time.perf_counter() - started)
 
         if progress.step % recipe.logging.log_interval == 0 or progress.step == train_cfg.train_steps:

@@ -80,6 +80,15 @@ def test_tensor_parallel_matches_one_process(tp1_run, tp2_run):
     assert_close(tp2_run[0].validation_losses(), tp1_run[0].validation_losses(), rel=2e-4)
 
 
+def test_context_parallel_matches_one_process(tmp_path, corpus_cache, tp1_run):
+    """CP=2: each rank trains on its load-balanced share of every sequence (2 chunks of 16 of the 64 tokens)."""
+    pytest.importorskip("megatron_nsa.context_parallel")
+    run = run_training(tmp_path, common(corpus_cache) + ["parallel.context_parallel_size=2"], nproc=2)
+    assert_ok(run)
+    assert_close(run.losses(), tp1_run[0].losses(), rel=2e-4)
+    assert_close(run.validation_losses(), tp1_run[0].validation_losses(), rel=2e-4)
+
+
 def test_stop_and_resume_matches_uninterrupted(tmp_path, corpus_cache, tp2_run):
     """SIGTERM mid-run saves and stops; the same command resumes and continues with the same losses."""
     checkpoint = [f"checkpoint.dir={tmp_path / 'ckpt'}", "parallel.tensor_model_parallel_size=2"]
