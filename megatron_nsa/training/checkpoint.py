@@ -28,7 +28,7 @@ import numpy
 import torch
 import torch.distributed as dist
 
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from .config import BadInputError, Recipe

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator
 
 import numpy
 import torch
