@@ -107,7 +107,7 @@ def nsa_stages(seq_len, shape, config):
     import nsa_kernels
     from nsa_kernels.band import band_attention
     from nsa_kernels.combine import gated_combine
-    from nsa_kernels.selected import selected_attention
+    from nsa_kernels.selected import packed_layout, selected_attention
     from nsa_kernels.topk import select_blocks
 
     q, k, v, gates = nsa_inputs(seq_len, shape)
@@ -116,9 +116,10 @@ def nsa_stages(seq_len, shape, config):
     cu = torch.tensor([0, seq_len], device="cuda", dtype=torch.int32)
     docs = nsa_kernels.make_docs(cu, config.compress_block_size, config.compress_stride, config.select_block_size)
     ck, cv = compress_packed(k, v, cu, config)
+    layout = packed_layout(docs)
     cmp_out, cmp_lse = band_attention(q, ck, cv, cu, docs.cu_cmp, "compressed", config, scale)
     idx = select_blocks(q, ck, cmp_lse, cu, docs.cu_cmp, config, scale)
-    slc_out, _ = selected_attention(q, k, v, idx, docs, config, scale)
+    slc_out, _ = selected_attention(q, k, v, idx, layout, config, scale)
     win_out, _ = band_attention(q, k, v, cu, cu, "window", config, scale)
     grad = torch.randn_like(cmp_out)
     with torch.no_grad():
@@ -126,7 +127,7 @@ def nsa_stages(seq_len, shape, config):
             "compression": time_ms(lambda: compress_packed(k, v, cu, config)),
             "compressed_attn": time_ms(lambda: band_attention(q, ck, cv, cu, docs.cu_cmp, "compressed", config, scale)),
             "scoring_topn": time_ms(lambda: select_blocks(q, ck, cmp_lse, cu, docs.cu_cmp, config, scale)),
-            "selected_attn": time_ms(lambda: selected_attention(q, k, v, idx, docs, config, scale)),
+            "selected_attn": time_ms(lambda: selected_attention(q, k, v, idx, layout, config, scale)),
             "window_attn": time_ms(lambda: band_attention(q, k, v, cu, cu, "window", config, scale)),
             "combine": time_ms(lambda: gated_combine(gates, cmp_out, slc_out, win_out)),
         }
@@ -135,7 +136,7 @@ def nsa_stages(seq_len, shape, config):
         "compressed_bwd": time_ms(lambda: torch.autograd.grad(
             band_attention(q, ck, cv, cu, docs.cu_cmp, "compressed", config, scale)[0], (q, ck, cv), grad)),
         "selected_bwd": time_ms(lambda: torch.autograd.grad(
-            selected_attention(q, k, v, idx, docs, config, scale)[0], (q, k, v), grad)),
+            selected_attention(q, k, v, idx, layout, config, scale)[0], (q, k, v), grad)),
         "window_bwd": time_ms(lambda: torch.autograd.grad(
             band_attention(q, k, v, cu, cu, "window", config, scale)[0], (q, k, v), grad)),
     }

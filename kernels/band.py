@@ -46,7 +46,7 @@ def _visible(t, key_pos, WINDOW: tl.constexpr):
 
 @triton.jit
 def _band_fwd(
-    Q, K, V, O, LSE, TileStart, TileEnd, TileSeg, CuQ, CuK,
+    Q, K, V, O, LSE, TileStart, TileEnd, TileSeg, CuQ, CuK, QPos0, KFirst,
     sqt, sqh, skt, skh, svt, svh, sot, soh, slt, slh,
     qk_scale,
     G: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr,
@@ -63,9 +63,11 @@ def _band_fwd(
     k_doc = tl.load(CuK + seg)
     k_len = tl.load(CuK + seg + 1) - k_doc
 
+    q_pos0 = tl.load(QPos0 + seg)  # position of the segment's first query
+    k_first = tl.load(KFirst + seg)  # key index (in key units) of the segment's first key
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < end
-    t = rows - q_doc
+    t = rows - q_doc + q_pos0
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
@@ -76,8 +78,8 @@ def _band_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    j_lo = _first_key(start - q_doc, KEY_STRIDE, KEY_OFFSET, WINDOW)
-    j_hi = _end_key(end - 1 - q_doc, k_len, KEY_STRIDE, KEY_OFFSET)
+    j_lo = tl.maximum(_first_key(start - q_doc + q_pos0, KEY_STRIDE, KEY_OFFSET, WINDOW) - k_first, 0)
+    j_hi = _end_key(end - 1 - q_doc + q_pos0, k_len + k_first, KEY_STRIDE, KEY_OFFSET) - k_first
     for j0 in range(j_lo, j_hi, BLOCK_N):
         keys = j0 + offs_n
         key_ok = keys < j_hi
@@ -87,7 +89,7 @@ def _band_fwd(
         v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
                     mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        ok = _visible(t, keys * KEY_STRIDE + KEY_OFFSET, WINDOW) & key_ok[None, :]
+        ok = _visible(t, (keys + k_first) * KEY_STRIDE + KEY_OFFSET, WINDOW) & key_ok[None, :]
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -107,7 +109,7 @@ def _band_fwd(
 
 @triton.jit
 def _band_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, TileStart, TileEnd, TileSeg, CuQ, CuK,
+    Q, K, V, DO, LSE, DELTA, DQ, TileStart, TileEnd, TileSeg, CuQ, CuK, QPos0, KFirst,
     sqt, sqh, skt, skh, svt, svh, sdot, sdoh, slt, slh, sdqt, sdqh,
     qk_scale, sm_scale,
     G: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr,
@@ -124,9 +126,11 @@ def _band_bwd_dq(
     k_doc = tl.load(CuK + seg)
     k_len = tl.load(CuK + seg + 1) - k_doc
 
+    q_pos0 = tl.load(QPos0 + seg)  # position of the segment's first query
+    k_first = tl.load(KFirst + seg)  # key index (in key units) of the segment's first key
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < end
-    t = rows - q_doc
+    t = rows - q_doc + q_pos0
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
@@ -140,8 +144,8 @@ def _band_bwd_dq(
     delta = tl.load(DELTA + rows64 * slt + head * slh, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
-    j_lo = _first_key(start - q_doc, KEY_STRIDE, KEY_OFFSET, WINDOW)
-    j_hi = _end_key(end - 1 - q_doc, k_len, KEY_STRIDE, KEY_OFFSET)
+    j_lo = tl.maximum(_first_key(start - q_doc + q_pos0, KEY_STRIDE, KEY_OFFSET, WINDOW) - k_first, 0)
+    j_hi = _end_key(end - 1 - q_doc + q_pos0, k_len + k_first, KEY_STRIDE, KEY_OFFSET) - k_first
     for j0 in range(j_lo, j_hi, BLOCK_N):
         keys = j0 + offs_n
         key_ok = keys < j_hi
@@ -151,7 +155,7 @@ def _band_bwd_dq(
         v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
                     mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        ok = _visible(t, keys * KEY_STRIDE + KEY_OFFSET, WINDOW) & key_ok[None, :]
+        ok = _visible(t, (keys + k_first) * KEY_STRIDE + KEY_OFFSET, WINDOW) & key_ok[None, :]
         p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -162,7 +166,7 @@ def _band_bwd_dq(
 
 @triton.jit
 def _band_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK_, DV_, TileStart, TileEnd, TileSeg, CuQ, CuK,
+    Q, K, V, DO, LSE, DELTA, DK_, DV_, TileStart, TileEnd, TileSeg, CuQ, CuK, QPos0, KFirst,
     sqt, sqh, skt, skh, svt, svh, sdot, sdoh, slt, slh, sdkt, sdkh, sdvt, sdvh,
     qk_scale, sm_scale,
     G: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr,
@@ -188,8 +192,10 @@ def _band_bwd_dkdv(
     q_doc = tl.load(CuQ + seg)
     q_len = tl.load(CuQ + seg + 1) - q_doc
     k_doc = tl.load(CuK + seg)
+    q_pos0 = tl.load(QPos0 + seg)
+    k_first = tl.load(KFirst + seg)
 
-    keys = k_start - k_doc + tl.arange(0, BLOCK_N)
+    keys = k_start - k_doc + k_first + tl.arange(0, BLOCK_N)  # key index in key units
     krow = k_start + tl.arange(0, BLOCK_N)
     key_ok = krow < k_end
     key_pos = keys * KEY_STRIDE + KEY_OFFSET
@@ -204,17 +210,18 @@ def _band_bwd_dkdv(
 
     dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    t_lo = (k_start - k_doc) * KEY_STRIDE + KEY_OFFSET
-    last_pos = (k_end - 1 - k_doc) * KEY_STRIDE + KEY_OFFSET
-    t_hi = q_len
+    # query positions that can see this key tile, within the segment's queries
+    t_lo = tl.maximum((k_start - k_doc + k_first) * KEY_STRIDE + KEY_OFFSET, q_pos0)
+    last_pos = (k_end - 1 - k_doc + k_first) * KEY_STRIDE + KEY_OFFSET
+    t_hi = q_pos0 + q_len
     if WINDOW > 0:
-        t_hi = tl.minimum(q_len, last_pos + WINDOW)
+        t_hi = tl.minimum(t_hi, last_pos + WINDOW)
     for g in range(g_lo, g_hi):
         head = kv_head * G + g
         for t0 in range(t_lo, t_hi, BLOCK_M):
             t = t0 + offs_m
             row_ok = t < t_hi
-            rows64 = (q_doc + t).to(tl.int64)
+            rows64 = (q_doc + t - q_pos0).to(tl.int64)
             q = tl.load(Q + rows64[:, None] * sqt + head * sqh + offs_dk[None, :],
                         mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
             do = tl.load(DO + rows64[:, None] * sdot + head * sdoh + offs_dv[None, :],
@@ -257,7 +264,7 @@ class BandAttention(torch.autograd.Function):
     """q [T, H_q, d_k] packed with cu_q; k [Tk, H_kv, d_k], v [Tk, H_kv, d_v] packed with cu_k."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, kind, config, scale):
+    def forward(ctx, q, k, v, cu_q, cu_k, q_pos0, k_first, kind, config, scale):
         num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
         stride_, offset_, window = _geometry(kind, config)
         blocks = _blocks(q.shape[2], v.shape[2])
@@ -266,20 +273,20 @@ class BandAttention(torch.autograd.Function):
         q_tiles = tiles(cu_q, blocks["BLOCK_M"])
         if q_tiles[0].numel():
             _band_fwd[(q_tiles[0].numel(), num_q_heads)](
-                q, k, v, out, lse, *q_tiles, cu_q, cu_k,
+                q, k, v, out, lse, *q_tiles, cu_q, cu_k, q_pos0, k_first,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
                 scale * LOG2E, G=num_q_heads // num_kv_heads, KEY_STRIDE=stride_, KEY_OFFSET=offset_,
                 WINDOW=window, DK=q.shape[2], DV=v.shape[2], **blocks,
             )
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, q_pos0, k_first)
         ctx.mark_non_differentiable(lse)
         ctx.geometry, ctx.blocks, ctx.scale = (stride_, offset_, window), blocks, scale
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        q, k, v, out, lse, cu_q, cu_k, q_pos0, k_first = ctx.saved_tensors
         stride_, offset_, window = ctx.geometry
         blocks, scale = ctx.blocks, ctx.scale
         num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
@@ -291,7 +298,7 @@ class BandAttention(torch.autograd.Function):
         q_tiles = tiles(cu_q, blocks["BLOCK_M"])
         if q_tiles[0].numel():
             _band_bwd_dq[(q_tiles[0].numel(), num_q_heads)](
-                q, k, v, grad_out, lse, delta, dq, *q_tiles, cu_q, cu_k,
+                q, k, v, grad_out, lse, delta, dq, *q_tiles, cu_q, cu_k, q_pos0, k_first,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1),
                 scale * LOG2E, scale, **common, **blocks,
@@ -306,18 +313,26 @@ class BandAttention(torch.autograd.Function):
         k_tiles = tiles(cu_k, kv_blocks["BLOCK_N"])
         if k_tiles[0].numel():
             _band_bwd_dkdv[(heads_out, k_tiles[0].numel())](
-                q, k, v, grad_out, lse, delta, dk, dv, *k_tiles, cu_q, cu_k,
+                q, k, v, grad_out, lse, delta, dk, dv, *k_tiles, cu_q, cu_k, q_pos0, k_first,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
                 dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                 scale * LOG2E, scale, **common, **kv_blocks, SPLIT_HEADS=split,
             )
         if split:
-            dk = dk.view(k.shape[0], num_kv_heads, group, -1).sum(2).to(k.dtype)
-            dv = dv.view(v.shape[0], num_kv_heads, group, -1).sum(2).to(v.dtype)
-        return dq, dk, dv, None, None, None, None, None
+            dk = dk.view(k.shape[0], num_kv_heads, group, k.shape[2]).sum(2).to(k.dtype)
+            dv = dv.view(v.shape[0], num_kv_heads, group, v.shape[2]).sum(2).to(v.dtype)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def band_attention(q, k, v, cu_q, cu_k, kind: str, config, scale: float):
-    """Window (kind='window') or compressed (kind='compressed') attention. Returns (out [T, H_q, d_v], lse [T, H_q])."""
-    return BandAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, kind, config, scale)
+def band_attention(q, k, v, cu_q, cu_k, kind: str, config, scale: float, q_pos0=None, k_first=None):
+    """Window (kind='window') or compressed (kind='compressed') attention. Returns (out [T, H_q, d_v], lse [T, H_q]).
+
+    Segment i: queries cu_q[i]..cu_q[i+1] at positions q_pos0[i].., keys cu_k[i]..cu_k[i+1] with key
+    indices k_first[i].. (both default 0: whole documents).
+    """
+    zeros = torch.zeros(cu_q.numel() - 1, device=q.device, dtype=torch.int32)
+    q_pos0 = zeros if q_pos0 is None else q_pos0
+    k_first = zeros if k_first is None else k_first
+    return BandAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, q_pos0, k_first,
+                               kind, config, scale)

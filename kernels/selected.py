@@ -11,6 +11,8 @@ sums the pieces of each block in a fixed order, so the result is bitwise reprodu
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -23,7 +25,7 @@ PIECE = 512
 
 @triton.jit
 def _selected_fwd(
-    Q, K, V, O, LSE, IDX, RowDocStart,
+    Q, K, V, O, LSE, IDX, RowPos, RowKeyStart,
     sqt, sqh, skt, skh, svt, svh, sot, soh, slt, slh, sit, sih,
     qk_scale,
     G: tl.constexpr, GP: tl.constexpr, N_SELECT: tl.constexpr, SLC_BLOCK: tl.constexpr,
@@ -31,8 +33,8 @@ def _selected_fwd(
 ):
     row = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
-    doc = tl.load(RowDocStart + row)
-    t = row - doc
+    t = tl.load(RowPos + row)  # the query's position in its document
+    doc = tl.load(RowKeyStart + row)  # key row of that document's first token
     offs_g = tl.arange(0, GP)
     g_ok = offs_g < G
     heads = kv_head * G + offs_g
@@ -48,7 +50,7 @@ def _selected_fwd(
         block = tl.load(IDX + row * sit + kv_head * sih + slot)  # -1: unused slot, nothing visible
         pos = block * SLC_BLOCK + offs_n
         key_ok = (offs_n < SLC_BLOCK) & (pos >= 0) & (pos <= t)
-        krow = doc + pos
+        krow = (doc + pos).to(tl.int64)
         k = tl.load(K + krow[:, None] * skt + kv_head * skh + offs_dk[None, :],
                     mask=key_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
         v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
@@ -69,7 +71,7 @@ def _selected_fwd(
 
 @triton.jit
 def _selected_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, IDX, RowDocStart,
+    Q, K, V, DO, LSE, DELTA, DQ, IDX, RowPos, RowKeyStart,
     sqt, sqh, skt, skh, svt, svh, sdot, sdoh, slt, slh, sit, sih, sdqt, sdqh,
     qk_scale, sm_scale,
     G: tl.constexpr, GP: tl.constexpr, N_SELECT: tl.constexpr, SLC_BLOCK: tl.constexpr,
@@ -77,8 +79,8 @@ def _selected_bwd_dq(
 ):
     row = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
-    doc = tl.load(RowDocStart + row)
-    t = row - doc
+    t = tl.load(RowPos + row)  # the query's position in its document
+    doc = tl.load(RowKeyStart + row)  # key row of that document's first token
     offs_g = tl.arange(0, GP)
     g_ok = offs_g < G
     heads = kv_head * G + offs_g
@@ -96,7 +98,7 @@ def _selected_bwd_dq(
         block = tl.load(IDX + row * sit + kv_head * sih + slot)  # -1: unused slot, nothing visible
         pos = block * SLC_BLOCK + offs_n
         key_ok = (offs_n < SLC_BLOCK) & (pos >= 0) & (pos <= t)
-        krow = doc + pos
+        krow = (doc + pos).to(tl.int64)
         k = tl.load(K + krow[:, None] * skt + kv_head * skh + offs_dk[None, :],
                     mask=key_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
         v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
@@ -112,7 +114,7 @@ def _selected_bwd_dq(
 
 @triton.jit
 def _selected_bwd_dkdv_pieces(
-    Q, K, V, DO, LSE, DELTA, PDK, PDV, PieceKey, PieceStart, PieceEnd, QueryList, BlockDocStart,
+    Q, K, V, DO, LSE, DELTA, PDK, PDV, PieceKey, PieceStart, PieceEnd, QueryList, BlockDocStart, RowPos,
     sqt, sqh, skt, skh, svt, svh, sdot, sdoh, slt, slh,
     qk_scale, num_blocks,
     G: tl.constexpr, GP: tl.constexpr, SLC_BLOCK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
@@ -146,7 +148,7 @@ def _selected_bwd_dkdv_pieces(
         r_ok = (entry < last) & (offs_r % GP < G)
         qrow = tl.load(QueryList + entry, mask=r_ok, other=0).to(tl.int64)
         head = kv_head * G + offs_r % GP
-        t = qrow - doc
+        t = tl.load(RowPos + qrow, mask=r_ok, other=0)
         q = tl.load(Q + qrow[:, None] * sqt + head[:, None] * sqh + offs_dk[None, :],
                     mask=r_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
         do = tl.load(DO + qrow[:, None] * sdot + head[:, None] * sdoh + offs_dv[None, :],
@@ -225,14 +227,47 @@ def _invert_selection(selected_block_idx, row_slc_start, num_blocks: int):
     return query_list, piece_key, piece_start, piece_end, pieces_of_key
 
 
-def _block_doc_table(docs, select_block_size: int):
-    """[3, num_blocks] int64: for each global selection block, its doc's first row, its id in the doc, doc end."""
+@dataclasses.dataclass
+class SelectionLayout:
+    """Where each query sits and where its keys are, for the selected branch.
+
+    row_pos [Tq]: position of each query in its document; row_key_start [Tq]: key row of its
+    document's first token; row_slc_start [Tq]: global id of its document's first selection block;
+    block_docs [3, num_blocks] int64: per global block, its document's first key row, its id in the
+    document, the document's end row.
+    """
+
+    row_pos: torch.Tensor
+    row_key_start: torch.Tensor
+    row_slc_start: torch.Tensor
+    block_docs: torch.Tensor
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_docs.shape[1]
+
+
+def packed_layout(docs) -> SelectionLayout:
+    """Queries and keys are the same packed documents."""
     cu_slc = docs.cu_slc.to(torch.int64)
     cu = docs.cu_seqlens.to(torch.int64)
     blocks_per_doc = cu_slc[1:] - cu_slc[:-1]
     doc_of_block = torch.repeat_interleave(torch.arange(blocks_per_doc.numel(), device=cu.device), blocks_per_doc)
     local = torch.arange(doc_of_block.numel(), device=cu.device) - cu_slc[:-1][doc_of_block]
-    return torch.stack([cu[:-1][doc_of_block], local, cu[1:][doc_of_block]]).contiguous()
+    block_docs = torch.stack([cu[:-1][doc_of_block], local, cu[1:][doc_of_block]]).contiguous()
+    rows = torch.arange(docs.row_doc_start.numel(), device=cu.device, dtype=torch.int32)
+    return SelectionLayout(rows - docs.row_doc_start, docs.row_doc_start, docs.row_slc_start, block_docs)
+
+
+def piece_layout(q_pos: torch.Tensor, num_keys: int, select_block_size: int) -> SelectionLayout:
+    """Queries of one document at positions q_pos; keys are that document's tokens 0..num_keys-1."""
+    device = q_pos.device
+    num_blocks = -(-num_keys // select_block_size)
+    zeros = torch.zeros(q_pos.numel(), device=device, dtype=torch.int32)
+    block_docs = torch.stack([torch.zeros(num_blocks, dtype=torch.int64, device=device),
+                              torch.arange(num_blocks, device=device),
+                              torch.full((num_blocks,), num_keys, dtype=torch.int64, device=device)]).contiguous()
+    return SelectionLayout(q_pos.to(torch.int32).contiguous(), zeros, zeros, block_docs)
 
 
 def _dims(q, v, select_block_size):
@@ -248,7 +283,7 @@ class SelectedAttention(torch.autograd.Function):
     """q [T, H_q, d_k]; k, v [T, H_kv, d]; selected_block_idx [T, H_kv, n] (block ids within each document)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, selected_block_idx, docs, config, scale):
+    def forward(ctx, q, k, v, selected_block_idx, layout, config, scale):
         dims, num_q_heads = _dims(q, v, config.select_block_size)
         num_kv_heads = k.shape[1]
         group = num_q_heads // num_kv_heads
@@ -256,7 +291,7 @@ class SelectedAttention(torch.autograd.Function):
         lse = torch.empty(q.shape[0], num_q_heads, device=q.device, dtype=torch.float32)
         if q.shape[0]:
             _selected_fwd[(q.shape[0], num_kv_heads)](
-                q, k, v, out, lse, selected_block_idx, docs.row_doc_start,
+                q, k, v, out, lse, selected_block_idx, layout.row_pos, layout.row_key_start,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
                 selected_block_idx.stride(0), selected_block_idx.stride(1),
@@ -265,13 +300,13 @@ class SelectedAttention(torch.autograd.Function):
             )
         ctx.save_for_backward(q, k, v, out, lse, selected_block_idx)
         ctx.mark_non_differentiable(lse)
-        ctx.docs, ctx.config, ctx.scale = docs, config, scale
+        ctx.layout, ctx.config, ctx.scale = layout, config, scale
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, selected_block_idx = ctx.saved_tensors
-        docs, config, scale = ctx.docs, ctx.config, ctx.scale
+        layout, config, scale = ctx.layout, ctx.config, ctx.scale
         dims, num_q_heads = _dims(q, v, config.select_block_size)
         num_kv_heads = k.shape[1]
         group = num_q_heads // num_kv_heads
@@ -283,25 +318,25 @@ class SelectedAttention(torch.autograd.Function):
         if q.shape[0] == 0:
             return dq, dk, dv, None, None, None, None
         _selected_bwd_dq[(q.shape[0], num_kv_heads)](
-            q, k, v, grad_out, lse, delta, dq, selected_block_idx, docs.row_doc_start,
+            q, k, v, grad_out, lse, delta, dq, selected_block_idx, layout.row_pos, layout.row_key_start,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
             selected_block_idx.stride(0), selected_block_idx.stride(1), dq.stride(0), dq.stride(1),
             scale * LOG2E, scale, G=group, GP=max(16, triton.next_power_of_2(group)),
             N_SELECT=config.select_count, num_warps=4, num_stages=2, **dims,
         )
-        num_blocks = docs.num_slc_blocks
+        num_blocks = layout.num_blocks
         group_pad = triton.next_power_of_2(group)
         query_list, piece_key, piece_start, piece_end, pieces_of_key = _invert_selection(
-            selected_block_idx, docs.row_slc_start, num_blocks)
-        block_docs = _block_doc_table(docs, config.select_block_size)
+            selected_block_idx, layout.row_slc_start, num_blocks)
+        block_docs = layout.block_docs
         num_pieces = piece_key.numel()
         partial_dk = torch.empty(num_pieces, dims["BLOCK_N"], dims["BLOCK_DK"], device=q.device, dtype=torch.float32)
         partial_dv = torch.empty(num_pieces, dims["BLOCK_N"], dims["BLOCK_DV"], device=q.device, dtype=torch.float32)
         if num_pieces:
             _selected_bwd_dkdv_pieces[(num_pieces,)](
                 q, k, v, grad_out, lse, delta, partial_dk, partial_dv, piece_key, piece_start, piece_end,
-                query_list, block_docs,
+                query_list, block_docs, layout.row_pos,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
                 scale * LOG2E, num_blocks, G=group, GP=group_pad, TQ=max(1, 64 // group_pad),
@@ -315,7 +350,7 @@ class SelectedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def selected_attention(q, k, v, selected_block_idx, docs, config, scale):
-    """Returns (out [T, H_q, d_v], lse [T, H_q])."""
+def selected_attention(q, k, v, selected_block_idx, layout: SelectionLayout, config, scale):
+    """Returns (out [T, H_q, d_v], lse [T, H_q]). `layout`: packed_layout(docs) or piece_layout(...)."""
     return SelectedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(),
-                                   selected_block_idx.contiguous(), docs, config, scale)
+                                   selected_block_idx.contiguous(), layout, config, scale)

@@ -22,7 +22,7 @@ from .layout import tiles
 
 @triton.jit
 def _topk_kernel(
-    Q, CK, LSE, IDX, TileStart, TileEnd, TileSeg, CuQ, CuC,
+    Q, CK, LSE, IDX, TileStart, TileEnd, TileSeg, CuQ, CuC, QPos0,
     sqt, sqh, skt, skh, slt, slh, sit, sih,
     qk_scale,
     G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
@@ -42,7 +42,8 @@ def _topk_kernel(
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     rows64 = rows.to(tl.int64)
-    t = rows - q_doc
+    q_pos0 = tl.load(QPos0 + seg)  # position of the segment's first query
+    t = rows - q_doc + q_pos0
     current = t // SLC_BLOCK  # selection block holding t
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_bn = tl.arange(0, BN)
@@ -53,7 +54,7 @@ def _topk_kernel(
     # running top-n keys; padding slots past n hold the largest key so they are never replaced
     best = tl.where(offs_np[None, :] < N_SELECT, tl.full([BLOCK_M, NP], -1, tl.int64), 9223372036854775807)
     carry = tl.zeros([BLOCK_M], tl.float32)
-    j_end = (end - 1 - q_doc) // SLC_BLOCK + 1
+    j_end = (end - 1 - q_doc + q_pos0) // SLC_BLOCK + 1
     for j0 in range(0, j_end, BS):
         # compressed blocks starting inside selection blocks [j0, j0 + BS)
         cmp_idx = j0 * CMP_PER_SLC + offs_bn
@@ -109,8 +110,14 @@ def _topk_kernel(
              mask=row_ok[:, None] & (offs_np[None, :] < N_SELECT))
 
 
-def select_blocks(q, compressed_k, cmp_lse, cu_q, cu_cmp, config, scale):
-    """selected_block_idx [T, H_kv, n] int32 (ascending, -1 padded) for packed q [T, H_q, d_k]."""
+def select_blocks(q, compressed_k, cmp_lse, cu_q, cu_cmp, config, scale, q_pos0=None):
+    """selected_block_idx [T, H_kv, n] int32 (ascending, -1 padded) for packed q [T, H_q, d_k].
+
+    Segment i: queries cu_q[i]..cu_q[i+1] at positions q_pos0[i].. (default 0), compressed keys
+    cu_cmp[i]..cu_cmp[i+1] from the start of their document.
+    """
+    if q_pos0 is None:
+        q_pos0 = torch.zeros(cu_q.numel() - 1, device=q.device, dtype=torch.int32)
     num_q_heads, num_kv_heads, head_dim = q.shape[1], compressed_k.shape[1], q.shape[2]
     n = config.select_count
     idx = torch.empty(q.shape[0], num_kv_heads, n, device=q.device, dtype=torch.int32)
@@ -119,7 +126,7 @@ def select_blocks(q, compressed_k, cmp_lse, cu_q, cu_cmp, config, scale):
     q_tiles = tiles(cu_q, block_m)
     if q_tiles[0].numel():
         _topk_kernel[(q_tiles[0].numel(), num_kv_heads)](
-            q, compressed_k, cmp_lse, idx, *q_tiles, cu_q, cu_cmp,
+            q, compressed_k, cmp_lse, idx, *q_tiles, cu_q, cu_cmp, q_pos0,
             q.stride(0), q.stride(1), compressed_k.stride(0), compressed_k.stride(1),
             cmp_lse.stride(0), cmp_lse.stride(1), idx.stride(0), idx.stride(1),
             scale * LOG2E,

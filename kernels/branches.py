@@ -1,0 +1,55 @@
+"""The NSA branches one document piece at a time, with explicit query positions.
+
+Same signatures as megatron_nsa.reference's branch functions, so that context parallelism
+(megatron_nsa.context_parallel) can run its local queries against gathered or halo keys with the
+Triton kernels. Query positions must be contiguous (q_pos[i] = q_pos[0] + i).
+"""
+from __future__ import annotations
+
+import torch
+
+from .band import band_attention
+from .combine import gated_combine
+from .selected import piece_layout
+from .selected import selected_attention as _selected_attention
+from .topk import select_blocks as _select_blocks
+
+
+def _segment(q, q_pos, num_keys):
+    """cu for the queries, cu for the keys, and the first query position (int32 tensors)."""
+    device = q.device
+    cu_q = torch.tensor([0, q.shape[0]], device=device, dtype=torch.int32)
+    cu_k = torch.tensor([0, num_keys], device=device, dtype=torch.int32)
+    q_pos0 = q_pos[:1].to(torch.int32) if q_pos.numel() else torch.zeros(1, device=device, dtype=torch.int32)
+    return cu_q, cu_k, q_pos0
+
+
+def compressed_attention(q, compressed_k, compressed_v, q_pos, config, scale):
+    """-> (out [Tq, H_q, d_v], lse [Tq, H_q], scores): `scores` is what select_blocks needs (q, compressed K, lse)."""
+    cu_q, cu_k, q_pos0 = _segment(q, q_pos, compressed_k.shape[0])
+    out, lse = band_attention(q, compressed_k, compressed_v, cu_q, cu_k, "compressed", config, scale, q_pos0=q_pos0)
+    return out, lse, (q.detach(), compressed_k.detach(), lse, scale)
+
+
+def select_blocks(scores, q_pos, num_slc, num_kv_heads, config):
+    """-> selected_block_idx [Tq, H_kv, n] int64, ascending, -1 padded."""
+    q, compressed_k, lse, scale = scores
+    cu_q, cu_k, q_pos0 = _segment(q, q_pos, compressed_k.shape[0])
+    return _select_blocks(q.contiguous(), compressed_k.contiguous(), lse, cu_q, cu_k, config, scale,
+                          q_pos0=q_pos0).long()
+
+
+def selected_attention(q, k, v, selected_block_idx, q_pos, config, scale):
+    """Keys at positions 0..Tk-1 of the document."""
+    layout = piece_layout(q_pos, k.shape[0], config.select_block_size)
+    return _selected_attention(q, k, v, selected_block_idx.to(torch.int32), layout, config, scale)
+
+
+def window_attention(q, k, v, q_pos, k_start, config, scale):
+    """Keys at positions k_start..k_start+Tk-1."""
+    cu_q, cu_k, q_pos0 = _segment(q, q_pos, k.shape[0])
+    k_first = torch.tensor([k_start], device=q.device, dtype=torch.int32)
+    return band_attention(q, k, v, cu_q, cu_k, "window", config, scale, q_pos0=q_pos0, k_first=k_first)
+
+
+__all__ = ["compressed_attention", "select_blocks", "selected_attention", "window_attention", "gated_combine"]

@@ -1,0 +1,63 @@
+"""nsa_kernels' per-branch functions (used by context parallelism) equal the reference's, for a piece of a
+document: queries at positions p0.., all compressed / selection keys, window keys from k_start."""
+import pytest
+import torch
+
+from megatron_nsa import NSAConfig
+from megatron_nsa import reference as R
+
+nsa_kernels = pytest.importorskip("nsa_kernels")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+TOL = 1.5e-2 if CUDA else 1e-4
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("doc_len,p0,num_q", [(70, 29, 24), (48, 0, 48)] if not CUDA else [(8192, 3000, 2048)])
+def test_branch_functions_match_reference(doc_len, p0, num_q):
+    config = NSAConfig(compress_block_size=8, compress_stride=4, select_block_size=16, select_count=4,
+                       window_size=20) if not CUDA else NSAConfig()
+    gen = torch.Generator(device=DEVICE).manual_seed(doc_len + p0)
+    mk = lambda *s: torch.randn(*s, generator=gen, device=DEVICE).to(DTYPE).requires_grad_()  # noqa: E731
+    hq, hkv, dim = (4, 2, 16) if not CUDA else (16, 2, 128)
+    q, k, v = mk(num_q, hq, dim), mk(doc_len, hkv, dim), mk(doc_len, hkv, dim)
+    q_pos = torch.arange(p0, p0 + num_q, device=DEVICE)
+    scale = config.scale_for(dim)
+    ck, cv = R.compress_sequence(k, v, config, None)
+    k_start = max(0, p0 - config.window_size + 1)
+    up = lambda *ts: [t.detach().float().requires_grad_() for t in ts]  # noqa: E731
+    qf, kf, vf = up(q, k, v)
+    ckf, cvf = R.compress_sequence(kf, vf, config, None)
+
+    out, lse, scores = nsa_kernels.compressed_attention(q, ck, cv, q_pos, config, scale)
+    ref_out, ref_lse, ref_probs = R.compressed_attention(qf, ckf, cvf, q_pos, config, scale)
+    assert _rel(out, ref_out) < TOL
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and torch.allclose(lse[finite], ref_lse[finite], atol=20 * TOL)
+
+    num_slc = R.num_selection_blocks(doc_len, config)
+    idx = nsa_kernels.select_blocks(scores, q_pos, num_slc, hkv, config)
+    ref_idx = R.select_blocks(ref_probs.detach(), q_pos, num_slc, hkv, config)
+    assert idx.dtype == torch.int64 and idx.shape == ref_idx.shape
+    assert (idx != ref_idx).any(-1).float().mean() < (1e-4 if not CUDA else 2e-2)  # only near-ties may differ
+
+    slc, slc_lse = nsa_kernels.selected_attention(q, k, v, idx, q_pos, config, scale)
+    ref_slc, _ = R.selected_attention(qf, kf, vf, idx, q_pos, config, scale)
+    assert _rel(slc, ref_slc) < TOL
+
+    win, _ = nsa_kernels.window_attention(q, k[k_start:], v[k_start:], q_pos, k_start, config, scale)
+    ref_win, _ = R.window_attention(qf, kf[k_start:], vf[k_start:], q_pos, k_start, config, scale)
+    assert _rel(win, ref_win) < TOL
+
+    grad = torch.randn_like(out)
+    total = out + slc + win
+    ref_total = ref_out + ref_slc + ref_win
+    grads = torch.autograd.grad(total, (q, k, v), grad)
+    ref_grads = torch.autograd.grad(ref_total, (qf, kf, vf), grad.float())
+    for got, want in zip(grads, ref_grads):
+        assert _rel(got, want) < 2 * TOL
