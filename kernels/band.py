@@ -280,7 +280,6 @@ class BandAttention(torch.autograd.Function):
                 WINDOW=window, DK=q.shape[2], DV=v.shape[2], **blocks,
             )
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, q_pos0, k_first)
-        ctx.mark_non_differentiable(lse)
         ctx.geometry, ctx.blocks, ctx.scale = (stride_, offset_, window), blocks, scale
         return out, lse
 
@@ -292,6 +291,8 @@ class BandAttention(torch.autograd.Function):
         num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
         grad_out = grad_out.contiguous()
         delta = row_dot(grad_out, out)  # [T, H_q]
+        if grad_lse is not None:  # d lse / d s = p, so a gradient on lse shifts delta
+            delta = delta - grad_lse
         group = num_q_heads // num_kv_heads
         dq = torch.empty_like(q)
         common = dict(G=group, KEY_STRIDE=stride_, KEY_OFFSET=offset_, WINDOW=window, DK=q.shape[2], DV=v.shape[2])

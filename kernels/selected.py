@@ -299,7 +299,6 @@ class SelectedAttention(torch.autograd.Function):
                 N_SELECT=config.select_count, num_warps=4, num_stages=2, **dims,
             )
         ctx.save_for_backward(q, k, v, out, lse, selected_block_idx)
-        ctx.mark_non_differentiable(lse)
         ctx.layout, ctx.config, ctx.scale = layout, config, scale
         return out, lse
 
@@ -312,6 +311,8 @@ class SelectedAttention(torch.autograd.Function):
         group = num_q_heads // num_kv_heads
         grad_out = grad_out.contiguous()
         delta = row_dot(grad_out, out)  # [T, H_q]
+        if grad_lse is not None:  # d lse / d s = p, so a gradient on lse shifts delta
+            delta = delta - grad_lse
         dq = torch.empty_like(q)
         dk = torch.zeros_like(k)
         dv = torch.zeros_like(v)

@@ -61,3 +61,36 @@ def test_branch_functions_match_reference(doc_len, p0, num_q):
     ref_grads = torch.autograd.grad(ref_total, (qf, kf, vf), grad.float())
     for got, want in zip(grads, ref_grads):
         assert _rel(got, want) < 2 * TOL
+
+
+def test_lse_is_differentiable():
+    """A gradient on the returned lse (context parallelism's log-sum-exp merge of partial results) reaches
+    q, k and v as the reference's does, for the selected and window branches."""
+    config = NSAConfig(compress_block_size=8, compress_stride=4, select_block_size=16, select_count=4,
+                       window_size=20) if not CUDA else NSAConfig()
+    doc_len, p0, num_q = (64, 16, 40) if not CUDA else (4096, 1000, 1024)
+    hq, hkv, dim = (4, 2, 16) if not CUDA else (16, 2, 128)
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    mk = lambda *s: torch.randn(*s, generator=gen, device=DEVICE).to(DTYPE).requires_grad_()  # noqa: E731
+    q, k, v = mk(num_q, hq, dim), mk(doc_len, hkv, dim), mk(doc_len, hkv, dim)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    q_pos = torch.arange(p0, p0 + num_q, device=DEVICE)
+    scale = config.scale_for(dim)
+    num_slc = R.num_selection_blocks(doc_len, config)
+    idx = torch.stack([torch.randperm(num_slc, generator=torch.Generator().manual_seed(i))[:config.select_count]
+                       for i in range(num_q * hkv)]).view(num_q, hkv, -1).sort(-1).values.to(DEVICE)
+    idx = torch.where(idx * config.select_block_size <= q_pos[:, None, None], idx, -1)
+    k_start = max(0, p0 - config.window_size + 1)
+    got = [nsa_kernels.selected_attention(q, k, v, idx, q_pos, config, scale),
+           nsa_kernels.window_attention(q, k[k_start:], v[k_start:], q_pos, k_start, config, scale)]
+    want = [R.selected_attention(qf, kf, vf, idx, q_pos, config, scale),
+            R.window_attention(qf, kf[k_start:], vf[k_start:], q_pos, k_start, config, scale)]
+    for (out, lse), (ref_out, ref_lse) in zip(got, want):
+        grad_out, grad_lse = torch.randn_like(ref_out), torch.randn_like(ref_lse)
+        finite = torch.isfinite(ref_lse)
+        grad_lse = torch.where(finite, grad_lse, 0.0)
+        grads = torch.autograd.grad((out.float() * grad_out).sum() + (lse.float() * grad_lse).sum(), (q, k, v))
+        ref_grads = torch.autograd.grad((ref_out * grad_out).sum() + (ref_lse.where(finite, 0.0) * grad_lse).sum(),
+                                        (qf, kf, vf))
+        for g, w in zip(grads, ref_grads):
+            assert _rel(g, w) < 2 * TOL
