@@ -1,10 +1,11 @@
 """Fused block importance and top-n selection (NSA_SPEC.md, Eq. 9-12).
 
-One program per (query tile, KV head). It walks the selection blocks in tiles of BS blocks; for
-each it recomputes the compressed probabilities of the G query heads of the group from the
-compressed branch's lse, sums them over the group, maps them onto selection blocks by the
-overlap rule, and merges the tile into a running top-n kept in registers. No
-[T x blocks] score tensor is written: the only output is selected_block_idx [T, H_kv, n].
+One program per (query tile, KV head). The tile's rows are (token, head) pairs for the G query
+heads of the group, so Q is read once and one dot serves the whole group. The program walks the
+selection blocks in tiles of BS blocks; for each it recomputes the compressed probabilities from
+the compressed branch's lse, sums them over the group, maps them onto selection blocks by the
+overlap rule, and merges the tile into a running top-n kept in registers. No [T x blocks] score
+tensor is written: the only output is selected_block_idx [T, H_kv, n].
 
 Ranking key (int64): float bits of the score << 32 | (2^31 - 1 - block), so that a larger score
 wins and, among equal scores, the lower block id wins. Forced blocks score +inf; blocks after
@@ -21,15 +22,27 @@ from .layout import tiles
 
 
 @triton.jit
+def _load_rows(Q, LSE, rows64, heads, ok, offs_dk, sqt, sqh, slt, slh, DK: tl.constexpr):
+    """Q rows [R, BLOCK_DK] and their lse in log2 units ([R]; +inf where a row has no compressed key)."""
+    q = tl.load(Q + rows64[:, None] * sqt + heads[:, None] * sqh + offs_dk[None, :],
+                mask=ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    lse = tl.load(LSE + rows64 * slt + heads * slh, mask=ok, other=float("-inf"))
+    return q, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
 def _topk_kernel(
     Q, CK, LSE, IDX, TileStart, TileEnd, TileSeg, CuQ, CuC, QPos0,
     sqt, sqh, skt, skh, slt, slh, sit, sih,
     qk_scale,
-    G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
-    N_SELECT: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr,
-    DK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
+    G: tl.constexpr, HC: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+    SLC_BLOCK: tl.constexpr, N_SELECT: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr,
+    DK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DK: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
     NP: tl.constexpr,
 ):
+    # The tile's rows are (token, head) pairs, token-major: BLOCK_T tokens x HC heads of the group, so
+    # one dot serves every head and the group sum is a reshape. HEAD_CHUNKS > 1 (G > HC) walks the
+    # group HC heads at a time; with one chunk Q and lse stay in registers for the whole walk.
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     start = tl.load(TileStart + tile)
@@ -38,47 +51,60 @@ def _topk_kernel(
     q_doc = tl.load(CuQ + seg)
     c_doc = tl.load(CuC + seg)
     c_len = tl.load(CuC + seg + 1) - c_doc
-
-    rows = start + tl.arange(0, BLOCK_M)
-    row_ok = rows < end
-    rows64 = rows.to(tl.int64)
     q_pos0 = tl.load(QPos0 + seg)  # position of the segment's first query
-    t = rows - q_doc + q_pos0
+    HEAD_CHUNKS: tl.constexpr = (G + HC - 1) // HC
+    CMP_PER_SLC: tl.constexpr = SLC_BLOCK // CMP_STRIDE
+
+    tokens = start + tl.arange(0, BLOCK_T)
+    token_ok = tokens < end
+    t = tokens - q_doc + q_pos0
     current = t // SLC_BLOCK  # selection block holding t
+    offs_r = tl.arange(0, BLOCK_T * HC)
+    row_token = start + offs_r // HC  # [R] token row of each tile row
+    row_t = row_token - q_doc + q_pos0
+    row_g = offs_r % HC
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_bn = tl.arange(0, BN)
     offs_bs = tl.arange(0, BS)
     offs_np = tl.arange(0, NP)
-    CMP_PER_SLC: tl.constexpr = SLC_BLOCK // CMP_STRIDE
+    rows64 = row_token.to(tl.int64)
+
+    q_kept = tl.zeros([BLOCK_T * HC, BLOCK_DK], Q.dtype.element_ty)
+    lse2_kept = tl.zeros([BLOCK_T * HC], tl.float32)
+    if HEAD_CHUNKS == 1:
+        q_kept, lse2_kept = _load_rows(Q, LSE, rows64, kv_head * G + row_g, (row_token < end) & (row_g < G),
+                                       offs_dk, sqt, sqh, slt, slh, DK)
 
     # running top-n keys; padding slots past n hold the largest key so they are never replaced
-    best = tl.where(offs_np[None, :] < N_SELECT, tl.full([BLOCK_M, NP], -1, tl.int64), 9223372036854775807)
-    carry = tl.zeros([BLOCK_M], tl.float32)
+    best = tl.where(offs_np[None, :] < N_SELECT, tl.full([BLOCK_T, NP], -1, tl.int64), 9223372036854775807)
+    carry = tl.zeros([BLOCK_T], tl.float32)
     j_end = (end - 1 - q_doc + q_pos0) // SLC_BLOCK + 1
     for j0 in range(0, j_end, BS):
         # compressed blocks starting inside selection blocks [j0, j0 + BS)
         cmp_idx = j0 * CMP_PER_SLC + offs_bn
         cmp_ok = (offs_bn < BS * CMP_PER_SLC) & (cmp_idx < c_len)
-        visible = ((cmp_idx * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= t[:, None]) & cmp_ok[None, :]
+        visible = ((cmp_idx * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= row_t[:, None]) & cmp_ok[None, :]
         crow = (c_doc + cmp_idx).to(tl.int64)
         ck = tl.load(CK + crow[:, None] * skt + kv_head * skh + offs_dk[None, :],
                      mask=cmp_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-        prob_sum = tl.zeros([BLOCK_M, BN], tl.float32)
-        for g in range(G):
-            head = kv_head * G + g
-            q = tl.load(Q + rows64[:, None] * sqt + head * sqh + offs_dk[None, :],
-                        mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-            lse = tl.load(LSE + rows64 * slt + head * slh, mask=row_ok, other=float("-inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            s = tl.dot(q, tl.trans(ck)) * qk_scale
-            prob_sum += tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+        prob_sum = tl.zeros([BLOCK_T, BN], tl.float32)
+        for chunk in range(HEAD_CHUNKS):
+            if HEAD_CHUNKS == 1:
+                q, lse2 = q_kept, lse2_kept
+            else:
+                g = chunk * HC + row_g
+                q, lse2 = _load_rows(Q, LSE, rows64, kv_head * G + g, (row_token < end) & (g < G),
+                                     offs_dk, sqt, sqh, slt, slh, DK)
+            s = tl.dot(q, tl.trans(ck)) * qk_scale  # [R, BN]
+            p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+            prob_sum += tl.sum(tl.reshape(p, [BLOCK_T, HC, BN]), 1)
         # overlap (in stride units) of compressed block i with selection block j
         cmp_lo = cmp_idx * CMP_STRIDE
         slc = j0 + offs_bs
         overlap = tl.minimum(cmp_lo[:, None] + CMP_BLOCK, (slc[None, :] + 1) * SLC_BLOCK) \
             - tl.maximum(cmp_lo[:, None], slc[None, :] * SLC_BLOCK)
         weight = tl.maximum(overlap, 0).to(tl.float32) / CMP_STRIDE  # [BN, BS]
-        score = tl.dot(prob_sum, weight, input_precision="ieee")  # [BLOCK_M, BS]
+        score = tl.dot(prob_sum, weight, input_precision="ieee")  # [BLOCK_T, BS]
         score = tl.where(offs_bs[None, :] == 0, score + carry[:, None], score)
         next_lo = (j0 + BS) * SLC_BLOCK
         spill = tl.maximum(tl.minimum(cmp_lo + CMP_BLOCK, next_lo + SLC_BLOCK) - tl.maximum(cmp_lo, next_lo), 0)
@@ -106,8 +132,8 @@ def _topk_kernel(
     block = tl.where(kept, 2147483647 - (best & 2147483647), 2147483647).to(tl.int32)
     block = tl.sort(block, 1)
     block = tl.where(block == 2147483647, -1, block)
-    tl.store(IDX + rows64[:, None] * sit + kv_head * sih + offs_np[None, :], block,
-             mask=row_ok[:, None] & (offs_np[None, :] < N_SELECT))
+    tl.store(IDX + tokens.to(tl.int64)[:, None] * sit + kv_head * sih + offs_np[None, :], block,
+             mask=token_ok[:, None] & (offs_np[None, :] < N_SELECT))
 
 
 def select_blocks(q, compressed_k, cmp_lse, cu_q, cu_cmp, config, scale, q_pos0=None):
@@ -121,19 +147,22 @@ def select_blocks(q, compressed_k, cmp_lse, cu_q, cu_cmp, config, scale, q_pos0=
     num_q_heads, num_kv_heads, head_dim = q.shape[1], compressed_k.shape[1], q.shape[2]
     n = config.select_count
     idx = torch.empty(q.shape[0], num_kv_heads, n, device=q.device, dtype=torch.int32)
-    block_m, bs = 64, 16
+    group = num_q_heads // num_kv_heads
+    heads_per_chunk = min(triton.next_power_of_2(group), 16)
+    block_t = max(16, 128 // heads_per_chunk)  # tile rows: block_t tokens x heads_per_chunk heads
+    bs = 16
     cmp_per_slc = config.select_block_size // config.compress_stride
-    q_tiles = tiles(cu_q, block_m)
+    q_tiles = tiles(cu_q, block_t)
     if q_tiles[0].numel():
         _topk_kernel[(q_tiles[0].numel(), num_kv_heads)](
             q, compressed_k, cmp_lse, idx, *q_tiles, cu_q, cu_cmp, q_pos0,
             q.stride(0), q.stride(1), compressed_k.stride(0), compressed_k.stride(1),
             cmp_lse.stride(0), cmp_lse.stride(1), idx.stride(0), idx.stride(1),
             scale * LOG2E,
-            G=num_q_heads // num_kv_heads, CMP_BLOCK=config.compress_block_size, CMP_STRIDE=config.compress_stride,
+            G=group, HC=heads_per_chunk, CMP_BLOCK=config.compress_block_size, CMP_STRIDE=config.compress_stride,
             SLC_BLOCK=config.select_block_size, N_SELECT=n, N_INIT=config.select_init_blocks,
-            N_LOCAL=config.select_local_blocks, DK=head_dim, BLOCK_M=block_m,
+            N_LOCAL=config.select_local_blocks, DK=head_dim, BLOCK_T=block_t,
             BLOCK_DK=triton.next_power_of_2(head_dim), BS=bs, BN=triton.next_power_of_2(bs * cmp_per_slc),
-            NP=triton.next_power_of_2(n), num_warps=4, num_stages=1,
+            NP=triton.next_power_of_2(n), num_warps=4 if block_t * heads_per_chunk <= 128 else 8, num_stages=2,
         )
     return idx

@@ -50,6 +50,8 @@ else:  # the interpreter is slow: a few tokens past several blocks of each kind
         Case([50], 4, 4, 16, 16, TINY, torch.float32),
         Case([41, 20], 8, 1, 32, 16, dataclasses.replace(TINY, compression="linear"), torch.float32, "linear"),
         Case([45], 4, 2, 16, 16, TINY, torch.float16),
+        Case([40], 32, 1, 16, 16, TINY, torch.float32),  # G = 32: top-n walks the group in two head chunks
+        Case([33, 9], 6, 2, 16, 16, TINY, torch.float32),  # G = 3, not a power of two
     ]
 SMALL_CASE = CASES[1]
 
