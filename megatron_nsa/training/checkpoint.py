@@ -3,7 +3,7 @@
 Layout under checkpoint.dir:
 
     step_00000100/            a complete checkpoint (the newest one is what a restart resumes)
-        meta.json             step, consumed samples, scheduler state, format, parallel layout
+        meta.json             step, consumed samples, scheduler state, format, parallel layout, the recipe
         ...                   megatron.core.dist_checkpointing files (CUDA), or rank_00000.pt ... (CPU)
     .partial-step_00000200/   a checkpoint being written; renamed to step_00000200 when complete
 
@@ -92,6 +92,7 @@ class Checkpointer:
         self.directory = os.path.abspath(recipe.checkpoint.dir)
         self.keep_last = recipe.checkpoint.keep_last
         self.layout = layout_of(recipe, launch.world_size)
+        self.recipe = recipe.to_dict()
         self.launch = launch
         self.model = core_model
         self.optimizer = optimizer
@@ -130,7 +131,8 @@ class Checkpointer:
         dist.barrier()
         if is_writer:
             meta = {"step": progress.step, "consumed_samples": progress.consumed_samples, "format": self.format,
-                    "layout": self.layout, "scheduler": self.scheduler.state_dict()}
+                    "layout": self.layout, "scheduler": self.scheduler.state_dict(),
+                    "recipe": self.recipe}
             with open(os.path.join(partial, META), "w") as f:
                 json.dump(meta, f, indent=1)
                 f.flush()

@@ -79,12 +79,22 @@ class ParallelSection:
 
 @dataclasses.dataclass
 class DataSection:
-    source: str = "stdlib"  # stdlib (Python's own sources, built on first use) | indexed | mock
+    source: str = "stdlib"  # stdlib (Python's own sources, built on first use) | indexed | mock | retrieval
     paths: List[Any] = dataclasses.field(default_factory=list)  # indexed: [prefix, ...] or [w1, prefix1, w2, ...]
     split: str = "98,2,0"  # train, validation, test weights over the documents
     seq_length: int = 256
     tokenizer: str = "bytes"  # bytes | path of a local Hugging Face tokenizer directory
     cache_dir: Optional[str] = None  # None: $MEGATRON_NSA_CACHE or ~/.cache/megatron_nsa
+
+
+@dataclasses.dataclass
+class RetrievalSection:
+    """The synthetic key/value retrieval task of data.source=retrieval (megatron_nsa.eval.retrieval_task)."""
+
+    key_length: int = 4
+    key_alphabet_size: int = 16  # keys use the first N lowercase letters
+    value_length: int = 4  # decimal digits
+    query_fraction: float = 0.25  # share of lines that query an earlier key (the loss is on their values)
 
 
 @dataclasses.dataclass
@@ -134,6 +144,7 @@ class Recipe:
     nsa: NSASection = dataclasses.field(default_factory=NSASection)
     parallel: ParallelSection = dataclasses.field(default_factory=ParallelSection)
     data: DataSection = dataclasses.field(default_factory=DataSection)
+    retrieval: RetrievalSection = dataclasses.field(default_factory=RetrievalSection)
     training: TrainingSection = dataclasses.field(default_factory=TrainingSection)
     optimizer: OptimizerSection = dataclasses.field(default_factory=OptimizerSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
@@ -150,7 +161,7 @@ CHOICES = {
     "model.recompute": ("none", "selective", "full"),
     "nsa.compression": ("mean", "linear", "mlp"),
     "nsa.backend": (None, "torch", "triton"),
-    "data.source": ("stdlib", "indexed", "mock"),
+    "data.source": ("stdlib", "indexed", "mock", "retrieval"),
     "training.device": ("auto", "cuda", "cpu"),
     "training.precision": ("auto", "bf16", "fp32"),
     "optimizer.lr_decay_style": ("cosine", "linear", "constant"),
@@ -261,7 +272,7 @@ def parse_override(text: str):
 
 def load_recipe(path: Optional[str], overrides: List[str] = ()) -> Recipe:
     """Read a YAML recipe (None: all defaults), apply `key=value` overrides, check field values."""
-    recipe = Recipe()
+    content = {}
     if path is not None:
         if not os.path.isfile(path):
             raise RecipeError(f"recipe file '{path}' does not exist")
@@ -270,18 +281,24 @@ def load_recipe(path: Optional[str], overrides: List[str] = ()) -> Recipe:
                 content = yaml.safe_load(f) or {}
             except yaml.YAMLError as err:
                 raise RecipeError(f"recipe '{path}' is not valid YAML: {err}") from None
-        if not isinstance(content, dict):
-            raise RecipeError(f"recipe '{path}' must be a mapping of sections (model:, nsa:, data:, ...)")
-        section_names = [name for name, _ in _sections(recipe)]
-        for section_name, entries in content.items():
-            if section_name not in section_names:
-                raise RecipeError(
-                    f"unknown recipe section '{section_name}' in {path}{_suggest(section_name, section_names)}"
-                )
-            if not isinstance(entries, dict):
-                raise RecipeError(f"section '{section_name}' in {path} must be a mapping of key: value")
-            for name, value in entries.items():
-                _set(recipe, f"{section_name}.{name}", value)
+    return recipe_from_mapping(content, overrides, source=path or "the defaults")
+
+
+def recipe_from_mapping(content: Dict[str, Any], overrides: List[str] = (), source: str = "the recipe") -> Recipe:
+    """Sections as a mapping (a parsed YAML file, or Recipe.to_dict() as checkpoints store it), then overrides."""
+    recipe = Recipe()
+    if not isinstance(content, dict):
+        raise RecipeError(f"recipe '{source}' must be a mapping of sections (model:, nsa:, data:, ...)")
+    section_names = [name for name, _ in _sections(recipe)]
+    for section_name, entries in content.items():
+        if section_name not in section_names:
+            raise RecipeError(
+                f"unknown recipe section '{section_name}' in {source}{_suggest(section_name, section_names)}"
+            )
+        if not isinstance(entries, dict):
+            raise RecipeError(f"section '{section_name}' in {source} must be a mapping of key: value")
+        for name, value in entries.items():
+            _set(recipe, f"{section_name}.{name}", value)
     for text in overrides:
         _set(recipe, *parse_override(text))
     check_fields(recipe)
@@ -316,6 +333,15 @@ def check_fields(recipe: Recipe) -> None:
         )
     if opt.min_lr > opt.lr:
         raise RecipeError(f"optimizer.min_lr={opt.min_lr} must be <= optimizer.lr={opt.lr}")
+    if recipe.data.source == "retrieval":
+        from megatron_nsa.eval.retrieval_task import check_settings
+
+        if recipe.data.tokenizer != "bytes":
+            raise RecipeError(f"data.source=retrieval needs data.tokenizer=bytes, got {recipe.data.tokenizer!r}")
+        try:
+            check_settings(recipe.retrieval)
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
     if recipe.data.source == "indexed" and not recipe.data.paths:
         raise RecipeError("data.source=indexed needs data.paths: a list of dataset prefixes (path/name for name.bin/.idx)")
 

@@ -1,7 +1,8 @@
 """Training and validation data through megatron.core.datasets.
 
 Sources: `stdlib` (the Python standard library's sources as an indexed dataset, built on first use in the
-cache directory), `indexed` (your .bin/.idx prefixes, optionally weighted: a blend), `mock` (random tokens).
+cache directory), `indexed` (your .bin/.idx prefixes, optionally weighted: a blend), `mock` (random tokens),
+`retrieval` (the synthetic key/value task of megatron_nsa.eval.retrieval_task, generated on the fly).
 Validation uses the same blend with `data.split`'s second share of the documents.
 
 Each data-parallel rank reads its own micro-batches by global sample index, so the position in the data is
@@ -56,6 +57,10 @@ def ensure_stdlib_dataset(recipe: Recipe, tokenizer) -> str:
 def build_datasets(recipe: Recipe, tokenizer, num_train_samples: int, num_valid_samples: int):
     """(train, validation) datasets; validation is None when the split leaves it no documents."""
     data = recipe.data
+    if data.source == "retrieval":
+        from megatron_nsa.eval.retrieval_task import retrieval_datasets
+
+        return retrieval_datasets(recipe, num_train_samples, num_valid_samples)
     if data.source == "mock":
         blend = None
     elif data.source == "stdlib":

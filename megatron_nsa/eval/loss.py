@@ -1,0 +1,116 @@
+"""Validation loss of a checkpoint:
+
+    python -m megatron_nsa.eval.loss --checkpoint CKPT_DIR [--data PREFIX ...] [--seq-length N]
+        [--batches 8] [--batch-size 4] [--json OUT.json] [--recipe CONFIG.yaml] [section.key=value ...]
+
+Without --data: the validation split of the checkpoint's own recipe (the same samples the training run
+validated on). With --data: every document of those indexed datasets (PREFIX.bin / PREFIX.idx, built by
+megatron_nsa.training.build_dataset). Prints the mean loss per target token, its perplexity and bits per
+token (per byte with the byte tokenizer). For data.source=retrieval the loss covers the answer tokens only.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import List, Optional
+
+from megatron_nsa.training.config import BadInputError, dataset_exists
+
+from .checkpoints import EvalInputError
+from .report import write_json
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="megatron-nsa-eval-loss", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a run's checkpoint.dir or one step_XXXXXXXX directory")
+    parser.add_argument("--data", nargs="+", metavar="PREFIX", help="indexed dataset prefixes (all documents used)")
+    parser.add_argument("--seq-length", type=int, help="tokens per sample (default: the trained data.seq_length)")
+    parser.add_argument("--batches", type=int, default=8, help="batches to evaluate (default 8)")
+    parser.add_argument("--batch-size", type=int, default=4, help="samples per batch (default 4)")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--json", help="also write the result to this JSON file")
+    parser.add_argument("--recipe", help="the training recipe, for checkpoints that do not store theirs")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything checkable before megatron-core is imported."""
+    for name in ("batches", "batch_size", "seq_length"):
+        value = getattr(args, name)
+        if value is not None and value < (2 if name == "seq_length" else 1):
+            raise EvalInputError(f"--{name.replace('_', '-')} {value} is not allowed: it must be >= "
+                                 f"{2 if name == 'seq_length' else 1}")
+    for prefix in args.data or ():
+        if not dataset_exists(prefix):
+            missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
+            raise EvalInputError(f"--data {prefix!r} is missing {', '.join(missing)}; give the prefix of an indexed "
+                                 "dataset (PREFIX.bin + PREFIX.idx, see megatron_nsa.training.build_dataset)")
+
+
+def validation_loss(loaded, batches: int, batch_size: int) -> dict:
+    """Mean loss over the first batches * batch_size validation samples of loaded.recipe's data."""
+    import torch
+
+    from megatron_nsa.training.data import build_datasets, micro_batches
+
+    _, valid = build_datasets(loaded.recipe, loaded.tokenizer, 1, batches * batch_size)
+    if valid is None:
+        raise EvalInputError(f"data.split={loaded.recipe.data.split!r} leaves no validation documents; "
+                             "pass --data PREFIX or an override such as data.split=98,2,0")
+    iterator = micro_batches(valid, 0, batch_size, 0, 1, loaded.device)
+    loss_sum = torch.zeros([], dtype=torch.float64)
+    tokens = torch.zeros([], dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(batches):
+            batch = next(iterator)
+            losses = loaded.token_losses(batch["tokens"], batch["labels"])  # [b, s]
+            mask = batch["loss_mask"].float()
+            loss_sum += (losses * mask).sum().double().cpu()
+            tokens += mask.sum().double().cpu()
+    loss = (loss_sum / tokens).item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_token": loss / math.log(2),
+            "tokens": int(tokens.item())}
+
+
+def run(args: argparse.Namespace) -> dict:
+    check_args(args)
+    overrides = list(args.overrides)
+    if args.data:
+        overrides += ["data.source=indexed", f"data.paths=[{', '.join(args.data)}]", "data.split=0,1,0"]
+    from .checkpoints import check_length
+    from .model_loader import load_model
+
+    loaded = load_model(args.checkpoint, args.recipe, overrides, args.device)
+    trained_length = loaded.recipe.data.seq_length
+    seq_length = args.seq_length or trained_length
+    check_length(loaded.recipe, loaded.max_positions, seq_length, "--seq-length")
+    loaded.recipe.data.seq_length = seq_length
+    result = validation_loss(loaded, args.batches, args.batch_size)
+    result.update(checkpoint=loaded.step_dir, step=loaded.step, attention=loaded.attention,
+                  data=args.data or f"{loaded.recipe.data.source} (validation split)", seq_length=seq_length,
+                  batches=args.batches, batch_size=args.batch_size)
+    unit = "byte" if loaded.recipe.data.tokenizer == "bytes" else "token"
+    print(f"{loaded.attention} checkpoint {loaded.step_dir} (step {loaded.step}), {result['data']}, "
+          f"{result['tokens']:,} target tokens at seq length {seq_length}: loss {result['loss']:.4f} | "
+          f"perplexity {result['perplexity']:.3f} | {result['bits_per_token']:.4f} bits per {unit}", flush=True)
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except BadInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Needle in a haystack: accuracy of a checkpoint over needle depths x context lengths.
+
+    python -m megatron_nsa.eval.needle --checkpoint CKPT_DIR [--lengths 8192 16384 32768]
+        [--depths 0 10 20 ... 100] [--samples 20] [--format retrieval|text] [--json OUT.json]
+        [--table OUT.md] [--png OUT.png] [--recipe CONFIG.yaml] [section.key=value ...]
+
+Each sample hides one key/value fact at a depth of its filler and asks for it at the end
+(megatron_nsa.eval.haystack). Scoring is teacher-forced: one forward pass per sample, and a sample counts
+as correct when every value token is the model's argmax prediction (what greedy decoding would produce,
+token for token). Formats: `retrieval` (the synthetic task's records; the default for models trained on
+data.source=retrieval) and `text` (an English sentence in validation text of the model's own corpus; the
+default otherwise). Prints a markdown table (depth rows, length columns); --png draws a heat map when
+matplotlib is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import numpy
+
+from megatron_nsa.training.config import BadInputError
+
+from .checkpoints import EvalInputError, check_length, checkpoint_recipe, read_meta, resolve_checkpoint, \
+    trained_positions
+from .haystack import FORMATS, check_depths, check_lengths, minimum_length, needle_samples
+from .report import accuracy_table, grid_key, write_json
+from .retrieval_task import RetrievalFormat
+
+DEFAULT_DEPTHS = [float(d) for d in range(0, 101, 10)]
+SCORING = "teacher-forced: correct when every answer token is the argmax prediction"
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="megatron-nsa-needle", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a run's checkpoint.dir or one step_XXXXXXXX directory")
+    parser.add_argument("--lengths", type=int, nargs="+", help="context lengths in tokens (default: the trained one)")
+    parser.add_argument("--depths", type=float, nargs="+", default=DEFAULT_DEPTHS,
+                        help="needle depths in percent, 0 = start, 100 = just before the question (default 0..100 "
+                             "by 10)")
+    parser.add_argument("--samples", type=int, nargs="+", default=[20],
+                        help="samples per (length, depth) cell: one number, or one per length (default 20)")
+    parser.add_argument("--format", choices=FORMATS, help="default: retrieval for retrieval-trained models, else text")
+    parser.add_argument("--seed", type=int, default=0, help="samples are a function of seed, length, depth, index")
+    parser.add_argument("--batch-size", type=int, default=4, help="samples per forward pass (default 4)")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--table", help="write the markdown table here")
+    parser.add_argument("--png", help="draw the heat map here (needs matplotlib)")
+    parser.add_argument("--recipe", help="the training recipe, for checkpoints that do not store theirs")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
+    return parser.parse_args(argv)
+
+
+def samples_per_length(samples: Sequence[int], lengths: Sequence[int]) -> List[int]:
+    if len(samples) not in (1, len(lengths)):
+        raise EvalInputError(f"--samples {' '.join(map(str, samples))} is not allowed: give one count, or one per "
+                             f"length ({len(lengths)} for --lengths {' '.join(map(str, lengths))})")
+    for count in samples:
+        if count < 1:
+            raise EvalInputError(f"--samples {count} is not allowed: it must be >= 1")
+    return list(samples) * len(lengths) if len(samples) == 1 else list(samples)
+
+
+def check_grid(recipe, positions: int, text_format: str, lengths: Sequence[int], depths: Sequence[float]) -> None:
+    """Lengths and depths against the format and the model, as EvalInputError."""
+    try:
+        check_depths(depths)
+        check_lengths(lengths, minimum_length(RetrievalFormat.of(recipe.retrieval), text_format))
+    except ValueError as err:
+        raise EvalInputError(str(err)) from None
+    for length in lengths:
+        check_length(recipe, positions, length, "--lengths")
+
+
+def corpus_filler(loaded, longest: int, pool: int = 64):
+    """Filler from validation text of the model's own data: a random one of `pool` validation samples of
+    `longest` tokens (so the model never trained on it), cut to the length asked for."""
+    from megatron_nsa.training.data import build_datasets
+
+    loaded.recipe.data.seq_length = longest
+    _, valid = build_datasets(loaded.recipe, loaded.tokenizer, 1, pool)
+    if valid is None:
+        raise EvalInputError(f"data.split={loaded.recipe.data.split!r} leaves no validation text for the filler; "
+                             "use an override such as data.split=98,2,0")
+    texts = [numpy.asarray(valid[i]["tokens"], dtype=numpy.int64) for i in range(min(pool, len(valid)))]
+
+    def filler(num_tokens: int, rng: numpy.random.Generator) -> numpy.ndarray:
+        return texts[int(rng.integers(len(texts)))][:num_tokens]
+
+    return filler
+
+
+def needle_grid(loaded, text_format: str, lengths: Sequence[int], depths: Sequence[float], samples: Sequence[int],
+                seed: int, batch_size: int) -> dict:
+    """Accuracy of `loaded` (a model_loader.LoadedModel) on every (length, depth) cell."""
+    from .scoring import score_cell
+
+    fmt = RetrievalFormat.of(loaded.recipe.retrieval)
+    filler = corpus_filler(loaded, max(lengths)) if text_format == "text" else None
+    accuracy, token_accuracy, seconds = {}, {}, {}
+    for length, count in zip(lengths, samples):
+        started = time.perf_counter()
+        accuracy[grid_key(length)], token_accuracy[grid_key(length)] = {}, {}
+        for depth in depths:
+            cell = needle_samples(text_format, length, depth / 100.0, count, seed, fmt, filler)
+            score = score_cell(loaded.logits, cell, loaded.tokenizer.vocab_size, loaded.device, batch_size)
+            accuracy[grid_key(length)][grid_key(depth)] = score.accuracy
+            token_accuracy[grid_key(length)][grid_key(depth)] = score.token_accuracy
+        seconds[grid_key(length)] = time.perf_counter() - started
+        mean = sum(accuracy[grid_key(length)].values()) / len(depths)
+        print(f"{loaded.attention} | length {length:,} | {count} samples x {len(depths)} depths | mean accuracy "
+              f"{100 * mean:.1f}% | {seconds[grid_key(length)]:.1f} s", flush=True)
+    return {"checkpoint": loaded.step_dir, "step": loaded.step, "attention": loaded.attention, "format": text_format,
+            "scoring": SCORING, "position_embedding_type": loaded.recipe.model.position_embedding_type,
+            "trained_seq_length": loaded.max_positions, "lengths": list(lengths), "depths": list(depths),
+            "samples": list(samples), "seed": seed, "accuracy": accuracy, "token_accuracy": token_accuracy,
+            "seconds": seconds}
+
+
+def run(args: argparse.Namespace) -> dict:
+    step_dir = resolve_checkpoint(args.checkpoint)
+    meta = read_meta(step_dir)
+    positions = trained_positions(checkpoint_recipe(step_dir, meta, args.recipe, []))
+    recipe = checkpoint_recipe(step_dir, meta, args.recipe, list(args.overrides))
+    lengths = args.lengths or [recipe.data.seq_length]
+    text_format = args.format or ("retrieval" if recipe.data.source == "retrieval" else "text")
+    check_grid(recipe, positions, text_format, lengths, args.depths)
+    samples = samples_per_length(args.samples, lengths)
+    if args.batch_size < 1:
+        raise EvalInputError(f"--batch-size {args.batch_size} is not allowed: it must be >= 1")
+
+    from .model_loader import load_model
+    from .plots import accuracy_heatmap
+
+    loaded = load_model(args.checkpoint, args.recipe, args.overrides, args.device)
+    result = needle_grid(loaded, text_format, lengths, args.depths, samples, args.seed, args.batch_size)
+    table = accuracy_table(result["accuracy"], lengths, args.depths)
+    print(f"\nneedle accuracy, {loaded.attention} step {loaded.step}, format {text_format} ({SCORING}):\n{table}")
+    if args.json:
+        write_json(args.json, result)
+    if args.table:
+        with open(args.table, "w") as f:
+            f.write(table + "\n")
+    if args.png:
+        accuracy_heatmap(result["accuracy"], lengths, args.depths, args.png,
+                         f"needle accuracy: {loaded.attention}, step {loaded.step}, {text_format}")
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except BadInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
