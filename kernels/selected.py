@@ -63,7 +63,7 @@ def _selected_fwd(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    out = acc / l_i[:, None]
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no visible key gives 0 (and lse -inf)
     tl.store(O + row * sot + heads[:, None] * soh + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=g_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + row * slt + heads * slh, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=g_ok)

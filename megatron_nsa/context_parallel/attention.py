@@ -93,6 +93,7 @@ def nsa_attention_cp(
     cu_seqlens: Optional[torch.Tensor] = None,
     head_group_size: Optional[int] = None,
     exchange="allgather",
+    node_size: Optional[int] = None,
 ) -> torch.Tensor:
     """NSA of this rank's share of a context-parallel sequence.
 
@@ -106,7 +107,9 @@ def nsa_attention_cp(
     cu_seqlens      GLOBAL document boundaries [0, ..., S] (B must be 1); the same on every rank
     head_group_size at most this many KV heads gathered at a time (None: all); bounds the
                     gathered buffer to S * head_group_size * (d_k + d_v) values
-    exchange        'allgather' or a KVExchange object
+    exchange        a mode of exchange.EXCHANGE_MODES ('allgather', 'ring', 'hierarchical', 'fetch') or a
+                    KVExchange object; all give the same result
+    node_size       CP ranks per node for exchange='hierarchical' (a divisor of C); ignored otherwise
     returns [B, 2c, H_q, d_v]
     """
     if not isinstance(config, NSAConfig):
@@ -122,7 +125,7 @@ def nsa_attention_cp(
         head_group_size = num_kv_heads
     if isinstance(head_group_size, bool) or not isinstance(head_group_size, int) or head_group_size < 1:
         raise ValueError(f"head_group_size={head_group_size!r} is not allowed: it must be None or an integer >= 1")
-    exchange = make_exchange(exchange, cp_group)
+    exchange = make_exchange(exchange, cp_group, node_size)
     cp_size, rank = exchange.comm.size, exchange.comm.rank
     if local_len % 2 != 0:
         raise ValueError(f"q has {local_len} local tokens; the load-balanced layout gives each rank 2 equal chunks")

@@ -23,6 +23,19 @@ class _Done:
         return True
 
 
+class _Works:
+    """Point-to-point operations in flight; wait() waits for all of them."""
+
+    def __init__(self, works):
+        self.works = works
+
+    def wait(self):
+        for work in self.works:
+            work.wait()
+        self.works = []
+        return True
+
+
 class Communicator:
     """all-gather, reduce-scatter and batched point-to-point on `group`.
 
@@ -68,9 +81,29 @@ class Communicator:
         work = _reduce_scatter(out, inp, group=self.group, async_op=async_op)
         return work if async_op else _Done()
 
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int],
+                   kind: str, async_op: bool = False):
+        """out [sum(out_splits), ...] <- out_splits[p] rows from each rank p; inp rows go in_splits[p] to rank p."""
+        self._note("all_to_all", (tuple(out.shape), tuple(out_splits)), (tuple(inp.shape), tuple(in_splits)),
+                   inp.dtype, kind)
+        row_bytes = out[0].numel() * out.element_size() if out.shape[0] else 0
+        self._count(kind, (sum(out_splits) - out_splits[self.rank]) * row_bytes)
+        if self.size == 1:
+            out.copy_(inp)
+            return _Done()
+        work = dist.all_to_all_single(out, inp, list(out_splits), list(in_splits), group=self.group,
+                                      async_op=async_op)
+        return work if async_op else _Done()
+
     def exchange(self, sends: Sequence[Tuple[torch.Tensor, int]], recvs: Sequence[Tuple[torch.Tensor, int]],
                  kind: str) -> None:
         """Send each (tensor, peer) and receive each (buffer, peer) in one batch; peers are group ranks."""
+        self.start_exchange(sends, recvs, kind).wait()
+
+    def start_exchange(self, sends: Sequence[Tuple[torch.Tensor, int]], recvs: Sequence[Tuple[torch.Tensor, int]],
+                       kind: str):
+        """exchange() without waiting: returns a handle whose wait() completes the batch. The sent
+        tensors must stay unchanged and the buffers unread until then."""
         self._note("exchange", [(tuple(b.shape), p) for b, p in recvs], [(tuple(t.shape), p) for t, p in sends],
                    recvs[0][0].dtype if recvs else None, kind)
         self._count(kind, sum(buf.numel() * buf.element_size() for buf, _ in recvs))
@@ -79,9 +112,7 @@ class Communicator:
             ops.append(dist.P2POp(dist.isend, tensor, dist.get_global_rank(self.group, peer), self.group))
         for buf, peer in recvs:
             ops.append(dist.P2POp(dist.irecv, buf, dist.get_global_rank(self.group, peer), self.group))
-        if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+        return _Works(dist.batch_isend_irecv(ops) if ops else [])
 
 
 class LocalCommunicator(Communicator):
@@ -101,8 +132,18 @@ class LocalCommunicator(Communicator):
         out.copy_(inp.view(self.size, *out.shape)[self.rank])
         return _Done()
 
-    def exchange(self, sends, recvs, kind):
-        """In the halo pattern a rank receives as many buffers as it sends, all of one size."""
+    def all_to_all(self, out, inp, out_splits, in_splits, kind, async_op=False):
+        """The rows this rank sends stand in for the rows it receives (zeros where it sends fewer)."""
+        row_bytes = out[0].numel() * out.element_size() if out.shape[0] else 0
+        self._count(kind, (sum(out_splits) - out_splits[self.rank]) * row_bytes)
+        rows = min(out.shape[0], inp.shape[0])
+        out[:rows].copy_(inp[:rows])
+        out[rows:].zero_()
+        return _Done()
+
+    def start_exchange(self, sends, recvs, kind):
+        """In the halo and ring patterns a rank receives as many buffers as it sends, pairwise of one size."""
         self._count(kind, sum(buf.numel() * buf.element_size() for buf, _ in recvs))
         for (buf, _), (tensor, _) in zip(recvs, sends):
             buf.copy_(tensor.view_as(buf))
+        return _Done()

@@ -5,13 +5,19 @@ scoring). Modes differ in how the selection branch gets its keys:
 
 - 'allgather' (here): the selection K/V of the whole sequence, gathered asynchronously from the
   layer's entry, KV heads a group at a time; backward re-gathers them and reduce-scatters dK/dV.
-- 'ring', 'fetch', 'hierarchical': planned (DESIGN.md, "Context parallelism"); they subclass
-  KVExchange and implement begin_selection / selected_attention.
+- 'ring' (exchange_ring.py): K/V chunks travel a ring of point-to-point transfers while each rank
+  attends to the visiting chunk, merging partial results by log-sum-exp; memory O(chunk).
+- 'hierarchical' (exchange_hierarchical.py): all-gather inside a node, ring across nodes.
+- 'fetch' (exchange_fetch.py, when present): each rank fetches only the blocks its queries selected.
+
+Each mode subclasses KVExchange and implements begin_selection / selected_attention;
+`build_exchange` is the registry.
 """
 from __future__ import annotations
 
 import abc
 import dataclasses
+import importlib.util
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -20,8 +26,10 @@ from .comm import Communicator
 from .layout import LoadBalancedLayout
 from .segments import CPPlan
 
-EXCHANGE_MODES = ("allgather",)
-PLANNED_EXCHANGE_MODES = ("ring", "fetch", "hierarchical")
+_FETCH_MODULE = __name__ + "_fetch"
+# Modes that make_exchange builds; 'fetch' while its module is missing is only planned.
+PLANNED_EXCHANGE_MODES = () if importlib.util.find_spec(_FETCH_MODULE) is not None else ("fetch",)
+EXCHANGE_MODES = tuple(m for m in ("allgather", "ring", "fetch", "hierarchical") if m not in PLANNED_EXCHANGE_MODES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,15 +139,40 @@ class KVExchange(abc.ABC):
         """Called with the layer's gated output (e.g. to start backward communication early)."""
 
 
-def make_exchange(mode, cp_group) -> KVExchange:
-    """A KVExchange for `mode` ('allgather', or a KVExchange object, returned as is) on cp_group."""
-    if isinstance(mode, KVExchange):
-        return mode
+def check_exchange_mode(mode) -> None:
+    """Raise for a mode name make_exchange cannot build, naming it and the allowed ones."""
     if mode in PLANNED_EXCHANGE_MODES:
         raise NotImplementedError(f"exchange mode {mode!r} is planned but not implemented; available: {EXCHANGE_MODES}")
-    if mode != "allgather":
+    if mode not in EXCHANGE_MODES:
         raise ValueError(f"exchange={mode!r} is not allowed; choose one of {EXCHANGE_MODES} or a KVExchange object")
-    return AllGatherExchange(Communicator(cp_group))
+
+
+def build_exchange(mode: str, comm: Communicator, node_size: Optional[int] = None) -> KVExchange:
+    """The KVExchange of `mode` on a given Communicator (e.g. a LocalCommunicator for timing).
+
+    node_size: CP ranks per node, for 'hierarchical' only (a divisor of the CP size); ignored otherwise.
+    """
+    check_exchange_mode(mode)
+    if mode == "allgather":
+        return AllGatherExchange(comm)
+    if mode == "ring":
+        from .exchange_ring import RingExchange
+
+        return RingExchange(comm)
+    if mode == "hierarchical":
+        from .exchange_hierarchical import HierarchicalExchange
+
+        return HierarchicalExchange(comm, node_size)
+    fetch = importlib.import_module(_FETCH_MODULE)
+    return fetch.FetchExchange(comm)
+
+
+def make_exchange(mode, cp_group, node_size: Optional[int] = None) -> KVExchange:
+    """A KVExchange for `mode` (one of EXCHANGE_MODES, or a KVExchange object, returned as is) on cp_group."""
+    if isinstance(mode, KVExchange):
+        return mode
+    check_exchange_mode(mode)
+    return build_exchange(mode, Communicator(cp_group), node_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ document). A compressed block belongs to the rank holding its last token.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -65,6 +65,7 @@ class CPPlan:
     num_cmp: int  # compressed blocks of a whole row
     cmp_halo: int  # tokens before a chunk that its compressed blocks may need
     win_halo: int  # tokens before a chunk that its window needs (w - 1)
+    docs: List[Tuple[int, int]] = dataclasses.field(default_factory=list)  # every document's (start, end)
 
     @property
     def chunk_len(self) -> int:
@@ -110,4 +111,4 @@ def build_plan(layout: LoadBalancedLayout, rank: int, batch: int, cu_seqlens: Op
     l, d = config.compress_block_size, config.compress_stride
     aligned = all(start % d == 0 for start, _ in docs)
     return CPPlan(layout, rank, batch, segments, chunk_cmp_counts, total,
-                  cmp_halo=l - d if aligned else l - 1, win_halo=config.window_size - 1)
+                  cmp_halo=l - d if aligned else l - 1, win_halo=config.window_size - 1, docs=docs)

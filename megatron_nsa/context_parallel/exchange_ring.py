@@ -1,0 +1,457 @@
+"""'ring' exchange: selection K/V travel a ring of point-to-point transfers; memory O(chunk).
+
+A rank's *piece* is its two chunks of selection K/V, [B, 2, h + c, H_kv, d], each chunk preceded
+by the h tokens before it (h = 0 unless packed documents start off the l' grid: then a selection
+block may straddle a chunk edge, and h <= l'-1 halo tokens put every block whole in the piece of
+the chunk holding its last token). Ranks form the ring r -> r+1.
+
+Compressed tokens go first (every rank needs all of them before top-n): an all-gather done as C-1
+ring steps of send/recv, blocking (S/d tokens: small); its backward is a ring reduce-scatter.
+
+Forward, rank r, steps t = 0..C-1: the visiting piece is rank (r-t)'s. At the start of step t
+rank r starts (one batch_isend_irecv) passing the visiting piece to r+1 and receiving the next
+one from r-1; then it attends, per document piece of its queries and per visiting chunk, only to
+the blocks its queries selected whose last token lies in that chunk (block ids and query
+positions shifted to the keys' first block, other ids -1), and merges the partial (out_c, lse_c)
+into the running (O, L) by log-sum-exp; then it waits for the transfer. So the transfer of step
+t+1 runs under the attention of step t, and the first one under the window and compressed
+branches (it starts in begin_selection). Memory: the local piece, the visiting one, the arriving
+one, and O, L of the local queries; no buffer of the whole sequence.
+
+Backward: the pieces go round again on the same schedule. At step t rank r recomputes each
+partial of the visiting piece with autograd and feeds it grad_out_c = w_c dO and
+grad_lse_c = w_c (dO . (out_c - O)), w_c = exp(lse_c - L) (O = sum_c w_c out_c with
+w_c = exp(lse_c - L), L = log sum_c exp(lse_c)); dQ stays local. The dK/dV accumulator of a piece
+follows the piece one step behind: while rank r attends to the visiting piece it receives that
+piece's accumulator (the contributions of the ranks it visited before) from r-1, adds its own
+contribution, and passes it on at the next step; after the last step every rank receives the
+finished accumulator of its own piece.
+
+'hierarchical' (exchange_hierarchical.py) runs the same schedule with nodes of m ranks in place
+of ranks: at each step a node's m pieces are all-gathered inside the node, and each rank passes
+only the one piece it carries across nodes, so that inter-node traffic per rank falls by m.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional
+
+import torch
+
+from .comm import Communicator
+from .exchange import KVExchange, global_chunk_rows, pack_slots
+from .halo import exchange_halos
+from .segments import CPPlan
+
+# ---------------------------------------------------------------------------------------------
+# Compressed tokens: all-gather and reduce-scatter as C-1 ring steps
+
+
+class _RingGatherCompressed(torch.autograd.Function):
+    """Compressed tokens of both local chunks -> all compressed tokens in global order (differentiable)."""
+
+    @staticmethod
+    def forward(ctx, comm: Communicator, plan: CPPlan, slot0, slot1):
+        counts = plan.chunk_cmp_counts
+        slot_rows = max(counts)
+        ctx.comm, ctx.plan, ctx.slot_rows, ctx.sizes = comm, plan, slot_rows, (slot0.shape[0], slot1.shape[0])
+        size, rank = comm.size, comm.rank
+        local = pack_slots(slot0, slot1, slot_rows)  # [2 * slot_rows, B, H, D]
+        ranks = local.new_empty(size, *local.shape)  # rank-major, as an all-gather would fill it
+        ranks[rank] = local
+        for step in range(size - 1):  # pass on what arrived last step
+            comm.exchange([(ranks[(rank - step) % size], (rank + 1) % size)],
+                          [(ranks[(rank - step - 1) % size], (rank - 1) % size)], "compressed fwd")
+        rows = global_chunk_rows(plan.layout, counts, slot_rows, local.device)
+        return ranks.flatten(0, 1).index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        comm, plan, slot_rows = ctx.comm, ctx.plan, ctx.slot_rows
+        size, rank = comm.size, comm.rank
+        rows = global_chunk_rows(plan.layout, plan.chunk_cmp_counts, slot_rows, grad.device)
+        full = grad.new_zeros(size * 2 * slot_rows, *grad.shape[1:])
+        full.index_copy_(0, rows, grad.contiguous())
+        full = full.view(size, 2 * slot_rows, *grad.shape[1:])
+        partial = full[(rank - 1) % size].clone()  # step s sends the partial sum of rank (r-s-1)'s rows
+        for step in range(size - 1):
+            arrived = torch.empty_like(partial)
+            comm.exchange([(partial, (rank + 1) % size)], [(arrived, (rank - 1) % size)], "compressed bwd")
+            partial = arrived.add_(full[(rank - step - 2) % size])
+        n0, n1 = ctx.sizes
+        return None, None, partial[:n0], partial[slot_rows:slot_rows + n1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Who holds what
+
+
+@dataclasses.dataclass(frozen=True)
+class RingTopology:
+    """C ranks in nodes of m consecutive ranks; rank r = node * m + local. A rank carries one piece
+    across nodes: at step t, that of rank ((node - t) mod N) * m + local."""
+
+    size: int
+    rank: int
+    node_size: int
+
+    @property
+    def num_nodes(self) -> int:
+        return self.size // self.node_size
+
+    @property
+    def node(self) -> int:
+        return self.rank // self.node_size
+
+    @property
+    def local(self) -> int:
+        return self.rank % self.node_size
+
+    @property
+    def next_rank(self) -> int:
+        return (self.rank + self.node_size) % self.size
+
+    @property
+    def prev_rank(self) -> int:
+        return (self.rank - self.node_size) % self.size
+
+    @property
+    def node_ranks(self) -> List[int]:
+        return [self.node * self.node_size + j for j in range(self.node_size)]
+
+    @property
+    def lag(self) -> int:
+        """Steps between attending to a piece and passing its finished gradient accumulator on."""
+        return 1 if self.node_size == 1 else 2
+
+    def owner(self, step: int, local: int) -> int:
+        """The rank whose piece node-rank `local` carries at `step`."""
+        return ((self.node - step) % self.num_nodes) * self.node_size + local
+
+
+def straddle_halo(plan: CPPlan, select_block_size: int) -> int:
+    """Tokens before a chunk that a selection block ending in it may start at: max over chunk edges
+    inside a document of (edge - document start) mod l'; 0 when documents start on the l' grid."""
+    need = 0
+    for start, end in plan.docs:
+        for chunk in range(1, plan.layout.num_chunks):
+            edge = plan.layout.chunk_start(chunk)
+            if start < edge < end:
+                need = max(need, (edge - start) % select_block_size)
+    return need
+
+
+@dataclasses.dataclass(frozen=True)
+class PieceWork:
+    """Local queries of one document piece against the blocks of one visiting chunk.
+
+    Blocks [first_block, end_block) of the document (those whose last token is in the chunk,
+    cut at the last query's block) are keys[...] of the piece's slot; the queries are rows (the
+    segment's queries at or after block first_block), at q_pos relative to that block's start.
+    """
+
+    row: int
+    rows: slice
+    slot: int
+    keys: slice
+    first_block: int
+    end_block: int
+    q_pos: torch.Tensor
+
+    def block_ids(self, selected_block_idx: torch.Tensor) -> torch.Tensor:
+        """Document block ids [Tq, H_kv, n] -> ids within these keys, -1 for blocks elsewhere
+        (neither backend needs the -1 at the end: each slot is read on its own)."""
+        inside = (selected_block_idx >= self.first_block) & (selected_block_idx < self.end_block)
+        return (selected_block_idx - self.first_block).masked_fill(~inside, -1)
+
+
+def piece_work(plan: CPPlan, owner: int, halo: int, select_block_size: int, device) -> List[PieceWork]:
+    """What this rank's queries attend to in rank `owner`'s piece."""
+    lp, chunk_len = select_block_size, plan.chunk_len
+    work = []
+    for seg in plan.segments:
+        last_block = (seg.q_end - 1 - seg.doc_start) // lp  # nothing after the last query's block
+        for slot, chunk in enumerate(plan.layout.chunks_of(owner)):
+            start = plan.layout.chunk_start(chunk)
+            if seg.doc_end <= start or seg.doc_start >= start + chunk_len:
+                continue
+            first = max(0, (start - seg.doc_start) // lp)
+            past_chunk = start + chunk_len - seg.doc_start
+            end = past_chunk // lp if past_chunk < seg.doc_len else -(-seg.doc_len // lp)
+            end = min(end, last_block + 1)
+            if first >= end:
+                continue
+            key_lo = seg.doc_start + first * lp
+            key_hi = seg.doc_start + min(end * lp, seg.doc_len)
+            q_lo = max(seg.q_start, key_lo)
+            local = seg.local_slice(chunk_len)
+            work.append(PieceWork(
+                row=seg.row, rows=slice(local.start + q_lo - seg.q_start, local.stop), slot=slot,
+                keys=slice(key_lo - start + halo, key_hi - start + halo), first_block=first, end_block=end,
+                q_pos=torch.arange(q_lo - key_lo, seg.q_end - key_lo, device=device)))
+    return work
+
+
+# ---------------------------------------------------------------------------------------------
+# The visiting pieces, fetched ahead
+
+
+class _PieceStream:
+    """The pieces every step attends to, brought by point-to-point batches one step ahead.
+
+    Batch s brings what step s needs: with m = 1, the piece carried at step s (from the previous
+    rank); with m > 1, the node all-gather of the pieces carried at step s and the piece carried
+    at step s+1 (from the previous node). Batch s starts once batch s-1 is done.
+    """
+
+    def __init__(self, run: "_RingRun", own_k: torch.Tensor, own_v: torch.Tensor, kind: str):
+        self.run, self.kind = run, kind
+        self.topo = run.topo
+        self.carried: Dict[int, tuple] = {0: (own_k, own_v)}
+        self.gathered: Dict[int, list] = {}
+        self.pending: Dict[int, object] = {}
+        self.issued = -1
+
+    def _ops(self, step: int):
+        topo = self.topo
+        sends, recvs = [], []
+        if topo.node_size > 1:
+            k, v = self.carried[step]
+            pieces = []
+            for local, peer in enumerate(topo.node_ranks):
+                if peer == topo.rank:
+                    pieces.append((k, v))
+                    continue
+                got = (torch.empty_like(k), torch.empty_like(v))
+                sends += [(k, peer), (v, peer)]
+                recvs += [(got[0], peer), (got[1], peer)]
+                pieces.append(got)
+            self.gathered[step] = pieces
+        arriving = step + topo.lag - 1
+        if 1 <= arriving < topo.num_nodes:
+            k, v = self.carried[arriving - 1]
+            got = (torch.empty_like(k), torch.empty_like(v))
+            sends += [(k, topo.next_rank), (v, topo.next_rank)]
+            recvs += [(got[0], topo.prev_rank), (got[1], topo.prev_rank)]
+            self.carried[arriving] = got
+        if topo.node_size == 1:
+            self.gathered[step] = [self.carried[step]]
+        return sends, recvs
+
+    def issue(self, step: int) -> None:
+        """Start batch `step` (batch step-1 must be done) unless issued or past the last step."""
+        if step <= self.issued or step >= self.topo.num_nodes:
+            return
+        self.issued = step
+        sends, recvs = self._ops(step)
+        if recvs:
+            self.pending[step] = self.run.comm.start_exchange(sends, recvs, self.kind)
+
+    def start(self) -> None:
+        """Batch 0, and batch 1 too when batch 0 moves nothing (m = 1)."""
+        self.issue(0)
+        if 0 not in self.pending:
+            self.issue(1)
+
+    def wait(self, step: int) -> None:
+        work = self.pending.pop(step, None)
+        if work is not None:
+            work.wait()
+
+    def visiting(self, step: int):
+        """[(owner rank, k piece, v piece)] of step `step` (its batch done)."""
+        return [(self.topo.owner(step, local), k, v) for local, (k, v) in enumerate(self.gathered[step])]
+
+    def release(self, step: int) -> None:
+        """Forget what only steps <= `step` need (the carried piece of `step` is passed on in batch step+1)."""
+        self.gathered.pop(step, None)
+        self.carried.pop(step - 1, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# One layer call
+
+
+class _RingRun:
+    """State of one layer call's selection branch (forward and backward)."""
+
+    def __init__(self, exchange: "NodeRingExchange", plan: CPPlan, branches, config, scale: float, k, v):
+        self.comm = exchange.comm
+        self.topo = RingTopology(self.comm.size, self.comm.rank, exchange.node_size)
+        self.plan, self.branches, self.config, self.scale = plan, branches, config, scale
+        self.halo = straddle_halo(plan, config.select_block_size)
+        self.k_halo = self.v_halo = None
+        if self.halo:  # differentiable: their gradients go back to the ranks they came from
+            self.k_halo, self.v_halo = exchange_halos(self.comm, plan.chunk_len, (self.halo, self.halo), k, v)
+        self._work: Dict[int, List[PieceWork]] = {}
+        self.stream: Optional[_PieceStream] = _PieceStream(self, *self.own_piece(k, v, self.k_halo, self.v_halo),
+                                                           "selection fwd")
+        self.stream.start()
+
+    def own_piece(self, k, v, k_halo, v_halo):
+        """Local [B, 2c, H, d] (+ halos [B, 2, h, H, d]) -> pieces [B, 2, h + c, H, d], detached, contiguous."""
+        pieces = []
+        for x, halo in ((k, k_halo), (v, v_halo)):
+            x = x.detach().unflatten(1, (2, self.plan.chunk_len))
+            pieces.append(torch.cat([halo.detach(), x], dim=2) if halo is not None else x.contiguous())
+        return pieces
+
+    def work(self, owner: int, device) -> List[PieceWork]:
+        if owner not in self._work:
+            self._work[owner] = piece_work(self.plan, owner, self.halo, self.config.select_block_size, device)
+        return self._work[owner]
+
+    def partial(self, work: PieceWork, q, k_piece, v_piece, idx):
+        """(out_c [Tq, H_q, d_v], lse_c [Tq, H_q]) of work's queries over its keys."""
+        return self.branches.selected_attention(
+            q[work.row, work.rows], k_piece[work.row, work.slot, work.keys], v_piece[work.row, work.slot, work.keys],
+            work.block_ids(idx[work.row, work.rows]), work.q_pos, self.config, self.scale)
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+class _RingSelected(torch.autograd.Function):
+    """Selection branch of the local queries over the pieces as they go round (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, run: _RingRun, q, k, v, k_halo, v_halo, idx):
+        acc_dtype = torch.promote_types(q.dtype, torch.float32)
+        out = q.new_zeros(*q.shape[:3], v.shape[3], dtype=acc_dtype)  # O [B, 2c, H_q, d_v]
+        lse = q.new_full(q.shape[:3], float("-inf"), dtype=acc_dtype)  # L [B, 2c, H_q]
+        stream, run.stream = run.stream, None
+        for step in range(run.topo.num_nodes):
+            stream.wait(step)
+            stream.issue(step + 1)
+            for owner, k_piece, v_piece in stream.visiting(step):
+                for work in run.work(owner, q.device):
+                    out_c, lse_c = run.partial(work, q, k_piece, v_piece, idx)
+                    old = lse[work.row, work.rows]
+                    lse_c = lse_c.to(acc_dtype)
+                    new = torch.logaddexp(old, lse_c)
+                    ref = _finite_or_zero(new)
+                    out[work.row, work.rows] = (out[work.row, work.rows] * torch.exp(old - ref)[..., None]
+                                                + out_c.to(acc_dtype) * torch.exp(lse_c - ref)[..., None])
+                    lse[work.row, work.rows] = new
+            stream.release(step)
+        ctx.run = run
+        ctx.save_for_backward(q, k, v, k_halo, v_halo, idx, out, lse)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        run = ctx.run
+        q, k, v, k_halo, v_halo, idx, out, lse = ctx.saved_tensors
+        topo, comm = run.topo, run.comm
+        grad_out = grad_out.to(out.dtype)
+        grad_q = torch.zeros_like(q)
+        own_k, own_v = run.own_piece(k, v, k_halo, v_halo)
+        stream = _PieceStream(run, own_k, own_v, "selection bwd")
+        zeros = lambda: (torch.zeros_like(own_k), torch.zeros_like(own_v))  # noqa: E731
+        contrib: Dict[int, list] = {}  # step -> this rank's dK/dV of each visiting piece
+        from_node: Dict[int, list] = {}  # step -> node peers' dK/dV of the piece carried at step
+        arrived: Dict[int, tuple] = {0: None}  # step -> accumulator of the carried piece from the previous node
+        finished: Dict[int, tuple] = {}  # step -> accumulator of the carried piece, this node's part added
+        num_steps, lag = topo.num_nodes, topo.lag
+        grads_in_flight = None
+        stream.start()
+        for step in range(num_steps + lag):
+            if grads_in_flight is not None:
+                grads_in_flight.wait()
+                grads_in_flight = None
+            ready = step - lag  # the accumulator complete once batch step-1 is done
+            if 0 <= ready < num_steps:
+                total = arrived.pop(ready) or zeros()
+                parts = [contrib.pop(ready)[topo.local]] + from_node.pop(ready, [])
+                finished[ready] = tuple(sum(p[i] for p in parts) + total[i] for i in range(2))
+            if step < num_steps:
+                stream.wait(step)
+                stream.issue(step + 1)
+            sends, recvs = [], []
+            if topo.node_size > 1 and 0 <= step - 1 < num_steps:  # reduce last step's pieces inside the node
+                mine = contrib[step - 1]
+                from_node[step - 1] = []
+                for local, peer in enumerate(topo.node_ranks):
+                    if peer == topo.rank:
+                        continue
+                    got = zeros()
+                    sends += [(mine[local][0], peer), (mine[local][1], peer)]
+                    recvs += [(got[0], peer), (got[1], peer)]
+                    from_node[step - 1].append(got)
+            if num_steps > 1:
+                if 0 <= ready < num_steps:
+                    done = finished.pop(ready)
+                    sends += [(done[0], topo.next_rank), (done[1], topo.next_rank)]
+                if 1 <= ready + 1 <= num_steps:
+                    got = zeros()
+                    recvs += [(got[0], topo.prev_rank), (got[1], topo.prev_rank)]
+                    arrived[ready + 1] = got
+            if sends or recvs:
+                grads_in_flight = comm.start_exchange(sends, recvs, "selection bwd grad")
+            if step < num_steps:
+                contrib[step] = [_ring_backward_step(run, q, idx, out, lse, grad_out, grad_q, owner, k_piece, v_piece)
+                                 for owner, k_piece, v_piece in stream.visiting(step)]
+                stream.release(step)
+        if grads_in_flight is not None:
+            grads_in_flight.wait()
+        grad_k_piece, grad_v_piece = arrived.pop(num_steps) if num_steps > 1 else finished.pop(0)
+        grad_k, grad_v = (piece[:, :, run.halo:].flatten(1, 2) for piece in (grad_k_piece, grad_v_piece))
+        grad_k_halo = grad_k_piece[:, :, :run.halo] if run.halo else None
+        grad_v_halo = grad_v_piece[:, :, :run.halo] if run.halo else None
+        return None, grad_q, grad_k, grad_v, grad_k_halo, grad_v_halo, None
+
+
+def _ring_backward_step(run: _RingRun, q, idx, out, lse, grad_out, grad_q, owner, k_piece, v_piece):
+    """This rank's dK/dV of one visiting piece (returned) and its dQ (added to grad_q)."""
+    grad_k, grad_v = torch.zeros_like(k_piece), torch.zeros_like(v_piece)
+    for work in run.work(owner, q.device):
+        rows = (work.row, work.rows)
+        keys = (work.row, work.slot, work.keys)
+        with torch.enable_grad():
+            q_part = q[rows].detach().requires_grad_()
+            k_part = k_piece[keys].detach().requires_grad_()
+            v_part = v_piece[keys].detach().requires_grad_()
+            out_c, lse_c = run.branches.selected_attention(q_part, k_part, v_part, work.block_ids(idx[rows]),
+                                                           work.q_pos, run.config, run.scale)
+        weight = torch.exp(lse_c.detach().to(lse.dtype) - _finite_or_zero(lse[rows]))  # w_c [Tq, H_q]
+        grad_o = grad_out[rows]
+        grad_lse = weight * (grad_o * (out_c.detach().to(out.dtype) - out[rows])).sum(-1)
+        dq, dk, dv = torch.autograd.grad((out_c, lse_c), (q_part, k_part, v_part),
+                                         ((weight[..., None] * grad_o).to(out_c.dtype), grad_lse.to(lse_c.dtype)),
+                                         allow_unused=True)
+        for total, part in ((grad_q[rows], dq), (grad_k[keys], dk), (grad_v[keys], dv)):
+            if part is not None:
+                total.add_(part)
+    return grad_k, grad_v
+
+
+# ---------------------------------------------------------------------------------------------
+# The exchanges
+
+
+class NodeRingExchange(KVExchange):
+    """The ring schedule over nodes of `node_size` consecutive CP ranks (1: 'ring')."""
+
+    mode = "ring"
+
+    def __init__(self, comm: Communicator, node_size: int = 1):
+        super().__init__(comm)
+        self.node_size = node_size
+
+    def gather_compressed(self, slot0, slot1, plan):
+        return _RingGatherCompressed.apply(self.comm, plan, slot0, slot1)
+
+    def begin_selection(self, k, v, plan, branches, config, scale, head_group_size):
+        """Starts the first transfers. head_group_size is not used: no buffer grows with the sequence."""
+        return _RingRun(self, plan, branches, config, scale, k, v)
+
+    def selected_attention(self, q, k, v, selected_block_idx, handle):
+        return _RingSelected.apply(handle, q, k, v, handle.k_halo, handle.v_halo, selected_block_idx)
+
+
+class RingExchange(NodeRingExchange):
+    mode = "ring"
+
+    def __init__(self, comm: Communicator):
+        super().__init__(comm, node_size=1)
