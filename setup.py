@@ -25,6 +25,8 @@ setup(
         "console_scripts": [
             "megatron-nsa-train=megatron_nsa.training.train:main",
             "megatron-nsa-build-dataset=megatron_nsa.training.build_dataset:main",
+            "megatron-nsa-eval-loss=megatron_nsa.eval.loss:main",
+            "megatron-nsa-needle=megatron_nsa.eval.needle:main",
         ],
     },
 )

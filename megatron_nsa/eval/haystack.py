@@ -55,15 +55,13 @@ def check_depths(depths_percent: Sequence[float]) -> None:
             raise ValueError(f"--depths {depth:g} is not allowed: depths are percentages from 0 to 100")
 
 
-def check_lengths(lengths: Sequence[int], minimum: int, maximum: Optional[int] = None, why_maximum: str = "") -> None:
+def check_lengths(lengths: Sequence[int], minimum: int) -> None:
     if not lengths:
         raise ValueError("--lengths is empty: give one or more context lengths in tokens")
     for length in lengths:
         if length < minimum:
             raise ValueError(f"--lengths {length} is not allowed: a sample needs at least {minimum} tokens "
                              "(needle, question, answer and some filler)")
-        if maximum is not None and length > maximum:
-            raise ValueError(f"--lengths {length} is not allowed: at most {maximum} tokens ({why_maximum})")
 
 
 def place_needle(filler: numpy.ndarray, needle: numpy.ndarray, question: numpy.ndarray, answer: numpy.ndarray,

@@ -18,7 +18,8 @@ from typing import List, Optional
 
 from megatron_nsa.training.config import BadInputError, dataset_exists
 
-from .checkpoints import EvalInputError
+from .checkpoints import EvalInputError, check_length, checkpoint_recipe, read_meta, resolve_checkpoint, \
+    trained_positions
 from .report import write_json
 
 
@@ -81,13 +82,16 @@ def run(args: argparse.Namespace) -> dict:
     overrides = list(args.overrides)
     if args.data:
         overrides += ["data.source=indexed", f"data.paths=[{', '.join(args.data)}]", "data.split=0,1,0"]
-    from .checkpoints import check_length
+    step_dir = resolve_checkpoint(args.checkpoint)
+    meta = read_meta(step_dir)
+    positions = trained_positions(checkpoint_recipe(step_dir, meta, args.recipe, []))
+    recipe = checkpoint_recipe(step_dir, meta, args.recipe, overrides)
+    seq_length = args.seq_length or recipe.data.seq_length
+    check_length(recipe, positions, seq_length, "--seq-length")
+
     from .model_loader import load_model
 
-    loaded = load_model(args.checkpoint, args.recipe, overrides, args.device)
-    trained_length = loaded.recipe.data.seq_length
-    seq_length = args.seq_length or trained_length
-    check_length(loaded.recipe, loaded.max_positions, seq_length, "--seq-length")
+    loaded = load_model(step_dir, args.recipe, overrides, args.device)
     loaded.recipe.data.seq_length = seq_length
     result = validation_loss(loaded, args.batches, args.batch_size)
     result.update(checkpoint=loaded.step_dir, step=loaded.step, attention=loaded.attention,

@@ -1,0 +1,287 @@
+"""NSA against dense attention with the project's own training stack: same model, same data, same tokens.
+
+    python benchmarks/nsa_vs_dense.py --experiment lm --out OUT          # real text at 8k: validation loss
+    python benchmarks/nsa_vs_dense.py --experiment retrieval --out OUT   # retrieval at 8k, needle at 8k-32k
+    python benchmarks/nsa_vs_dense.py --experiment retrieval --out OUT --tiny   # CPU check of the logic
+
+Each experiment trains configs/small_{lm,retrieval}_8k.yaml twice, NSA first, then its dense twin
+(model.attention=dense), each as its own `python -m megatron_nsa.training.train` process:
+
+  1. --steps auto: a short NSA run measures the step time; the step count is what fits --time-budget-s.
+  2. NSA trains that many steps (SIGTERM, i.e. save and stop, if it runs past the budget).
+  3. dense trains exactly the steps NSA completed, on the same samples in the same order, with the same
+     learning-rate schedule (decay over the planned steps): equal tokens.
+  4. Both final checkpoints are evaluated in this process (megatron_nsa.eval): validation loss on the same
+     batches (lm), needle accuracy over depths x lengths (retrieval) and the answer-token loss.
+
+The budget counts from each run's first completed step (start-up and kernel compilation excluded).
+--deadline-s bounds the whole script: the dense run's budget shrinks to leave time for evaluation.
+Writes under OUT/<experiment>/: {nsa,dense}/train.log, metrics.jsonl, checkpoints (removed at the end
+unless --keep-checkpoints), summary.json (written after every stage, so a killed run leaves what it
+had), and the report of plot_nsa_vs_dense.py (markdown table, PNGs when matplotlib is installed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import plot_nsa_vs_dense  # noqa: E402
+
+from megatron_nsa.training.config import load_recipe  # noqa: E402
+
+RECIPES = {"lm": "configs/small_lm_8k.yaml", "retrieval": "configs/small_retrieval_8k.yaml"}
+DEPTHS = [float(d) for d in range(0, 101, 10)]
+CALIBRATION_STEPS = 8
+# Toy sizes for --tiny (CPU, fp32): 2 layers, 128 tokens, NSA blocks that all matter at 128 tokens.
+# Learned positions (the dense model's RoPE needs CUDA) with room for the longer needle lengths.
+TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
+        "model.kv_channels=16", "model.position_embedding_type=learned_absolute", "model.max_position_embeddings=256",
+        "model.make_vocab_size_divisible_by=64", "nsa.compress_block_size=8",
+        "nsa.compress_stride=4", "nsa.select_block_size=16", "nsa.select_count=3", "nsa.window_size=32",
+        "training.micro_batch_size=2", "training.global_batch_size=4", "training.eval_steps=1", "optimizer.lr=3e-3",
+        "training.device=cpu"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", choices=tuple(RECIPES), required=True)
+    parser.add_argument("--out", required=True, help="output directory ($OUT on the GPU machine)")
+    parser.add_argument("--time-budget-s", type=float, default=None,
+                        help="training seconds per model from its first step (default 200 lm, 180 retrieval)")
+    parser.add_argument("--steps", default="auto", help="'auto' (fill the time budget) or a step count")
+    parser.add_argument("--deadline-s", type=float, default=540.0,
+                        help="the whole script's time: the dense run stops early enough to leave the evaluation "
+                             "its time (0: no deadline)")
+    parser.add_argument("--seq-length", type=int, default=None, help="training context (default 8192; tiny 128)")
+    parser.add_argument("--eval-lengths", type=int, nargs="+", default=None,
+                        help="retrieval: needle context lengths (default 8192 16384 32768; tiny 128 256)")
+    parser.add_argument("--samples", type=int, nargs="+", default=None,
+                        help="retrieval: needle samples per cell, per length (default 40 20 10; tiny 2)")
+    parser.add_argument("--depths", type=float, nargs="+", default=None, help="needle depths %% (default 0..100/10)")
+    parser.add_argument("--eval-batches", type=int, default=None,
+                        help="final validation: global batches of the recipe (default 16; tiny 2)")
+    parser.add_argument("--eval-reserve-s", type=float, default=None,
+                        help="seconds the deadline keeps for evaluating both models (default 60 lm, 100 retrieval)")
+    parser.add_argument("--cache-dir", default=None, help="data.cache_dir for the corpus (default: the recipe's)")
+    parser.add_argument("--keep-checkpoints", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="toy sizes on CPU, fixed steps: checks the logic")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides for both models")
+    args = parser.parse_args(argv)
+    defaults = dict(seq_length=(128, 8192), eval_batches=(2, 16), samples=([2], [40, 20, 10]),
+                    eval_lengths=([128, 256], [8192, 16384, 32768]), depths=([0.0, 50.0, 100.0], DEPTHS),
+                    time_budget_s=(120.0, 200.0 if args.experiment == "lm" else 180.0),
+                    eval_reserve_s=(30.0, 60.0 if args.experiment == "lm" else 100.0))
+    for name, (tiny, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else full)
+    if args.tiny and args.steps == "auto":
+        args.steps = "8"
+    if args.steps != "auto" and not (args.steps.isdigit() and int(args.steps) >= 2):
+        parser.error(f"--steps {args.steps} is not allowed: 'auto' or an integer >= 2")
+    if args.experiment == "retrieval" and len(args.samples) not in (1, len(args.eval_lengths)):
+        parser.error(f"--samples takes one count or one per --eval-lengths ({len(args.eval_lengths)})")
+    return args
+
+
+class Clock:
+    def __init__(self, deadline_s: float):
+        self.start = time.monotonic()
+        self.deadline_s = deadline_s
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def left(self) -> float:
+        return float("inf") if not self.deadline_s else self.deadline_s - self.elapsed()
+
+
+def read_records(path: str) -> List[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+    env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    return env
+
+
+def train(name: str, workdir: str, recipe: str, overrides: List[str], budget_s: float) -> dict:
+    """One training process; SIGTERM (save and stop) once it has trained budget_s seconds past its first step."""
+    os.makedirs(workdir, exist_ok=True)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(metrics):
+        os.remove(metrics)
+    command = [sys.executable, "-m", "megatron_nsa.training.train", os.path.join(REPO, recipe), *overrides,
+               f"logging.metrics_file={metrics}", "logging.log_interval=1"]
+    print(f"[{name}] {' '.join(command[3:])}", flush=True)
+    started = time.monotonic()
+    first_step = stopped_at = None
+    with open(os.path.join(workdir, "train.log"), "w") as log:
+        process = subprocess.Popen(command, cwd=workdir, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+        while process.poll() is None:
+            time.sleep(0.5)
+            if first_step is None and any("loss" in r for r in read_records(metrics)):
+                first_step = time.monotonic()
+            if first_step is not None and stopped_at is None and time.monotonic() - first_step > budget_s:
+                print(f"[{name}] time budget of {budget_s:.0f} s reached: SIGTERM (save and stop)", flush=True)
+                process.send_signal(signal.SIGTERM)
+                stopped_at = time.monotonic()
+            if stopped_at is not None and time.monotonic() - stopped_at > 180:
+                process.kill()
+        returncode = process.wait()
+    records = read_records(metrics)
+    if returncode != 0:
+        with open(os.path.join(workdir, "train.log")) as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"[{name}] training failed (exit {returncode}):\n{tail}")
+    with open(os.path.join(workdir, "train.log")) as f:
+        parameters = re.search(r"GPT: ([\d,]+) parameters", f.read())
+    steps = [r for r in records if "loss" in r]
+    step_times = [r["step_time"] for r in steps[2:]] or [r["step_time"] for r in steps]
+    return {
+        "parameters": int(parameters.group(1).replace(",", "")) if parameters else None,
+        "steps": steps[-1]["step"] if steps else 0,
+        "stopped_by_budget": stopped_at is not None,
+        "wall_s": time.monotonic() - started,
+        "train_s": (time.monotonic() - first_step) if first_step else None,
+        "median_step_s": statistics.median(step_times) if step_times else None,
+        "tokens_per_second": statistics.median(r["tokens_per_second"] for r in steps[2:]) if len(steps) > 2 else None,
+        "peak_memory_gib": max((r["peak_memory_gib"] for r in steps), default=None),
+        "train_loss": [[r["step"], r["loss"]] for r in steps],
+        "validation_loss": [[r["step"], r["validation_loss"]] for r in records if "validation_loss" in r],
+        "gates": {k: steps[-1][k] for k in ("gate_cmp", "gate_slc", "gate_win") if steps and k in steps[-1]},
+    }
+
+
+def plan_steps(args, recipe: str, common: List[str], workdir: str) -> Dict[str, float]:
+    """--steps auto: time CALIBRATION_STEPS NSA steps; the plan fills the budget at the median step time."""
+    if args.steps != "auto":
+        return {"steps": int(args.steps), "calibration_step_s": None}
+    run = train("calibration", workdir, recipe, common + [
+        "model.attention=nsa", f"training.train_steps={CALIBRATION_STEPS}", "optimizer.warmup_steps=1",
+        "training.eval_interval=0", "checkpoint.dir=null"], budget_s=120)
+    steps = max(40, int(0.97 * args.time_budget_s / run["median_step_s"]))
+    print(f"[plan] NSA step {run['median_step_s']:.3f} s -> {steps} steps in {args.time_budget_s:.0f} s", flush=True)
+    return {"steps": steps, "calibration_step_s": run["median_step_s"]}
+
+
+def schedule_overrides(steps_planned: int, steps_to_run: int, tiny: bool) -> List[str]:
+    """The same schedule for both models: warm-up, then decay over the planned steps; ten validations."""
+    warmup = 1 if tiny else max(1, min(30, steps_planned // 5))
+    return [f"training.train_steps={steps_to_run}", f"optimizer.decay_steps={steps_planned}",
+            f"optimizer.warmup_steps={warmup}", f"training.eval_interval={max(1, steps_planned // 10)}"]
+
+
+def evaluate(args, name: str, checkpoint: str, batch_size: int) -> dict:
+    """The final checkpoint's validation loss (and, for retrieval, needle accuracy) in this process."""
+    from megatron_nsa.eval.loss import validation_loss
+    from megatron_nsa.eval.model_loader import load_model, release
+    from megatron_nsa.eval.needle import needle_grid
+
+    started = time.monotonic()
+    loaded = load_model(checkpoint, device="cpu" if args.tiny else "auto")
+    result = {"step": loaded.step, **validation_loss(loaded, args.eval_batches, batch_size)}
+    print(f"[{name}] final validation loss {result['loss']:.4f} ({result['tokens']:,} target tokens)", flush=True)
+    if args.experiment == "retrieval":
+        samples = args.samples * len(args.eval_lengths) if len(args.samples) == 1 else args.samples
+        result["needle"] = needle_grid(loaded, "retrieval", args.eval_lengths, args.depths, samples, seed=0,
+                                       batch_size=1 if max(args.eval_lengths) > 16384 else 4)
+    release(loaded)
+    result["eval_s"] = time.monotonic() - started
+    return result
+
+
+def device_description(tiny: bool) -> Dict[str, str]:
+    import torch
+
+    info = {"torch": torch.__version__}
+    try:
+        import megatron.core
+
+        info["megatron_core"] = megatron.core.__version__
+    except (ImportError, AttributeError):
+        pass
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() and not tiny else "cpu"
+    return info
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    clock = Clock(args.deadline_s)
+    recipe = RECIPES[args.experiment]
+    out = os.path.abspath(os.path.join(args.out, args.experiment))
+    os.makedirs(out, exist_ok=True)
+    common = [*(TINY if args.tiny else []), f"data.seq_length={args.seq_length}", *args.overrides]
+    if args.cache_dir:
+        common.append(f"data.cache_dir={os.path.abspath(args.cache_dir)}")
+    batch = load_recipe(os.path.join(REPO, recipe), common).training.global_batch_size
+    summary = {"experiment": args.experiment, "recipe": recipe, "overrides": common, "seq_length": args.seq_length,
+               "global_batch_size": batch, "time_budget_s": args.time_budget_s, "tiny": args.tiny, "models": {}}
+    summary_path = os.path.join(out, "summary.json")
+
+    def save():
+        with open(summary_path, "w") as f:
+            json.dump(summary, f, indent=1)
+
+    summary.update(plan_steps(args, recipe, common, os.path.join(out, "calibration")))
+    planned = summary["steps"]
+    save()
+    steps_to_run = planned
+    for name in ("nsa", "dense"):
+        budget = args.time_budget_s
+        if name == "dense":
+            steps_to_run = summary["models"]["nsa"]["steps"]
+            nsa = summary["models"]["nsa"]
+            overhead = 1.3 * (nsa["wall_s"] - (nsa["train_s"] or 0.0))  # start-up, compilation, saving
+            budget = max(10.0, min(budget, clock.left() - overhead - args.eval_reserve_s))
+        workdir = os.path.join(out, name)
+        overrides = common + schedule_overrides(planned, steps_to_run, args.tiny) + [
+            f"model.attention={name}", f"checkpoint.dir={os.path.join(workdir, 'checkpoints')}",
+            "checkpoint.save_interval=0", "checkpoint.keep_last=1", "checkpoint.resume=false"]
+        run = train(name, workdir, recipe, overrides, budget)
+        run["tokens"] = run["steps"] * batch * args.seq_length
+        summary["models"][name] = run
+        save()
+        print(f"[{name}] {run['steps']} steps in {run['train_s'] or 0:.0f} s"
+              f" ({run['tokens_per_second'] or 0:,.0f} tokens/s)", flush=True)
+    summary["equal_tokens"] = summary["models"]["nsa"]["steps"] == summary["models"]["dense"]["steps"]
+    for name in ("nsa", "dense"):
+        checkpoint = os.path.join(out, name, "checkpoints")
+        summary["models"][name]["final"] = evaluate(args, name, checkpoint, batch)
+        save()
+        if not args.keep_checkpoints:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    summary["environment"] = device_description(args.tiny)
+    summary["wall_s"] = clock.elapsed()
+    save()
+    plot_nsa_vs_dense.write_report(summary, out)
+    print(f"done in {clock.elapsed():.0f} s: {summary_path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

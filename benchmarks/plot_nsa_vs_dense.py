@@ -1,0 +1,152 @@
+"""Report of benchmarks/nsa_vs_dense.py: markdown summary, loss-curve PNG, needle heat-map PNGs.
+
+    python benchmarks/plot_nsa_vs_dense.py OUT/lm/summary.json [--out-dir benchmarks/results]
+
+Files are named nsa_vs_dense_<experiment>_<gpu>.md / _loss.png / _needle_{nsa,dense}.png (and a copy of
+the summary as _<gpu>.json). The markdown is always written; PNGs only when matplotlib is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from megatron_nsa.eval.plots import accuracy_heatmap, loss_curves  # noqa: E402
+from megatron_nsa.eval.report import accuracy_table, write_json  # noqa: E402
+
+LOSS_GOAL = 0.01  # NSA validation loss within 1% of dense (or better)
+ACCURACY_GOAL = 0.99  # NSA needle accuracy at every depth up to the trained length
+TITLES = {"lm": "language modelling on real text", "retrieval": "synthetic key/value retrieval"}
+NAMES = {"nsa": "NSA", "dense": "dense"}
+
+
+def slug(device: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "unknown"
+
+
+def relative_gap(summary: dict) -> Optional[float]:
+    """(NSA - dense) / dense of the final validation losses; negative: NSA is better."""
+    try:
+        nsa, dense = (summary["models"][m]["final"]["loss"] for m in ("nsa", "dense"))
+    except KeyError:
+        return None
+    return (nsa - dense) / dense
+
+
+def min_accuracy_within(needle: dict, max_length: int) -> Optional[float]:
+    values = [acc for length, row in needle["accuracy"].items() if int(length) <= max_length for acc in row.values()]
+    return min(values) if values else None
+
+
+def _fmt(value, pattern: str, missing: str = "n/a") -> str:
+    return missing if value is None else format(value, pattern)
+
+
+def model_table(summary: dict) -> str:
+    unit = "bits/byte" if "lm" == summary["experiment"] else "bits/answer byte"
+    lines = [f"| model | parameters | steps | tokens | train s | tokens/s | peak GiB | final val. loss | perplexity | "
+             f"{unit} |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, run in summary["models"].items():
+        final = run.get("final", {})
+        lines.append(
+            f"| {NAMES[name]} | {_fmt(run.get('parameters'), ',')} | {run['steps']} | {run['tokens']:,} | "
+            f"{_fmt(run.get('train_s'), '.0f')} | {_fmt(run.get('tokens_per_second'), ',.0f')} | "
+            f"{_fmt(run.get('peak_memory_gib'), '.1f')} | {_fmt(final.get('loss'), '.4f')} | "
+            f"{_fmt(final.get('perplexity'), '.3f')} | {_fmt(final.get('bits_per_token'), '.4f')} |")
+    return "\n".join(lines)
+
+
+def curve_table(summary: dict) -> str:
+    curves = {name: dict(map(tuple, run["validation_loss"])) for name, run in summary["models"].items()}
+    steps = sorted(set().union(*(c.keys() for c in curves.values())))
+    lines = ["| step | " + " | ".join(NAMES[n] for n in curves) + " |", "|---:|" + "---:|" * len(curves)]
+    for step in steps:
+        lines.append(f"| {step} | " + " | ".join(_fmt(curves[n].get(step), ".4f", "") for n in curves) + " |")
+    return "\n".join(lines)
+
+
+def write_report(summary: dict, out_dir: str, device_slug: Optional[str] = None) -> Dict[str, Optional[str]]:
+    """Markdown (+ PNGs when possible) into out_dir; returns {kind: path or None}."""
+    experiment = summary["experiment"]
+    env = summary.get("environment", {})
+    device_slug = device_slug or slug(env.get("device", "unknown"))
+    base = os.path.join(out_dir, f"nsa_vs_dense_{experiment}_{device_slug}")
+    written: Dict[str, Optional[str]] = {"json": base + ".json"}
+    write_json(base + ".json", summary)
+    seq = summary["seq_length"]
+    curves = {NAMES[n]: [tuple(p) for p in run["validation_loss"]] for n, run in summary["models"].items()}
+    written["loss_png"] = loss_curves(curves, base + "_loss.png",
+                                      f"NSA vs dense, {TITLES[experiment]}, {seq:,} tokens ({env.get('device', '')})",
+                                      ylabel="validation loss" + (" (answer tokens)" if experiment == "retrieval"
+                                                                  else " (nats per byte)"))
+    parts: List[str] = [
+        f"### NSA vs dense: {TITLES[experiment]} at {seq:,} tokens ({env.get('device', 'unknown device')})",
+        "",
+        f"Recipe `{summary['recipe']}` with `{' '.join(summary['overrides'])}`; both models the same but for the "
+        f"attention core, trained on the same samples in the same order with the same schedule "
+        f"({summary['steps']} planned steps of {summary['global_batch_size']} x {seq:,} tokens, budget "
+        f"{summary['time_budget_s']:.0f} s per model). Versions: "
+        + ", ".join(f"{k} {v}" for k, v in env.items() if k != "device") + ".",
+        "",
+        model_table(summary),
+        "",
+    ]
+    if not summary.get("equal_tokens", True):
+        parts += ["**The two models did not train the same number of tokens** (the dense run hit its time budget); "
+                  "compare the curves at equal steps below.", ""]
+    gap = relative_gap(summary)
+    if gap is not None and experiment == "lm":
+        verdict = "met" if gap <= LOSS_GOAL else "not met"
+        parts += [f"NSA validation loss relative to dense: **{100 * gap:+.2f}%** (goal: at most +1%: {verdict}).", ""]
+    parts += ["Validation loss during training (the training run's own validation batches):", "",
+              curve_table(summary), ""]
+    if written["loss_png"]:
+        parts += [f"![validation loss]({os.path.basename(written['loss_png'])})", ""]
+    if experiment == "retrieval":
+        for name, run in summary["models"].items():
+            needle = run.get("final", {}).get("needle")
+            if not needle:
+                continue
+            lengths, depths = needle["lengths"], needle["depths"]
+            parts += [f"Needle accuracy, {NAMES[name]} ({needle['scoring']}; samples per cell "
+                      f"{', '.join(map(str, needle['samples']))} for lengths {', '.join(f'{x:,}' for x in lengths)}):",
+                      "", accuracy_table(needle["accuracy"], lengths, depths), ""]
+            png = accuracy_heatmap(needle["accuracy"], lengths, depths, f"{base}_needle_{name}.png",
+                                   f"needle accuracy, {NAMES[name]}, trained at {seq:,} ({env.get('device', '')})")
+            written[f"needle_{name}_png"] = png
+            if png:
+                parts += [f"![needle accuracy {NAMES[name]}]({os.path.basename(png)})", ""]
+        nsa_needle = summary["models"].get("nsa", {}).get("final", {}).get("needle")
+        if nsa_needle:
+            lowest = min_accuracy_within(nsa_needle, seq)
+            if lowest is not None:
+                verdict = "met" if lowest >= ACCURACY_GOAL else "not met"
+                parts += [f"Lowest NSA accuracy over depths at lengths up to the trained {seq:,}: **{100 * lowest:.0f}%**"
+                          f" (goal: at least 99% at every depth: {verdict}).", ""]
+    markdown = "\n".join(parts)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(base + ".md", "w") as f:
+        f.write(markdown)
+    written["markdown"] = base + ".md"
+    print(markdown)
+    return written
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("summary", help="summary.json written by benchmarks/nsa_vs_dense.py")
+    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+    with open(args.summary) as f:
+        summary = json.load(f)
+    write_report(summary, args.out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The evaluation commands on a checkpoint of a real (tiny, seconds-long) training run on CPU, and their
+answers to bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 4
+# configs/tiny.yaml shrunk to seconds on the retrieval task: 2 layers, 64 tokens, learned positions for 256.
+TINY_RUN = [
+    "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
+    "model.max_position_embeddings=256", "data.source=retrieval", "data.seq_length=64", "nsa.compress_block_size=8",
+    "nsa.compress_stride=4", "nsa.select_block_size=16", "nsa.select_count=3", "nsa.window_size=16",
+    "training.micro_batch_size=2", "training.global_batch_size=4", f"training.train_steps={STEPS}",
+    "training.eval_interval=2", "training.eval_steps=2", "optimizer.warmup_steps=1", "optimizer.lr=3e-3",
+    "logging.log_interval=1", "checkpoint.save_interval=0",
+]
+
+
+def env() -> dict:
+    variables = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    variables["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), variables.get("PYTHONPATH")]))
+    return variables
+
+
+def run_module(module: str, *args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env(), capture_output=True,
+                          text=True, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(work dir, checkpoint dir, validation losses by step) of a 4-step NSA run on the retrieval task."""
+    workdir = tmp_path_factory.mktemp("eval_run")
+    metrics = workdir / "metrics.jsonl"
+    result = run_module("megatron_nsa.training.train", REPO / "configs" / "tiny.yaml", *TINY_RUN,
+                        f"checkpoint.dir={workdir / 'ckpt'}", f"logging.metrics_file={metrics}", cwd=workdir)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return workdir, workdir / "ckpt", {r["step"]: r["validation_loss"] for r in records if "validation_loss" in r}
+
+
+@pytest.mark.slow
+def test_eval_loss_reproduces_the_training_validation(trained):
+    workdir, checkpoint, validation = trained
+    # the loop validates on eval_steps=2 global batches of 4: the same 8 samples as 2 batches of 4
+    result = run_module("megatron_nsa.eval.loss", "--checkpoint", checkpoint, "--batches", 2, "--batch-size", 4,
+                        "--json", workdir / "loss.json", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((workdir / "loss.json").read_text())
+    assert report["step"] == STEPS and report["attention"] == "nsa" and report["seq_length"] == 64
+    assert report["loss"] == pytest.approx(validation[STEPS], rel=1e-5)
+    assert report["tokens"] > 0 and report["perplexity"] == pytest.approx(2.718281828 ** report["loss"], rel=1e-6)
+    assert f"loss {report['loss']:.4f}" in result.stdout and "bits per byte" in result.stdout
+
+
+@pytest.mark.slow
+def test_needle_command_writes_grid_json_and_table(trained):
+    workdir, checkpoint, _ = trained
+    result = run_module("megatron_nsa.eval.needle", "--checkpoint", checkpoint / "step_00000004", "--lengths", 64, 200,
+                        "--depths", 0, 50, 100, "--samples", 3, 2, "--json", workdir / "needle.json",
+                        "--table", workdir / "needle.md", "--png", workdir / "needle.png", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((workdir / "needle.json").read_text())
+    assert report["format"] == "retrieval" and report["lengths"] == [64, 200] and report["samples"] == [3, 2]
+    assert set(report["accuracy"]) == {"64", "200"} and set(report["accuracy"]["64"]) == {"0", "50", "100"}
+    for grid in (report["accuracy"], report["token_accuracy"]):
+        assert all(0.0 <= value <= 1.0 for row in grid.values() for value in row.values())
+    table = (workdir / "needle.md").read_text()
+    assert table.splitlines()[0] == "| depth \\ length | 64 | 200 |" and "| 50% |" in table
+    assert table in result.stdout
+    try:
+        import matplotlib  # noqa: F401
+        assert (workdir / "needle.png").stat().st_size > 0
+    except ImportError:
+        assert "matplotlib is not installed: skipped" in result.stdout and not (workdir / "needle.png").exists()
+
+
+@pytest.mark.slow
+def test_eval_loss_on_an_indexed_dataset(trained, tmp_path):
+    from megatron_nsa.training.build_dataset import build_indexed_dataset
+    from megatron_nsa.training.tokenizer import ByteTokenizer
+
+    workdir, checkpoint, _ = trained
+    prefix = tmp_path / "corpus"
+    build_indexed_dataset([REPO / "README.md", REPO / "setup.py"], str(prefix), ByteTokenizer())
+    result = run_module("megatron_nsa.eval.loss", "--checkpoint", checkpoint, "--data", prefix, "--batches", 2,
+                        "--batch-size", 3, "--seq-length", 50, "--json", tmp_path / "loss.json", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "loss.json").read_text())
+    assert report["data"] == [str(prefix)] and report["seq_length"] == 50
+    assert report["tokens"] == 2 * 3 * 50  # every token of text is a target
+    assert 0.0 < report["loss"] < 10.0
+
+
+def call_main(main, argv, capsys):
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_missing_or_empty_checkpoint_is_named(tmp_path, capsys):
+    from megatron_nsa.eval import loss, needle
+
+    code, err = call_main(loss.main, ["--checkpoint", tmp_path / "nowhere"], capsys)
+    assert code == 2 and f"--checkpoint '{tmp_path / 'nowhere'}' is not a directory" in err
+    code, err = call_main(needle.main, ["--checkpoint", tmp_path], capsys)
+    assert code == 2 and f"--checkpoint '{tmp_path}' holds no complete checkpoint" in err
+
+
+def test_missing_dataset_files_are_named(trained, capsys):
+    from megatron_nsa.eval import loss
+
+    _, checkpoint, _ = trained
+    code, err = call_main(loss.main, ["--checkpoint", checkpoint, "--data", "/no/such/corpus"], capsys)
+    assert code == 2 and "--data '/no/such/corpus' is missing /no/such/corpus.bin, /no/such/corpus.idx" in err
+    code, err = call_main(loss.main, ["--checkpoint", checkpoint, "--batches", 0], capsys)
+    assert code == 2 and "--batches 0 is not allowed: it must be >= 1" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--depths", 0, 120], "--depths 120 is not allowed: depths are percentages from 0 to 100"),
+    (["--lengths", 20], "--lengths 20 is not allowed: a sample needs at least 29 tokens"),
+    (["--lengths", 512], "--lengths 512 is not allowed: the model has learned positions for 256 tokens"),
+    (["--lengths", 64, 128, "--samples", 1, 2, 3], "--samples 1 2 3 is not allowed: give one count, or one per length"),
+    (["--samples", 0], "--samples 0 is not allowed: it must be >= 1"),
+    (["training.lr=1"], "unknown recipe key 'training.lr'"),
+])
+def test_bad_needle_grids_are_named(trained, capsys, args, message):
+    from megatron_nsa.eval import needle
+
+    _, checkpoint, _ = trained
+    code, err = call_main(needle.main, ["--checkpoint", checkpoint, *args], capsys)
+    assert code == 2 and message in err, err
+
+
+def test_eval_loss_refuses_lengths_past_learned_positions(trained, capsys):
+    from megatron_nsa.eval import loss
+
+    _, checkpoint, _ = trained
+    code, err = call_main(loss.main, ["--checkpoint", checkpoint, "--seq-length", 300], capsys)
+    assert code == 2 and "--seq-length 300 is not allowed: the model has learned positions for 256 tokens" in err

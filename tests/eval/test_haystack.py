@@ -1,0 +1,89 @@
+"""Needle samples: exact lengths, the fact where the depth puts it, the question and answer at the end."""
+from __future__ import annotations
+
+import numpy
+import pytest
+
+from megatron_nsa.eval.haystack import (check_depths, check_lengths, minimum_length, needle_samples, place_needle)
+from megatron_nsa.eval.retrieval_task import RetrievalFormat
+
+FMT = RetrievalFormat()
+
+
+def text_of(tokens) -> str:
+    return bytes(numpy.asarray(tokens, dtype=numpy.uint8)).decode()
+
+
+def random_filler(num_tokens, rng):
+    return rng.integers(ord("a"), ord("z") + 1, size=num_tokens)
+
+
+@pytest.mark.parametrize("length", [97, 256, 1000])
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.35, 0.5, 0.9, 1.0])
+def test_text_needle_sits_at_the_exact_depth(length, depth):
+    (sample,) = needle_samples("text", length, depth, 1, seed=3, fmt=FMT, filler_source=random_filler)
+    assert sample.tokens.shape == (length,)
+    assert sample.needle_start == round(depth * sample.filler_length)
+    needle = text_of(sample.tokens[sample.needle_start:sample.needle_start + sample.needle_length])
+    assert needle.startswith("\nThe secret code of ") and needle.endswith(".\n")
+    key, value = needle.split(" of ")[1].split(".")[0].split(" is ")
+    tail = text_of(sample.tokens[-(sample.needle_length - 2):])
+    assert tail == f"\nThe secret code of {key} is {value}"  # question, then the answer tokens
+    assert text_of(sample.tokens[sample.answer_positions]) == value
+    assert sample.answer_positions.tolist() == list(range(length - FMT.value_length, length))
+
+
+@pytest.mark.parametrize("length", [64, 250, 4097])
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.77, 1.0])
+def test_retrieval_needle_is_a_definition_at_the_nearest_line_start(length, depth):
+    (sample,) = needle_samples("retrieval", length, depth, 1, seed=0, fmt=FMT)
+    line = FMT.line_length
+    assert sample.tokens.shape == (length,)
+    assert abs(sample.needle_start - depth * sample.filler_length) <= line / 2 + 1
+    needle = text_of(sample.tokens[sample.needle_start:sample.needle_start + line])
+    key, value = needle[:FMT.key_length], needle[FMT.key_length + 1:-1]
+    assert needle == f"{key}:{value}\n"
+    assert text_of(sample.tokens[-(FMT.key_length + 1 + FMT.value_length):]) == f"{key}?{value}"
+    assert text_of(sample.tokens[sample.answer_positions]) == value
+    # the needle is the only line that mentions its key, and it starts a line (or the sample)
+    assert text_of(sample.tokens).count(key) == 2
+    assert sample.needle_start == 0 or sample.tokens[sample.needle_start - 1] == ord("\n")
+
+
+def test_samples_are_reproducible_and_differ_across_cells():
+    first = needle_samples("retrieval", 300, 0.5, 3, seed=11, fmt=FMT)
+    again = needle_samples("retrieval", 300, 0.5, 3, seed=11, fmt=FMT)
+    other_depth = needle_samples("retrieval", 300, 0.6, 3, seed=11, fmt=FMT)
+    for a, b, c in zip(first, again, other_depth):
+        numpy.testing.assert_array_equal(a.tokens, b.tokens)
+        assert not numpy.array_equal(a.tokens, c.tokens)
+    assert not numpy.array_equal(first[0].tokens, first[1].tokens)
+
+
+def test_place_needle_snaps_to_boundaries():
+    filler = numpy.arange(100)
+    sample = place_needle(filler, numpy.array([-1, -1]), numpy.array([-2]), numpy.array([-3]), 0.33,
+                          boundaries=numpy.array([0, 20, 40, 100]))
+    assert sample.needle_start == 40 and sample.tokens[40:42].tolist() == [-1, -1]
+    assert sample.tokens[:40].tolist() == list(range(40)) and sample.tokens[-2:].tolist() == [-2, -3]
+    assert sample.achieved_depth == 0.4
+
+
+@pytest.mark.parametrize("depths, message", [
+    ([0, 101], r"--depths 101 is not allowed: depths are percentages from 0 to 100"),
+    ([-5], r"--depths -5 is not allowed"), ([], r"--depths is empty"),
+])
+def test_bad_depths(depths, message):
+    with pytest.raises(ValueError, match=message):
+        check_depths(depths)
+
+
+def test_bad_lengths():
+    shortest = minimum_length(FMT, "retrieval")
+    check_lengths([shortest], shortest)
+    needle_samples("retrieval", shortest, 0.5, 1, seed=0, fmt=FMT)
+    with pytest.raises(ValueError, match=rf"--lengths {shortest - 1} is not allowed: a sample needs at least "
+                                         rf"{shortest} tokens"):
+        check_lengths([100, shortest - 1], shortest)
+    with pytest.raises(ValueError, match="format='html' is not allowed; choose one of"):
+        needle_samples("html", 100, 0.5, 1, seed=0, fmt=FMT)

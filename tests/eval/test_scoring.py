@@ -1,0 +1,85 @@
+"""Teacher-forced needle scoring against model stubs whose predictions are computed from their input:
+a reader that finds the fact only within its last `window` tokens must score 1 exactly on the samples
+whose needle lies inside that window, and 0 elsewhere."""
+from __future__ import annotations
+
+import numpy
+import pytest
+import torch
+
+from megatron_nsa.eval.haystack import needle_samples
+from megatron_nsa.eval.retrieval_task import RetrievalFormat
+from megatron_nsa.eval.scoring import answer_hits, score_cell
+
+FMT = RetrievalFormat()
+VOCAB = 258
+PADDED_VOCAB = 320
+DEVICE = torch.device("cpu")
+
+
+def windowed_reader(window: int, wrong_digit: bool = False):
+    """logits_fn: at the question `key?` (the last '?' of the row), look for `key:` among the last `window`
+    tokens before it and predict that definition's value digit by digit (from the input only: the answer
+    tokens the teacher-forced input carries are never read). Elsewhere: token 0."""
+    k, v = FMT.key_length, FMT.value_length
+
+    def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
+        batch, length = tokens.shape
+        logits = torch.zeros(batch, length, PADDED_VOCAB)
+        logits[:, :, 0] = 1.0
+        for row in range(batch):
+            text = bytes(tokens[row].to(torch.uint8).tolist())
+            question = text.rindex(b"?")
+            key = text[question - k:question]
+            # b"\n" + text: index j of the match is where the definition's line starts in text
+            start = (b"\n" + text).find(b"\n" + key + b":", max(0, question - k - window))
+            if start == -1:
+                continue
+            value = text[start + k + 1:start + k + 1 + v]
+            if wrong_digit:
+                value = value[:-1] + bytes([ord("0") + (value[-1] - ord("0") + 1) % 10])
+            for offset, digit in enumerate(value):
+                logits[row, question + offset, :] = 0.0
+                logits[row, question + offset, digit] = 10.0
+        logits[:, :, VOCAB:] = 20.0  # the padded vocabulary's columns: the scorer must ignore them
+        return logits
+
+    return logits_fn
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_a_reader_that_sees_everything_scores_one(batch_size):
+    samples = needle_samples("retrieval", 400, 0.0, 5, seed=1, fmt=FMT) + \
+        needle_samples("retrieval", 400, 0.5, 5, seed=1, fmt=FMT)
+    score = score_cell(windowed_reader(window=10_000), samples, VOCAB, DEVICE, batch_size)
+    assert (score.samples, score.correct, score.accuracy, score.token_accuracy) == (10, 10, 1.0, 1.0)
+
+
+def test_accuracy_follows_the_needle_depth_for_a_windowed_reader():
+    length, window = 600, 200
+    for depth in (0.0, 0.3, 0.6, 0.7, 0.8, 1.0):
+        samples = needle_samples("retrieval", length, depth, 4, seed=2, fmt=FMT)
+        question = length - FMT.value_length - 1
+        inside = [s.needle_start >= question - FMT.key_length - window for s in samples]
+        score = score_cell(windowed_reader(window), samples, VOCAB, DEVICE, batch_size=2)
+        assert score.correct == sum(inside), (depth, [s.needle_start for s in samples])
+    assert score.accuracy == 1.0  # depth 100%: right before the question
+    far = score_cell(windowed_reader(window), needle_samples("retrieval", length, 0.0, 4, seed=2, fmt=FMT),
+                     VOCAB, DEVICE, batch_size=4)
+    assert far.accuracy == 0.0 and far.token_accuracy < 0.5
+
+
+def test_one_wrong_token_fails_the_sample_but_counts_the_others():
+    samples = needle_samples("retrieval", 300, 0.5, 6, seed=4, fmt=FMT)
+    score = score_cell(windowed_reader(10_000, wrong_digit=True), samples, VOCAB, DEVICE, batch_size=6)
+    assert score.correct == 0
+    assert score.token_accuracy == pytest.approx((FMT.value_length - 1) / FMT.value_length)
+    hits = answer_hits(windowed_reader(10_000, wrong_digit=True), samples[:2], VOCAB, DEVICE)
+    assert [h.tolist() for h in hits] == [[True] * (FMT.value_length - 1) + [False]] * 2
+
+
+def test_batches_of_one_length_only():
+    samples = needle_samples("retrieval", 300, 0.5, 1, seed=0, fmt=FMT) + \
+        needle_samples("retrieval", 310, 0.5, 1, seed=0, fmt=FMT)
+    with pytest.raises(ValueError, match=r"one length, got \[300, 310\]"):
+        answer_hits(windowed_reader(10), samples, VOCAB, DEVICE)
