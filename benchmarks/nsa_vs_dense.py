@@ -60,9 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--experiment", choices=tuple(RECIPES), required=True)
     parser.add_argument("--out", required=True, help="output directory ($OUT on the GPU machine)")
     parser.add_argument("--time-budget-s", type=float, default=None,
-                        help="training seconds per model from its first step (default 200 lm, 180 retrieval)")
+                        help="training seconds per model from its first step (default 180)")
     parser.add_argument("--steps", default="auto", help="'auto' (fill the time budget) or a step count")
-    parser.add_argument("--deadline-s", type=float, default=540.0,
+    parser.add_argument("--deadline-s", type=float, default=500.0,
                         help="the whole script's time: the dense run stops early enough to leave the evaluation "
                              "its time (0: no deadline)")
     parser.add_argument("--seq-length", type=int, default=None, help="training context (default 8192; tiny 128)")
@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-batches", type=int, default=None,
                         help="final validation: global batches of the recipe (default 16; tiny 2)")
     parser.add_argument("--eval-reserve-s", type=float, default=None,
-                        help="seconds the deadline keeps for evaluating both models (default 60 lm, 100 retrieval)")
+                        help="seconds the deadline keeps for evaluating both models (default 45 lm, 100 retrieval)")
     parser.add_argument("--cache-dir", default=None, help="data.cache_dir for the corpus (default: the recipe's)")
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="toy sizes on CPU, fixed steps: checks the logic")
@@ -82,8 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     defaults = dict(seq_length=(128, 8192), eval_batches=(2, 16), samples=([2], [40, 20, 10]),
                     eval_lengths=([128, 256], [8192, 16384, 32768]), depths=([0.0, 50.0, 100.0], DEPTHS),
-                    time_budget_s=(120.0, 200.0 if args.experiment == "lm" else 180.0),
-                    eval_reserve_s=(30.0, 60.0 if args.experiment == "lm" else 100.0))
+                    time_budget_s=(120.0, 180.0), eval_reserve_s=(30.0, 45.0 if args.experiment == "lm" else 100.0))
     for name, (tiny, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else full)
@@ -148,17 +147,20 @@ def train(name: str, workdir: str, recipe: str, overrides: List[str], budget_s: 
                 process.kill()
         returncode = process.wait()
     records = read_records(metrics)
-    if returncode != 0:
-        with open(os.path.join(workdir, "train.log")) as f:
-            tail = f.read()[-3000:]
-        raise RuntimeError(f"[{name}] training failed (exit {returncode}):\n{tail}")
     with open(os.path.join(workdir, "train.log")) as f:
-        parameters = re.search(r"GPT: ([\d,]+) parameters", f.read())
+        log_text = f.read()
     steps = [r for r in records if "loss" in r]
+    if returncode != 0 and not steps:
+        raise RuntimeError(f"[{name}] training failed (exit {returncode}) before its first step:\n{log_text[-3000:]}")
+    error = None
+    if returncode != 0:  # e.g. saving the checkpoint failed: keep what the run measured
+        error = f"exit {returncode}: {log_text[-1500:]}"
+        print(f"[{name}] training process failed after {steps[-1]['step']} steps:\n{log_text[-3000:]}", flush=True)
+    parameters = re.search(r"GPT: ([\d,]+) parameters", log_text)
     step_times = [r["step_time"] for r in steps[2:]] or [r["step_time"] for r in steps]
     return {
         "parameters": int(parameters.group(1).replace(",", "")) if parameters else None,
-        "steps": steps[-1]["step"] if steps else 0,
+        "steps": steps[-1]["step"],
         "stopped_by_budget": stopped_at is not None,
         "wall_s": time.monotonic() - started,
         "train_s": (time.monotonic() - first_step) if first_step else None,
@@ -167,7 +169,8 @@ def train(name: str, workdir: str, recipe: str, overrides: List[str], budget_s: 
         "peak_memory_gib": max((r["peak_memory_gib"] for r in steps), default=None),
         "train_loss": [[r["step"], r["loss"]] for r in steps],
         "validation_loss": [[r["step"], r["validation_loss"]] for r in records if "validation_loss" in r],
-        "gates": {k: steps[-1][k] for k in ("gate_cmp", "gate_slc", "gate_win") if steps and k in steps[-1]},
+        "gates": {k: steps[-1][k] for k in ("gate_cmp", "gate_slc", "gate_win") if k in steps[-1]},
+        "error": error,
     }
 
 
@@ -271,7 +274,11 @@ def main(argv=None) -> int:
     summary["equal_tokens"] = summary["models"]["nsa"]["steps"] == summary["models"]["dense"]["steps"]
     for name in ("nsa", "dense"):
         checkpoint = os.path.join(out, name, "checkpoints")
-        summary["models"][name]["final"] = evaluate(args, name, checkpoint, batch)
+        try:
+            summary["models"][name]["final"] = evaluate(args, name, checkpoint, batch)
+        except Exception as err:  # noqa: BLE001 - report the other model and the training curves all the same
+            summary["models"][name]["final_error"] = f"{type(err).__name__}: {err}"
+            print(f"[{name}] evaluation failed: {type(err).__name__}: {err}", flush=True)
         save()
         if not args.keep_checkpoints:
             shutil.rmtree(checkpoint, ignore_errors=True)

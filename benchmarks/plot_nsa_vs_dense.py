@@ -12,7 +12,7 @@ import json
 import os
 import re
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -29,13 +29,19 @@ def slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "unknown"
 
 
-def relative_gap(summary: dict) -> Optional[float]:
-    """(NSA - dense) / dense of the final validation losses; negative: NSA is better."""
-    try:
-        nsa, dense = (summary["models"][m]["final"]["loss"] for m in ("nsa", "dense"))
-    except KeyError:
+def compared_losses(summary: dict) -> Optional[Tuple[float, float, str]]:
+    """(NSA loss, dense loss, where from): the final evaluations, or else the last training validation
+    both runs reached (when an evaluation failed)."""
+    models = summary["models"]
+    finals = [models.get(m, {}).get("final", {}).get("loss") for m in ("nsa", "dense")]
+    if None not in finals:
+        return finals[0], finals[1], "final evaluation"
+    curves = [dict(map(tuple, models.get(m, {}).get("validation_loss", []))) for m in ("nsa", "dense")]
+    common = set(curves[0]) & set(curves[1])
+    if not common:
         return None
-    return (nsa - dense) / dense
+    step = max(common)
+    return curves[0][step], curves[1][step], f"training validation at step {step}"
 
 
 def min_accuracy_within(needle: dict, max_length: int) -> Optional[float]:
@@ -99,10 +105,19 @@ def write_report(summary: dict, out_dir: str, device_slug: Optional[str] = None)
     if not summary.get("equal_tokens", True):
         parts += ["**The two models did not train the same number of tokens** (the dense run hit its time budget); "
                   "compare the curves at equal steps below.", ""]
-    gap = relative_gap(summary)
-    if gap is not None and experiment == "lm":
+    for name, run in summary["models"].items():
+        for kind in ("error", "final_error"):
+            if run.get(kind):
+                parts += [f"**{NAMES[name]} {'training' if kind == 'error' else 'evaluation'} failed**: "
+                          f"`{run[kind].splitlines()[-1] if run[kind].strip() else run[kind]}`", ""]
+    compared = compared_losses(summary)
+    if compared is not None:
+        nsa, dense, source = compared
+        gap = (nsa - dense) / dense
         verdict = "met" if gap <= LOSS_GOAL else "not met"
-        parts += [f"NSA validation loss relative to dense: **{100 * gap:+.2f}%** (goal: at most +1%: {verdict}).", ""]
+        goal = f" (goal: at most +1%: {verdict})" if experiment == "lm" else ""
+        parts += [f"NSA validation loss relative to dense ({source}): **{100 * gap:+.2f}%** "
+                  f"({nsa:.4f} vs {dense:.4f}){goal}.", ""]
     parts += ["Validation loss during training (the training run's own validation batches):", "",
               curve_table(summary), ""]
     if written["loss_png"]:
