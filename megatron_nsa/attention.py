@@ -67,7 +67,9 @@ class NSACoreAttention(MegatronModule):
         from .context_parallel import nsa_attention_cp
 
         return nsa_attention_cp(q, k, v, gates, config, self.cp_group, compressor=compressor, backend=backend,
-                                compressed_rope=compressed_rope, cu_seqlens=cu_seqlens)
+                                compressed_rope=compressed_rope, cu_seqlens=cu_seqlens,
+                                exchange=getattr(self.config, "nsa_cp_exchange", "allgather"),
+                                node_size=getattr(self.config, "nsa_cp_node_size", None))
 
 
 class NSASelfAttention(Attention):

@@ -79,6 +79,13 @@ class NSATransformerConfig(TransformerConfig):
     nsa_rotary_dim: Optional[int] = None
     """Leading dims of each q/k head that NSA's own RoPE rotates (None: all of qk_head_dim)."""
 
+    nsa_cp_exchange: str = "allgather"
+    """How NSA K/V cross context-parallel ranks: 'allgather' | 'ring' | 'hierarchical' | 'fetch'
+    (megatron_nsa.context_parallel.exchange; same result, different memory and traffic)."""
+
+    nsa_cp_node_size: Optional[int] = None
+    """Consecutive CP ranks per node, for nsa_cp_exchange='hierarchical' (a divisor of context_parallel_size)."""
+
     def __post_init__(self):
         if self.kv_channels is None and self.v_head_dim is not None:
             self.kv_channels = self.v_head_dim
@@ -91,6 +98,7 @@ class NSATransformerConfig(TransformerConfig):
         _validate_head_dims(self)
         _validate_backend(self.nsa_backend, "nsa_backend")
         _validate_rotary(self)
+        _validate_cp_exchange(self)
         check_megatron_fields(self, self.tensor_model_parallel_size)
 
     def nsa_config(self) -> NSAConfig:
@@ -165,6 +173,16 @@ def _validate_head_dims(cfg: NSATransformerConfig) -> None:
 def _validate_backend(backend, name: str) -> None:
     if backend not in NSA_BACKENDS:
         raise ValueError(f"{name}={backend!r} is not allowed; choose one of {NSA_BACKENDS}")
+
+
+def _validate_cp_exchange(cfg: NSATransformerConfig) -> None:
+    from .context_parallel.exchange import EXCHANGE_MODES
+    from .context_parallel.exchange_hierarchical import check_node_size
+
+    if cfg.nsa_cp_exchange not in EXCHANGE_MODES:
+        raise ValueError(f"nsa_cp_exchange={cfg.nsa_cp_exchange!r} is not allowed; choose one of {EXCHANGE_MODES}")
+    if cfg.nsa_cp_exchange == "hierarchical":
+        check_node_size(cfg.nsa_cp_node_size, cfg.context_parallel_size, "nsa_cp_node_size")
 
 
 def _validate_rotary(cfg: NSATransformerConfig) -> None:

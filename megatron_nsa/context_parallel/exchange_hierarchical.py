@@ -18,12 +18,12 @@ from .comm import Communicator
 from .exchange_ring import NodeRingExchange
 
 
-def check_node_size(node_size, cp_size: int) -> None:
+def check_node_size(node_size, cp_size: int, name: str = "node_size") -> None:
     """node_size must be a positive divisor of the CP size; the error names both and the allowed values."""
     allowed = [m for m in range(1, cp_size + 1) if cp_size % m == 0]
     if isinstance(node_size, bool) or not isinstance(node_size, int) or node_size not in allowed:
         raise ValueError(
-            f"node_size={node_size!r} is not allowed for exchange='hierarchical' with context_parallel_size="
+            f"{name}={node_size!r} is not allowed for exchange='hierarchical' with context_parallel_size="
             f"{cp_size}: it must be the number of consecutive CP ranks per node, a divisor of {cp_size}: {allowed}"
         )
 

@@ -23,9 +23,10 @@ partial of the visiting piece with autograd and feeds it grad_out_c = w_c dO and
 grad_lse_c = w_c (dO . (out_c - O)), w_c = exp(lse_c - L) (O = sum_c w_c out_c with
 w_c = exp(lse_c - L), L = log sum_c exp(lse_c)); dQ stays local. The dK/dV accumulator of a piece
 follows the piece one step behind: while rank r attends to the visiting piece it receives that
-piece's accumulator (the contributions of the ranks it visited before) from r-1, adds its own
-contribution, and passes it on at the next step; after the last step every rank receives the
-finished accumulator of its own piece.
+piece's accumulator (the contributions of the ranks it visited before, its owner's excepted) from
+r-1, adds its own contribution, and passes it on at the next step; after the last step every rank
+receives the accumulator of its own piece and adds its own contribution: C-1 transfers of dK/dV
+per piece, as in a ring reduce-scatter. Only the last one is not hidden under attention.
 
 'hierarchical' (exchange_hierarchical.py) runs the same schedule with nodes of m ranks in place
 of ranks: at each step a node's m pieces are all-gathered inside the node, and each rank passes
@@ -312,6 +313,24 @@ def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
+def merge_partial(out: torch.Tensor, lse: torch.Tensor, out_c: torch.Tensor, lse_c: torch.Tensor) -> None:
+    """Fold a partial result (out_c [T, H, d_v], lse_c [T, H]) into the running (out, lse), in place.
+    Rows without keys so far or in the partial (lse -inf) stay exact, without NaNs."""
+    lse_c = lse_c.to(lse.dtype)
+    merged = torch.logaddexp(lse, lse_c)
+    ref = _finite_or_zero(merged)
+    out.mul_(torch.exp(lse - ref)[..., None]).add_(out_c.to(out.dtype) * torch.exp(lse_c - ref)[..., None])
+    lse.copy_(merged)
+
+
+def partial_grads(out_c, lse_c, out, lse, grad_out):
+    """Gradients on a partial (out_c, lse_c) from dO on the merged out = sum_c w_c out_c,
+    w_c = exp(lse_c - lse): (w_c dO, w_c dO.(out_c - out)), in out_c's and lse_c's dtypes."""
+    weight = torch.exp(lse_c.detach().to(lse.dtype) - _finite_or_zero(lse))  # [T, H]
+    grad_lse = weight * (grad_out * (out_c.detach().to(out.dtype) - out)).sum(-1)
+    return (weight[..., None] * grad_out).to(out_c.dtype), grad_lse.to(lse_c.dtype)
+
+
 class _RingSelected(torch.autograd.Function):
     """Selection branch of the local queries over the pieces as they go round (module docstring)."""
 
@@ -327,13 +346,7 @@ class _RingSelected(torch.autograd.Function):
             for owner, k_piece, v_piece in stream.visiting(step):
                 for work in run.work(owner, q.device):
                     out_c, lse_c = run.partial(work, q, k_piece, v_piece, idx)
-                    old = lse[work.row, work.rows]
-                    lse_c = lse_c.to(acc_dtype)
-                    new = torch.logaddexp(old, lse_c)
-                    ref = _finite_or_zero(new)
-                    out[work.row, work.rows] = (out[work.row, work.rows] * torch.exp(old - ref)[..., None]
-                                                + out_c.to(acc_dtype) * torch.exp(lse_c - ref)[..., None])
-                    lse[work.row, work.rows] = new
+                    merge_partial(out[work.row, work.rows], lse[work.row, work.rows], out_c, lse_c)
             stream.release(step)
         ctx.run = run
         ctx.save_for_backward(q, k, v, k_halo, v_halo, idx, out, lse)
@@ -351,7 +364,10 @@ class _RingSelected(torch.autograd.Function):
         zeros = lambda: (torch.zeros_like(own_k), torch.zeros_like(own_v))  # noqa: E731
         contrib: Dict[int, list] = {}  # step -> this rank's dK/dV of each visiting piece
         from_node: Dict[int, list] = {}  # step -> node peers' dK/dV of the piece carried at step
-        arrived: Dict[int, tuple] = {0: None}  # step -> accumulator of the carried piece from the previous node
+        # step -> accumulator of the carried piece from the previous node; the chain of a piece starts
+        # at the node after its owner's (step 1) and ends back at the owner, who adds its node's part
+        # (step 0) last: C/m - 1 hops across nodes, as in a ring reduce-scatter
+        arrived: Dict[int, tuple] = {0: None, 1: None}
         finished: Dict[int, tuple] = {}  # step -> accumulator of the carried piece, this node's part added
         num_steps, lag = topo.num_nodes, topo.lag
         grads_in_flight = None
@@ -380,10 +396,10 @@ class _RingSelected(torch.autograd.Function):
                     recvs += [(got[0], peer), (got[1], peer)]
                     from_node[step - 1].append(got)
             if num_steps > 1:
-                if 0 <= ready < num_steps:
+                if 1 <= ready < num_steps:
                     done = finished.pop(ready)
                     sends += [(done[0], topo.next_rank), (done[1], topo.next_rank)]
-                if 1 <= ready + 1 <= num_steps:
+                if 2 <= ready + 1 <= num_steps:
                     got = zeros()
                     recvs += [(got[0], topo.prev_rank), (got[1], topo.prev_rank)]
                     arrived[ready + 1] = got
@@ -395,7 +411,10 @@ class _RingSelected(torch.autograd.Function):
                 stream.release(step)
         if grads_in_flight is not None:
             grads_in_flight.wait()
-        grad_k_piece, grad_v_piece = arrived.pop(num_steps) if num_steps > 1 else finished.pop(0)
+        grad_k_piece, grad_v_piece = finished.pop(0)
+        if num_steps > 1:
+            from_ring = arrived.pop(num_steps)
+            grad_k_piece, grad_v_piece = grad_k_piece + from_ring[0], grad_v_piece + from_ring[1]
         grad_k, grad_v = (piece[:, :, run.halo:].flatten(1, 2) for piece in (grad_k_piece, grad_v_piece))
         grad_k_halo = grad_k_piece[:, :, :run.halo] if run.halo else None
         grad_v_halo = grad_v_piece[:, :, :run.halo] if run.halo else None
@@ -414,12 +433,8 @@ def _ring_backward_step(run: _RingRun, q, idx, out, lse, grad_out, grad_q, owner
             v_part = v_piece[keys].detach().requires_grad_()
             out_c, lse_c = run.branches.selected_attention(q_part, k_part, v_part, work.block_ids(idx[rows]),
                                                            work.q_pos, run.config, run.scale)
-        weight = torch.exp(lse_c.detach().to(lse.dtype) - _finite_or_zero(lse[rows]))  # w_c [Tq, H_q]
-        grad_o = grad_out[rows]
-        grad_lse = weight * (grad_o * (out_c.detach().to(out.dtype) - out[rows])).sum(-1)
-        dq, dk, dv = torch.autograd.grad((out_c, lse_c), (q_part, k_part, v_part),
-                                         ((weight[..., None] * grad_o).to(out_c.dtype), grad_lse.to(lse_c.dtype)),
-                                         allow_unused=True)
+        grads = partial_grads(out_c, lse_c, out[rows], lse[rows], grad_out[rows])
+        dq, dk, dv = torch.autograd.grad((out_c, lse_c), (q_part, k_part, v_part), grads, allow_unused=True)
         for total, part in ((grad_q[rows], dq), (grad_k[keys], dk), (grad_v[keys], dv)):
             if part is not None:
                 total.add_(part)

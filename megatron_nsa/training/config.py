@@ -71,6 +71,8 @@ class ParallelSection:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
+    cp_exchange: str = "allgather"  # allgather | ring | hierarchical | fetch: how NSA K/V cross CP ranks
+    cp_node_size: Optional[int] = None  # hierarchical: consecutive CP ranks per node (a divisor of CP)
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = True
@@ -161,6 +163,7 @@ CHOICES = {
     "model.recompute": ("none", "selective", "full"),
     "nsa.compression": ("mean", "linear", "mlp"),
     "nsa.backend": (None, "torch", "triton"),
+    "parallel.cp_exchange": ("allgather", "ring", "hierarchical", "fetch"),
     "data.source": ("stdlib", "indexed", "mock", "retrieval"),
     "training.device": ("auto", "cuda", "cpu"),
     "training.precision": ("auto", "bf16", "fp32"),
@@ -429,6 +432,13 @@ def check_context_parallel_layout(recipe: Recipe) -> None:
         check_cp_sequence(recipe.data.seq_length, cp, recipe.nsa)
     except ValueError as err:
         raise RecipeError(f"data.seq_length={recipe.data.seq_length}: {err}") from None
+    if recipe.parallel.cp_exchange == "hierarchical":
+        from megatron_nsa.context_parallel.exchange_hierarchical import check_node_size
+
+        try:
+            check_node_size(recipe.parallel.cp_node_size, cp, "parallel.cp_node_size")
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
 
 
 def dataset_exists(prefix: str) -> bool:

@@ -118,6 +118,8 @@ def nsa_config_and_spec(recipe: Recipe, common: dict):
             qk_head_dim=nsa.qk_head_dim,
             v_head_dim=nsa.v_head_dim,
             nsa_backend=nsa.backend,
+            nsa_cp_exchange=recipe.parallel.cp_exchange,
+            nsa_cp_node_size=recipe.parallel.cp_node_size,
             nsa_rotary_base=recipe.model.rotary_base if recipe.model.position_embedding_type == "rope" else None,
         )
     except ValueError as err:

@@ -94,37 +94,47 @@ def reference_result(case, cu_seqlens=None, rope=None):
     return out.detach(), grads[:len(leaves)], grads[len(leaves):]
 
 
-def cp_result(case, group, cu_seqlens=None, rope=None, **cp_kw):
-    """This rank's output and gradients under CP; compressor gradients summed over the CP group."""
+def cp_result(case, group, cu_seqlens=None, rope=None, backend="torch", dtype=torch.float64, **cp_kw):
+    """This rank's output and gradients under CP (inputs cast to dtype); compressor gradients summed over
+    the CP group."""
     config = case["config"]
     cp_size, rank = dist.get_world_size(group), dist.get_rank(group)
     layout = LoadBalancedLayout(case["q"].shape[1], cp_size, config)
     full = [case["q"], *case["ks"], *case["vs"], case["gates"]]
-    leaves = [layout.shard(t, rank).clone().requires_grad_() for t in full]
+    leaves = [layout.shard(t, rank).to(dtype).requires_grad_() for t in full]
     q, rest = leaves[0], leaves[1:]
     n = len(case["ks"])
     ks, vs, gates = rest[:n], rest[n:2 * n], rest[-1]
     compressor = copy.deepcopy(case["compressor"])
+    if compressor is not None:
+        compressor.to(dtype)
     out = nsa_attention_cp(q, _as_kv(ks, config), _as_kv(vs, config), gates, config, group, compressor=compressor,
-                           backend="torch", compressed_rope=rope, cu_seqlens=cu_seqlens, **cp_kw)
+                           backend=backend, compressed_rope=rope, cu_seqlens=cu_seqlens, **cp_kw)
     params = list(compressor.parameters()) if compressor is not None else []
-    grads = torch.autograd.grad((out * layout.shard(case["loss_weight"], rank)).sum(), leaves + params)
+    loss_weight = layout.shard(case["loss_weight"], rank).to(dtype)
+    grads = torch.autograd.grad((out * loss_weight).sum(), leaves + params)
     param_grads = [g.clone() for g in grads[len(leaves):]]
     for g in param_grads:
         dist.all_reduce(g, group=group)
     return out.detach(), grads[:len(leaves)], param_grads, layout
 
 
-def assert_cp_matches_reference(case, group, cu_seqlens=None, rope=None, atol=1e-10, **cp_kw):
+def assert_cp_matches_reference(case, group, cu_seqlens=None, rope=None, atol=1e-10, exchanges=({},), **cp_kw):
+    """CP output and gradients equal the single-process reference's, for each of `exchanges` (extra
+    nsa_attention_cp keywords, e.g. {'exchange': 'ring'}; the reference is computed once)."""
     ref_out, ref_grads, ref_param_grads = reference_result(case, cu_seqlens, rope)
-    out, grads, param_grads, layout = cp_result(case, group, cu_seqlens, rope, **cp_kw)
     rank = dist.get_rank(group)
     names = ["q"] + [f"k{i}" for i in range(len(case["ks"]))] + [f"v{i}" for i in range(len(case["vs"]))] + ["gates"]
-    torch.testing.assert_close(out, layout.shard(ref_out, rank), atol=atol, rtol=0, msg=lambda m: f"output: {m}")
-    for name, grad, ref in zip(names, grads, ref_grads):
-        torch.testing.assert_close(grad, layout.shard(ref, rank), atol=atol, rtol=0,
-                                   msg=lambda m, name=name: f"grad of {name}: {m}")
-    assert len(param_grads) == len(ref_param_grads)
-    for i, (grad, ref) in enumerate(zip(param_grads, ref_param_grads)):
-        assert ref.abs().max() > 0, "a compressor parameter got no gradient in the reference"
-        torch.testing.assert_close(grad, ref, atol=atol, rtol=0, msg=lambda m, i=i: f"compressor param {i}: {m}")
+    for extra in exchanges:
+        out, grads, param_grads, layout = cp_result(case, group, cu_seqlens, rope, **cp_kw, **extra)
+        where = f" ({extra})" if extra else ""
+        torch.testing.assert_close(out, layout.shard(ref_out, rank).to(out.dtype), atol=atol, rtol=0,
+                                   msg=lambda m: f"output{where}: {m}")
+        for name, grad, ref in zip(names, grads, ref_grads):
+            torch.testing.assert_close(grad, layout.shard(ref, rank).to(grad.dtype), atol=atol, rtol=0,
+                                       msg=lambda m, name=name: f"grad of {name}{where}: {m}")
+        assert len(param_grads) == len(ref_param_grads)
+        for i, (grad, ref) in enumerate(zip(param_grads, ref_param_grads)):
+            assert ref.abs().max() > 0, "a compressor parameter got no gradient in the reference"
+            torch.testing.assert_close(grad, ref.to(grad.dtype), atol=atol, rtol=0,
+                                       msg=lambda m, i=i: f"compressor param {i}{where}: {m}")

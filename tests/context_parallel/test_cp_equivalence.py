@@ -2,6 +2,8 @@
 
 One spawn per CP size runs every case (process start-up dominates on the CI machine): the
 comparisons, the bytes each exchange moves against DESIGN.md's volumes, and the input errors.
+Every case runs with 'allgather'; the 'ring' and 'hierarchical' exchanges join the cases with
+packed documents (blocks straddling chunk edges), separate K/V and batch rows.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from cp_harness import assert_cp_matches_reference, make_case, rotate_half_rope,
 from megatron_nsa import NSAConfig
 from megatron_nsa.context_parallel import (AllGatherExchange, Branches, Communicator, LoadBalancedLayout,
                                           nsa_attention_cp, torch_branches)
+from megatron_nsa.context_parallel.exchange import build_exchange
 from megatron_nsa.context_parallel.rope import RankTableRotary, cp_rotary
 from megatron_nsa.rope import Rotary, rotary_angles
 
@@ -24,17 +27,23 @@ SEQ_LEN = 128
 DOC_BOUNDS = [0, 13, 50, 51, 90, 128]
 
 
+def ring_modes(cp_size):
+    """The ring exchanges at this CP size (hierarchical: nodes of 2 ranks, so that C = 4 has 2 nodes)."""
+    return [dict(exchange="ring"), dict(exchange="hierarchical", node_size=min(2, cp_size))]
+
+
 def _cases(rank, world):
     group = dist.group.WORLD
+    every_mode = [{}] + ring_modes(world)
     # batch rows, shared K/V, mean compression
-    assert_cp_matches_reference(make_case(1, SEQ_LEN, batch=2, **GEOMETRY), group)
+    assert_cp_matches_reference(make_case(1, SEQ_LEN, batch=2, **GEOMETRY), group, exchanges=every_mode)
     # packed documents, learned 'linear' compressor, RoPE on compressed keys
     cu_seqlens = torch.tensor(DOC_BOUNDS, dtype=torch.int32)
     assert_cp_matches_reference(make_case(2, SEQ_LEN, compression="linear", **GEOMETRY), group,
-                                cu_seqlens=cu_seqlens, rope=rotate_half_rope)
+                                cu_seqlens=cu_seqlens, rope=rotate_half_rope, exchanges=every_mode)
     # separate K/V per branch, 'mlp' compressor, d_v != d_k, one KV head gathered at a time
     assert_cp_matches_reference(make_case(3, SEQ_LEN, head_dim_v=6, separate_kv=True, compression="mlp",
-                                          **GEOMETRY), group, head_group_size=1)
+                                          **GEOMETRY), group, head_group_size=1, exchanges=every_mode)
     # l == d (no compressed halo) and a window of one token (no window halo), with documents
     geometry = dict(GEOMETRY, compress_block_size=4, compress_stride=4, window_size=1)
     assert_cp_matches_reference(make_case(4, SEQ_LEN, **geometry), group, cu_seqlens=cu_seqlens)
@@ -51,14 +60,21 @@ def _check_bytes(group):
     batch, heads, dim_k, dim_v, item = 2, 2, 8, 6, 8
     case = make_case(5, SEQ_LEN, batch=batch, num_kv_heads=heads, head_dim_k=dim_k, head_dim_v=dim_v, **GEOMETRY)
     layout = LoadBalancedLayout(SEQ_LEN, cp_size, case["config"])
-    exchange = AllGatherExchange(Communicator(group))
     args = [layout.shard(t, rank).requires_grad_() for t in (case["q"], case["ks"][0], case["vs"][0], case["gates"])]
-    out = nsa_attention_cp(*args, case["config"], group, backend="torch", exchange=exchange)
-    out.sum().backward()
-    got = exchange.comm.bytes_received
     selection = (cp_size - 1) / cp_size * SEQ_LEN * batch * heads * (dim_k + dim_v) * item
+    exchange = AllGatherExchange(Communicator(group))
+    nsa_attention_cp(*args, case["config"], group, backend="torch", exchange=exchange).sum().backward()
+    got = exchange.comm.bytes_received
     for kind in ("selection fwd", "selection bwd gather", "selection bwd reduce-scatter"):
         assert got[kind] == int(selection / 2) * 2, (kind, got[kind], selection)
+    # the ring modes move the same volume (pieces, gradients in the K/V dtype), compressed tokens included
+    for mode in ring_modes(cp_size):
+        ring = build_exchange(mode["exchange"], Communicator(group), mode.get("node_size"))
+        nsa_attention_cp(*args, case["config"], group, backend="torch", exchange=ring).sum().backward()
+        for kind in ("selection fwd", "selection bwd", "selection bwd grad"):
+            assert ring.comm.bytes_received[kind] == int(selection / 2) * 2, (mode, kind, ring.comm.bytes_received)
+        for kind in ("compressed fwd", "compressed bwd"):
+            assert ring.comm.bytes_received[kind] == got[kind], (mode, kind, ring.comm.bytes_received, got)
     l, d = GEOMETRY["compress_block_size"], GEOMETRY["compress_stride"]
     compressed = (cp_size - 1) / cp_size * (SEQ_LEN / d) * batch * heads * (dim_k + dim_v) * item
     assert compressed <= got["compressed fwd"] <= compressed * (1 + l / layout.chunk_len) + 1
@@ -84,8 +100,13 @@ def _check_errors(group):
         nsa_attention_cp(q[:, :short + 2], k[:, :short + 2], v[:, :short + 2], gates[:, :short + 2], config, group)
     with pytest.raises(ValueError, match="head_group_size=0"):
         nsa_attention_cp(q, k, v, gates, config, group, head_group_size=0)
-    with pytest.raises(NotImplementedError, match="'ring' is planned"):
-        nsa_attention_cp(q, k, v, gates, config, group, exchange="ring")
+    with pytest.raises(ValueError, match="exchange='rings' is not allowed; choose one of .*'ring'"):
+        nsa_attention_cp(q, k, v, gates, config, group, exchange="rings")
+    with pytest.raises(ValueError, match=f"node_size={cp_size + 1} is not allowed for exchange='hierarchical' "
+                                         f"with context_parallel_size={cp_size}: .* divisor of {cp_size}"):
+        nsa_attention_cp(q, k, v, gates, config, group, exchange="hierarchical", node_size=cp_size + 1)
+    with pytest.raises(ValueError, match="node_size=None is not allowed"):
+        nsa_attention_cp(q, k, v, gates, config, group, exchange="hierarchical")
     with pytest.raises(ValueError, match=f"cu_seqlens must start at 0 and end at T={SEQ_LEN}"):
         nsa_attention_cp(q, k, v, gates, config, group, cu_seqlens=torch.tensor([0, layout.chunk_len]))
 
