@@ -61,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output directory ($OUT on the GPU machine)")
     parser.add_argument("--time-budget-s", type=float, default=None,
                         help="training seconds per model from its first step (default 180)")
-    parser.add_argument("--steps", default="auto", help="'auto' (fill the time budget) or a step count")
+    parser.add_argument("--steps", default=None, help="'auto' (fill the time budget; the default) or a step count "
+                                                      "(tiny default 8)")
     parser.add_argument("--deadline-s", type=float, default=500.0,
                         help="the whole script's time: the dense run stops early enough to leave the evaluation "
                              "its time (0: no deadline)")
@@ -86,8 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, (tiny, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else full)
-    if args.tiny and args.steps == "auto":
-        args.steps = "8"
+    if args.steps is None:
+        args.steps = "8" if args.tiny else "auto"
     if args.steps != "auto" and not (args.steps.isdigit() and int(args.steps) >= 2):
         parser.error(f"--steps {args.steps} is not allowed: 'auto' or an integer >= 2")
     if args.experiment == "retrieval" and len(args.samples) not in (1, len(args.eval_lengths)):
@@ -181,7 +182,7 @@ def plan_steps(args, recipe: str, common: List[str], workdir: str) -> Dict[str, 
     run = train("calibration", workdir, recipe, common + [
         "model.attention=nsa", f"training.train_steps={CALIBRATION_STEPS}", "optimizer.warmup_steps=1",
         "training.eval_interval=0", "checkpoint.dir=null"], budget_s=120)
-    steps = max(40, int(0.97 * args.time_budget_s / run["median_step_s"]))
+    steps = max(10, int(0.97 * args.time_budget_s / run["median_step_s"]))
     print(f"[plan] NSA step {run['median_step_s']:.3f} s -> {steps} steps in {args.time_budget_s:.0f} s", flush=True)
     return {"steps": steps, "calibration_step_s": run["median_step_s"]}
 
@@ -206,7 +207,7 @@ def evaluate(args, name: str, checkpoint: str, batch_size: int) -> dict:
     if args.experiment == "retrieval":
         samples = args.samples * len(args.eval_lengths) if len(args.samples) == 1 else args.samples
         result["needle"] = needle_grid(loaded, "retrieval", args.eval_lengths, args.depths, samples, seed=0,
-                                       batch_size=1 if max(args.eval_lengths) > 16384 else 4)
+                                       batch_size=4)
     release(loaded)
     result["eval_s"] = time.monotonic() - started
     return result

@@ -1,0 +1,43 @@
+"""benchmarks/nsa_vs_dense.py --tiny: the experiment driver end to end on CPU (calibration, NSA under a time
+budget, dense on NSA's step count, evaluation of both checkpoints, report).
+
+About a minute on 2 CPU cores (three training processes and the evaluation), beyond this directory's share
+of the CI time: it runs when MEGATRON_NSA_EXPERIMENT_TESTS=1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MEGATRON_NSA_EXPERIMENT_TESTS") != "1",
+                    reason="~1 min of training processes; set MEGATRON_NSA_EXPERIMENT_TESTS=1 to run it")
+def test_tiny_retrieval_experiment(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    command = [sys.executable, str(REPO / "benchmarks" / "nsa_vs_dense.py"), "--experiment", "retrieval", "--tiny",
+               "--out", str(tmp_path), "--steps", "auto", "--time-budget-s", "3"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "retrieval" / "summary.json").read_text())
+    nsa, dense = summary["models"]["nsa"], summary["models"]["dense"]
+    assert summary["calibration_step_s"] > 0 and summary["steps"] >= 10
+    assert 1 <= nsa["steps"] <= summary["steps"] and dense["steps"] == nsa["steps"] and summary["equal_tokens"]
+    assert nsa["tokens"] == nsa["steps"] * summary["global_batch_size"] * summary["seq_length"]
+    for run in (nsa, dense):
+        assert run["error"] is None and "final_error" not in run
+        assert run["final"]["step"] == run["steps"] and run["final"]["loss"] > 0
+        needle = run["final"]["needle"]
+        assert needle["lengths"] == [128, 256] and set(needle["accuracy"]["256"]) == {"0", "50", "100"}
+        assert run["validation_loss"] and run["validation_loss"][-1][0] <= run["steps"]
+    assert set(nsa["gates"]) == {"gate_cmp", "gate_slc", "gate_win"} and not dense["gates"]
+    report = (tmp_path / "retrieval" / "nsa_vs_dense_retrieval_cpu.md").read_text()
+    assert "| NSA |" in report and "| dense |" in report and "Needle accuracy, NSA" in report
+    assert not (tmp_path / "retrieval" / "nsa" / "checkpoints").exists()  # removed without --keep-checkpoints
