@@ -7,10 +7,12 @@
 Each experiment trains configs/small_{lm,retrieval}_8k.yaml twice, NSA first, then its dense twin
 (model.attention=dense), each as its own `python -m megatron_nsa.training.train` process:
 
-  1. --steps auto: a short NSA run measures the step time; the step count is what fits --time-budget-s.
+  1. --steps auto: a short NSA run measures the step time; the step count is what fits --time-budget-s
+     (less if --deadline-s cannot take two such runs and the evaluation).
   2. NSA trains that many steps (SIGTERM, i.e. save and stop, if it runs past the budget).
   3. dense trains exactly the steps NSA completed, on the same samples in the same order, with the same
-     learning-rate schedule (decay over the planned steps): equal tokens.
+     learning-rate schedule (decay over the planned steps): equal tokens (it may take up to 1.5x NSA's
+     budget when the deadline allows; if it is stopped early, the report says the tokens differ).
   4. Both final checkpoints are evaluated in this process (megatron_nsa.eval): validation loss on the same
      batches (lm), needle accuracy over depths x lengths (retrieval) and the answer-token loss.
 
@@ -23,6 +25,7 @@ had), and the report of plot_nsa_vs_dense.py (markdown table, PNGs when matplotl
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import re
@@ -32,7 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -45,6 +48,7 @@ from megatron_nsa.training.config import load_recipe  # noqa: E402
 RECIPES = {"lm": "configs/small_lm_8k.yaml", "retrieval": "configs/small_retrieval_8k.yaml"}
 DEPTHS = [float(d) for d in range(0, 101, 10)]
 CALIBRATION_STEPS = 8
+RUN_OVERHEAD_S = 30.0  # a training process's start-up (imports, data, cached kernels) and final save on a GPU
 # Toy sizes for --tiny (CPU, fp32): 2 layers, 128 tokens, NSA blocks that all matter at 128 tokens.
 # Learned positions (the dense model's RoPE needs CUDA) with room for the longer needle lengths.
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
@@ -175,16 +179,21 @@ def train(name: str, workdir: str, recipe: str, overrides: List[str], budget_s: 
     }
 
 
-def plan_steps(args, recipe: str, common: List[str], workdir: str) -> Dict[str, float]:
-    """--steps auto: time CALIBRATION_STEPS NSA steps; the plan fills the budget at the median step time."""
+def plan_steps(args, recipe: str, common: List[str], workdir: str, clock: Clock) -> Dict[str, float]:
+    """--steps auto: time CALIBRATION_STEPS NSA steps; plan the steps that fill the NSA budget: --time-budget-s,
+    or less when the deadline cannot take two such runs (dense assumed as slow as NSA), each with
+    RUN_OVERHEAD_S of start-up and saving, plus the evaluation reserve."""
     if args.steps != "auto":
-        return {"steps": int(args.steps), "calibration_step_s": None}
+        return {"steps": int(args.steps), "calibration_step_s": None, "nsa_budget_s": args.time_budget_s}
     run = train("calibration", workdir, recipe, common + [
         "model.attention=nsa", f"training.train_steps={CALIBRATION_STEPS}", "optimizer.warmup_steps=1",
         "training.eval_interval=0", "checkpoint.dir=null"], budget_s=120)
-    steps = max(10, int(0.97 * args.time_budget_s / run["median_step_s"]))
-    print(f"[plan] NSA step {run['median_step_s']:.3f} s -> {steps} steps in {args.time_budget_s:.0f} s", flush=True)
-    return {"steps": steps, "calibration_step_s": run["median_step_s"]}
+    budget = min(args.time_budget_s, (clock.left() - args.eval_reserve_s - 2 * RUN_OVERHEAD_S) / 2)
+    if budget < args.time_budget_s:
+        print(f"[plan] --deadline-s {args.deadline_s:.0f}: NSA budget lowered to {budget:.0f} s", flush=True)
+    steps = max(10, int(0.97 * budget / run["median_step_s"]))
+    print(f"[plan] NSA step {run['median_step_s']:.3f} s -> {steps} steps in {budget:.0f} s", flush=True)
+    return {"steps": steps, "calibration_step_s": run["median_step_s"], "nsa_budget_s": budget}
 
 
 def schedule_overrides(steps_planned: int, steps_to_run: int, tiny: bool) -> List[str]:
@@ -214,22 +223,20 @@ def evaluate(args, name: str, checkpoint: str, batch_size: int) -> dict:
 
 
 def device_description(tiny: bool) -> Dict[str, str]:
-    import torch
-
-    info = {"torch": torch.__version__}
-    try:
-        import megatron.core
-
-        info["megatron_core"] = megatron.core.__version__
-    except (ImportError, AttributeError):
-        pass
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        pass
-    info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() and not tiny else "cpu"
+    """Versions (from package metadata, without importing) and the GPU's name (nvidia-smi: no CUDA context
+    in this process while the training processes run)."""
+    info = {}
+    for package in ("torch", "megatron-core", "triton"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    info["device"] = "cpu"
+    if not tiny and shutil.which("nvidia-smi"):
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, timeout=60)
+        if query.returncode == 0 and query.stdout.strip():
+            info["device"] = query.stdout.strip().splitlines()[0]
     return info
 
 
@@ -244,24 +251,26 @@ def main(argv=None) -> int:
         common.append(f"data.cache_dir={os.path.abspath(args.cache_dir)}")
     batch = load_recipe(os.path.join(REPO, recipe), common).training.global_batch_size
     summary = {"experiment": args.experiment, "recipe": recipe, "overrides": common, "seq_length": args.seq_length,
-               "global_batch_size": batch, "time_budget_s": args.time_budget_s, "tiny": args.tiny, "models": {}}
+               "global_batch_size": batch, "time_budget_s": args.time_budget_s, "tiny": args.tiny,
+               "environment": device_description(args.tiny), "models": {}}
     summary_path = os.path.join(out, "summary.json")
 
     def save():
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=1)
 
-    summary.update(plan_steps(args, recipe, common, os.path.join(out, "calibration")))
+    summary.update(plan_steps(args, recipe, common, os.path.join(out, "calibration"), clock))
     planned = summary["steps"]
     save()
     steps_to_run = planned
     for name in ("nsa", "dense"):
-        budget = args.time_budget_s
+        budget = summary["nsa_budget_s"]
         if name == "dense":
             steps_to_run = summary["models"]["nsa"]["steps"]
             nsa = summary["models"]["nsa"]
             overhead = 1.3 * (nsa["wall_s"] - (nsa["train_s"] or 0.0))  # start-up, compilation, saving
-            budget = max(10.0, min(budget, clock.left() - overhead - args.eval_reserve_s))
+            # equal tokens first: dense may take up to 1.5x NSA's budget if the deadline allows
+            budget = max(10.0, min(1.5 * budget, clock.left() - overhead - args.eval_reserve_s))
         workdir = os.path.join(out, name)
         overrides = common + schedule_overrides(planned, steps_to_run, args.tiny) + [
             f"model.attention={name}", f"checkpoint.dir={os.path.join(workdir, 'checkpoints')}",
@@ -283,7 +292,6 @@ def main(argv=None) -> int:
         save()
         if not args.keep_checkpoints:
             shutil.rmtree(checkpoint, ignore_errors=True)
-    summary["environment"] = device_description(args.tiny)
     summary["wall_s"] = clock.elapsed()
     save()
     plot_nsa_vs_dense.write_report(summary, out)

@@ -1,0 +1,11 @@
+"""Evaluation of trained checkpoints and the synthetic retrieval task.
+
+    retrieval_task  the key/value task (data.source=retrieval): generator and dataset, numpy only
+    haystack        needle-in-a-haystack samples (fact at a depth of exact-length filler)
+    scoring         teacher-forced answer accuracy
+    checkpoints     find a checkpoint and its recipe (no megatron import)
+    model_loader    build the checkpoint's model and load its weights, one process
+    loss            `python -m megatron_nsa.eval.loss`: validation loss
+    needle          `python -m megatron_nsa.eval.needle`: accuracy over depths x lengths
+    report, plots   JSON / markdown tables, PNGs with matplotlib when installed
+"""

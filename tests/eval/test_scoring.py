@@ -3,7 +3,6 @@ a reader that finds the fact only within its last `window` tokens must score 1 e
 whose needle lies inside that window, and 0 elsewhere."""
 from __future__ import annotations
 
-import numpy
 import pytest
 import torch
 
