@@ -1,10 +1,12 @@
 """A GPTModel of NSA layers under context parallelism against the same model without it (torchrun, gloo):
 
-    python -m torch.distributed.run --nproc-per-node=N tests/context_parallel/megatron_cp_worker.py OUT.json TP CP
+    python -m torch.distributed.run --nproc-per-node=N tests/context_parallel/megatron_cp_worker.py OUT.json TP CP \
+        [MODES]
 
 Every rank first runs the model at TP = CP = 1 on the whole batch (the reference), then at TP x CP
 (N = TP * CP) on its share of the sequence (shard_batch_for_rank), for an unpacked batch of 2 rows
-and for packed documents (THD, global cu_seqlens). Per-token losses must match the reference's
+and for packed documents (THD, global cu_seqlens), once per exchange mode in MODES (comma-separated
+nsa_cp_exchange values, default 'allgather'). Per-token losses must match the reference's
 tokens; parameter gradients, summed over the CP group (what Megatron's DDP does over its
 data-and-context-parallel group) and gathered over TP, must match the reference's. NSA's own
 RoPE at global positions, learned 'linear' compression. The model runs in float64: the gradient of
@@ -31,7 +33,7 @@ def set_parallel(tp: int, cp: int) -> None:
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
 
 
-def build_model(tp: int, cp: int):
+def build_model(tp: int, cp: int, exchange: str = "allgather"):
     from megatron.core.models.gpt import GPTModel
 
     from megatron_nsa import NSATransformerConfig, get_gpt_layer_nsa_spec
@@ -41,7 +43,8 @@ def build_model(tp: int, cp: int):
         ffn_hidden_size=64, compress_block_size=8, compress_stride=4, select_block_size=8, select_count=3,
         window_size=8, compression="linear", nsa_backend="torch", nsa_rotary_base=10000.0,
         use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=False,
-        init_method_std=0.05, tensor_model_parallel_size=tp, context_parallel_size=cp,
+        init_method_std=0.05, tensor_model_parallel_size=tp, context_parallel_size=cp, nsa_cp_exchange=exchange,
+        nsa_cp_node_size=1 if exchange == "hierarchical" else None,
     )
     torch.manual_seed(7)
     model = GPTModel(config, get_gpt_layer_nsa_spec(), vocab_size=VOCAB, max_sequence_length=SEQ_LEN,
@@ -84,7 +87,7 @@ def full_grads(model, cp_group, tp_group):
     return grads
 
 
-def compare(tp: int, cp: int):
+def compare(tp: int, cp: int, modes=("allgather",)):
     from megatron.core import parallel_state
 
     from megatron_nsa.context_parallel import shard_batch_for_rank
@@ -97,30 +100,36 @@ def compare(tp: int, cp: int):
         ref_loss.sum().backward()
         ref_grads = {n: p.grad for n, p in reference.named_parameters()}
 
-        set_parallel(tp, cp)
-        model = build_model(tp, cp)
-        cp_group = parallel_state.get_context_parallel_group()
-        cp_rank = parallel_state.get_context_parallel_rank()
-        mine = shard_batch_for_rank(batch, cp, cp_rank)
-        loss = per_token_loss(model, mine)
-        loss.sum().backward()
-        grads = full_grads(model, cp_group, parallel_state.get_tensor_model_parallel_group())
-        expected_loss = shard_batch_for_rank({"tokens": ref_loss}, cp, cp_rank)["tokens"]
-        assert grads.keys() == ref_grads.keys(), sorted(set(grads) ^ set(ref_grads))
-        results[kind] = {
-            "loss_max_abs_diff": float((loss - expected_loss).abs().max()),
-            "loss_abs_max": float(expected_loss.abs().max()),
-            "grad_abs_max": {n: float(ref_grads[n].abs().max()) for n in grads},
-            "grad_max_rel_diff": {n: float((grads[n] - ref_grads[n]).abs().max() / ref_grads[n].abs().max())
-                                  for n in grads},
-        }
+        for mode in modes:
+            set_parallel(tp, cp)
+            model = build_model(tp, cp, mode)
+            cp_group = parallel_state.get_context_parallel_group()
+            cp_rank = parallel_state.get_context_parallel_rank()
+            mine = shard_batch_for_rank(batch, cp, cp_rank)
+            loss = per_token_loss(model, mine)
+            loss.sum().backward()
+            grads = full_grads(model, cp_group, parallel_state.get_tensor_model_parallel_group())
+            expected_loss = shard_batch_for_rank({"tokens": ref_loss}, cp, cp_rank)["tokens"]
+            assert grads.keys() == ref_grads.keys(), sorted(set(grads) ^ set(ref_grads))
+            results[f"{kind}/{mode}"] = _result(loss, expected_loss, grads, ref_grads)
     return results
+
+
+def _result(loss, expected_loss, grads, ref_grads):
+    return {
+        "loss_max_abs_diff": float((loss - expected_loss).abs().max()),
+        "loss_abs_max": float(expected_loss.abs().max()),
+        "grad_abs_max": {n: float(ref_grads[n].abs().max()) for n in grads},
+        "grad_max_rel_diff": {n: float((grads[n] - ref_grads[n]).abs().max() / ref_grads[n].abs().max())
+                              for n in grads},
+    }
 
 
 def main():
     out, tp, cp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    modes = tuple(sys.argv[4].split(",")) if len(sys.argv) > 4 else ("allgather",)
     dist.init_process_group("gloo")
-    results = compare(tp, cp)
+    results = compare(tp, cp, modes)
     if dist.get_rank() == 0:
         with open(out, "w") as handle:
             json.dump(results, handle, indent=1)
