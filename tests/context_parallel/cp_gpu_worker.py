@@ -1,7 +1,8 @@
 """CP against one GPU at scale (NCCL, either backend), for the GPU machine:
 
     NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 tests/context_parallel/cp_gpu_worker.py OUT.json \
-        [--seq-len 65536] [--backend triton] [--dtype bfloat16] [--device cuda|cpu] [--tiny]
+        [--seq-len 65536] [--backend triton] [--dtype bfloat16] [--device cuda|cpu] [--tiny] \
+        [--exchange allgather|ring|fetch|hierarchical] [--node-size M]
 
 Every rank builds the same global inputs, runs nsa_attention on the whole sequence (its own copy
 of the single-GPU result) and nsa_attention_cp on its share, and compares outputs and the
@@ -36,6 +37,8 @@ def parse_args():
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--tiny", action="store_true", help="small NSA blocks (l/d/l'/n/w = 8/4/16/4/32)")
+    parser.add_argument("--exchange", default="allgather", help="CP exchange mode of nsa_attention_cp")
+    parser.add_argument("--node-size", type=int, default=None, help="CP ranks per node for 'hierarchical'")
     return parser.parse_args()
 
 
@@ -72,7 +75,7 @@ def run_case(args, device, cu_seqlens, seed):
     layout = LoadBalancedLayout(args.seq_len, cp_size, config)
     mine = [layout.shard(t, rank).clone().requires_grad_() for t in full]
     out = nsa_attention_cp(*mine, config, dist.group.WORLD, compressor=compressor, backend=args.backend,
-                           cu_seqlens=cu_seqlens)
+                           cu_seqlens=cu_seqlens, exchange=args.exchange, node_size=args.node_size)
     got = torch.autograd.grad((out.float() * layout.shard(weight, rank).float()).sum(),
                               mine + list(compressor.parameters()))
     results = {}

@@ -21,7 +21,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 @pytest.mark.parametrize("backend", ["triton"])
-def test_cp2_matches_one_gpu_at_64k(backend, tmp_path):
+@pytest.mark.parametrize("exchange", ["allgather", "ring", "fetch", "hierarchical"])
+def test_cp2_matches_one_gpu_at_64k(backend, exchange, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -29,7 +30,8 @@ def test_cp2_matches_one_gpu_at_64k(backend, tmp_path):
     env = dict(os.environ, NCCL_NVLS_ENABLE="0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}",
-               str(WORKER), str(out), "--seq-len", "65536", "--backend", backend]
+               str(WORKER), str(out), "--seq-len", "65536", "--backend", backend, "--exchange", exchange,
+               "--node-size", "2"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     for rank, cases in enumerate(json.loads(out.read_text())["per_rank"]):
