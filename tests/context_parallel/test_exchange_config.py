@@ -1,0 +1,53 @@
+"""The exchange mode as a config choice: NSATransformerConfig fields and the training recipe, with errors
+that name the value and what is allowed."""
+from __future__ import annotations
+
+import pytest
+
+from megatron_nsa.context_parallel.exchange import EXCHANGE_MODES, build_exchange
+
+pytest.importorskip("megatron.core")
+
+
+def _config(**kw):
+    from megatron_nsa import NSATransformerConfig
+
+    return NSATransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                                compress_block_size=8, compress_stride=4, select_block_size=8, select_count=3,
+                                window_size=8, use_cpu_initialization=True, **kw)
+
+
+def test_transformer_config_takes_every_mode_and_rejects_others():
+    for mode in EXCHANGE_MODES:
+        extra = dict(nsa_cp_node_size=2) if mode == "hierarchical" else {}
+        assert _config(nsa_cp_exchange=mode, context_parallel_size=4, **extra).nsa_cp_exchange == mode
+    with pytest.raises(ValueError, match=r"nsa_cp_exchange='rings' is not allowed; choose one of .*'ring'"):
+        _config(nsa_cp_exchange="rings")
+    with pytest.raises(ValueError, match=r"nsa_cp_node_size=3 is not allowed .* context_parallel_size=4: .*"
+                                         r"divisor of 4: \[1, 2, 4\]"):
+        _config(nsa_cp_exchange="hierarchical", nsa_cp_node_size=3, context_parallel_size=4)
+
+
+def test_recipe_checks_the_node_size():
+    from megatron_nsa.training.config import Recipe, RecipeError, check_context_parallel_layout
+
+    recipe = Recipe()
+    recipe.model.attention = "nsa"
+    recipe.parallel.context_parallel_size = 2
+    recipe.data.seq_length = 4 * recipe.nsa.window_size
+    recipe.parallel.cp_exchange = "hierarchical"
+    recipe.parallel.cp_node_size = 2
+    check_context_parallel_layout(recipe)
+    recipe.parallel.cp_node_size = None
+    with pytest.raises(RecipeError, match="parallel.cp_node_size=None is not allowed"):
+        check_context_parallel_layout(recipe)
+
+
+def test_build_exchange_names_the_node_size():
+    class TwoRanks:  # build_exchange only reads the size before any communication
+        size, rank = 2, 0
+
+    assert build_exchange("ring", TwoRanks()).mode == "ring"
+    assert build_exchange("hierarchical", TwoRanks(), 2).node_size == 2
+    with pytest.raises(ValueError, match=r"node_size=4 is not allowed .* divisor of 2: \[1, 2\]"):
+        build_exchange("hierarchical", TwoRanks(), 4)
