@@ -6,18 +6,18 @@ Key j of a document sits at position j*KEY_STRIDE + KEY_OFFSET; query t sees it 
 - compressed branch: keys are compressed blocks, KEY_STRIDE=d, KEY_OFFSET=l-1,   WINDOW=0
 A query with no visible key gets output 0 and lse -inf.
 
-Forward and dQ: one program per (query tile, query head). dK/dV: one program per (key tile,
-KV head), looping over the G query heads of the group, so no atomics are needed.
+Forward and dQ: one program per (query head, query tile), the last tiles first. dK/dV: one program
+per (KV head, key tile), looping over the G query heads of the group, so no atomics are needed.
+Tile sizes, warps and stages come from kernels/tuning.py.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .layout import row_dot, tiles
+from .tuning import launch_params
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -53,8 +53,8 @@ def _band_fwd(
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(0)
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)  # later query tiles see more keys: start them first
     kv_head = head // G
     start = tl.load(TileStart + tile)
     end = tl.load(TileEnd + tile)
@@ -116,8 +116,8 @@ def _band_bwd_dq(
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(0)
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)  # later query tiles see more keys: start them first
     kv_head = head // G
     start = tl.load(TileStart + tile)
     end = tl.load(TileEnd + tile)
@@ -250,14 +250,9 @@ def _geometry(kind: str, config):
     return config.compress_stride, config.compress_block_size - 1, 0
 
 
-def _blocks(dk: int, dv: int, backward_kv: bool = False):
-    """Tile shapes: larger query tiles and deeper pipelines for head dims up to 128."""
+def _blocks(kernel: str, kind: str, dk: int, dv: int) -> dict:
     block_dk, block_dv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: small tiles keep tests fast
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DK=block_dk, BLOCK_DV=block_dv, num_warps=4, num_stages=1)
-    if backward_kv or max(block_dk, block_dv) > 128:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_DK=block_dk, BLOCK_DV=block_dv, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_DK=block_dk, BLOCK_DV=block_dv, num_warps=8, num_stages=3)
+    return dict(launch_params(f"{kernel}/{kind}", max(dk, dv)), BLOCK_DK=block_dk, BLOCK_DV=block_dv)
 
 
 class BandAttention(torch.autograd.Function):
@@ -267,12 +262,12 @@ class BandAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_q, cu_k, q_pos0, k_first, kind, config, scale):
         num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
         stride_, offset_, window = _geometry(kind, config)
-        blocks = _blocks(q.shape[2], v.shape[2])
+        blocks = _blocks("band_fwd", kind, q.shape[2], v.shape[2])
         out = torch.empty(q.shape[0], num_q_heads, v.shape[2], device=q.device, dtype=q.dtype)
         lse = torch.empty(q.shape[0], num_q_heads, device=q.device, dtype=torch.float32)
         q_tiles = tiles(cu_q, blocks["BLOCK_M"])
         if q_tiles[0].numel():
-            _band_fwd[(q_tiles[0].numel(), num_q_heads)](
+            _band_fwd[(num_q_heads, q_tiles[0].numel())](
                 q, k, v, out, lse, *q_tiles, cu_q, cu_k, q_pos0, k_first,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
@@ -280,14 +275,15 @@ class BandAttention(torch.autograd.Function):
                 WINDOW=window, DK=q.shape[2], DV=v.shape[2], **blocks,
             )
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, q_pos0, k_first)
-        ctx.geometry, ctx.blocks, ctx.scale = (stride_, offset_, window), blocks, scale
+        ctx.geometry, ctx.kind, ctx.scale = (stride_, offset_, window), kind, scale
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, cu_q, cu_k, q_pos0, k_first = ctx.saved_tensors
         stride_, offset_, window = ctx.geometry
-        blocks, scale = ctx.blocks, ctx.scale
+        kind, scale = ctx.kind, ctx.scale
+        blocks = _blocks("band_dq", kind, q.shape[2], v.shape[2])
         num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
         grad_out = grad_out.contiguous()
         delta = row_dot(grad_out, out)  # [T, H_q]
@@ -298,7 +294,7 @@ class BandAttention(torch.autograd.Function):
         common = dict(G=group, KEY_STRIDE=stride_, KEY_OFFSET=offset_, WINDOW=window, DK=q.shape[2], DV=v.shape[2])
         q_tiles = tiles(cu_q, blocks["BLOCK_M"])
         if q_tiles[0].numel():
-            _band_bwd_dq[(q_tiles[0].numel(), num_q_heads)](
+            _band_bwd_dq[(num_q_heads, q_tiles[0].numel())](
                 q, k, v, grad_out, lse, delta, dq, *q_tiles, cu_q, cu_k, q_pos0, k_first,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1),
@@ -307,7 +303,7 @@ class BandAttention(torch.autograd.Function):
         # Compressed keys are few and each is seen by many queries: split the group's heads over
         # programs (partial dK/dV per head, summed below in a fixed order). Window keys are many.
         split = window == 0 and group > 1
-        kv_blocks = _blocks(q.shape[2], v.shape[2], backward_kv=True)
+        kv_blocks = _blocks("band_dkdv", kind, q.shape[2], v.shape[2])
         heads_out = num_q_heads if split else num_kv_heads
         dk = torch.empty(k.shape[0], heads_out, k.shape[2], device=k.device, dtype=torch.float32 if split else k.dtype)
         dv = torch.empty(v.shape[0], heads_out, v.shape[2], device=v.device, dtype=torch.float32 if split else v.dtype)

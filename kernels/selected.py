@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .band import LOG2E
 from .layout import row_dot
+from .tuning import launch_params
 
 PIECE = 512
 
@@ -297,7 +298,7 @@ class SelectedAttention(torch.autograd.Function):
                 out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
                 selected_block_idx.stride(0), selected_block_idx.stride(1),
                 scale * LOG2E, G=group, GP=max(16, triton.next_power_of_2(group)),
-                N_SELECT=config.select_count, num_warps=4, num_stages=2, **dims,
+                N_SELECT=config.select_count, **launch_params("selected_fwd", max(q.shape[2], v.shape[2])), **dims,
             )
         ctx.save_for_backward(q, k, v, out, lse, selected_block_idx)
         ctx.layout, ctx.config, ctx.scale = layout, config, scale
@@ -325,7 +326,7 @@ class SelectedAttention(torch.autograd.Function):
             grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
             selected_block_idx.stride(0), selected_block_idx.stride(1), dq.stride(0), dq.stride(1),
             scale * LOG2E, scale, G=group, GP=max(16, triton.next_power_of_2(group)),
-            N_SELECT=config.select_count, num_warps=4, num_stages=2, **dims,
+            N_SELECT=config.select_count, **launch_params("selected_dq", max(q.shape[2], v.shape[2])), **dims,
         )
         num_blocks = layout.num_blocks
         group_pad = triton.next_power_of_2(group)
@@ -336,13 +337,14 @@ class SelectedAttention(torch.autograd.Function):
         partial_dk = torch.empty(num_pieces, dims["BLOCK_N"], dims["BLOCK_DK"], device=q.device, dtype=torch.float32)
         partial_dv = torch.empty(num_pieces, dims["BLOCK_N"], dims["BLOCK_DV"], device=q.device, dtype=torch.float32)
         if num_pieces:
+            dkdv_params = launch_params("selected_dkdv", max(q.shape[2], v.shape[2]))
+            rows = dkdv_params.pop("ROWS")
             _selected_bwd_dkdv_pieces[(num_pieces,)](
                 q, k, v, grad_out, lse, delta, partial_dk, partial_dv, piece_key, piece_start, piece_end,
                 query_list, block_docs, layout.row_pos,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
-                scale * LOG2E, num_blocks, G=group, GP=group_pad, TQ=max(1, 64 // group_pad),
-                num_warps=4, num_stages=2, **dims,
+                scale * LOG2E, num_blocks, G=group, GP=group_pad, TQ=max(1, rows // group_pad), **dkdv_params, **dims,
             )
         _selected_bwd_dkdv_sum[(num_kv_heads * num_blocks,)](
             partial_dk, partial_dv, dk, dv, pieces_of_key, block_docs,

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .band import LOG2E
 from .layout import tiles
+from .tuning import launch_params
 
 
 @triton.jit
@@ -149,7 +150,8 @@ def select_blocks(q, compressed_k, cmp_lse, cu_q, cu_cmp, config, scale, q_pos0=
     idx = torch.empty(q.shape[0], num_kv_heads, n, device=q.device, dtype=torch.int32)
     group = num_q_heads // num_kv_heads
     heads_per_chunk = min(triton.next_power_of_2(group), 16)
-    block_t = max(16, 128 // heads_per_chunk)  # tile rows: block_t tokens x heads_per_chunk heads
+    params = launch_params("topk", head_dim)
+    block_t = max(16, params.pop("ROWS") // heads_per_chunk)  # tile rows: block_t tokens x heads_per_chunk heads
     bs = 16
     cmp_per_slc = config.select_block_size // config.compress_stride
     q_tiles = tiles(cu_q, block_t)
@@ -163,6 +165,6 @@ def select_blocks(q, compressed_k, cmp_lse, cu_q, cu_cmp, config, scale, q_pos0=
             SLC_BLOCK=config.select_block_size, N_SELECT=n, N_INIT=config.select_init_blocks,
             N_LOCAL=config.select_local_blocks, DK=head_dim, BLOCK_T=block_t,
             BLOCK_DK=triton.next_power_of_2(head_dim), BS=bs, BN=triton.next_power_of_2(bs * cmp_per_slc),
-            NP=triton.next_power_of_2(n), num_warps=4 if block_t * heads_per_chunk <= 128 else 8, num_stages=2,
+            NP=triton.next_power_of_2(n), **params,
         )
     return idx

@@ -1,0 +1,72 @@
+"""Launch parameters of the kernels (tile sizes, warps, pipeline stages), in one table.
+
+`launch_params(kernel, head_dim)` gives the parameters one launch uses. `benchmarks/tune_kernels.py`
+times alternatives on a GPU through `overrides(...)`; the defaults are its choices on an H100
+(benchmarks/results/tune_kernels_*.md). The CPU interpreter (TRITON_INTERPRET=1) gets small tiles
+so that tests stay fast.
+
+Kernels: band_fwd / band_dq / band_dkdv (per kind: 'window' or 'compressed'), selected_fwd,
+selected_dq, selected_dkdv, topk.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Dict, Iterator
+
+# keys: (kernel, wide) where wide means a head dimension above 128 (padded tiles of 256)
+_DEFAULTS: Dict[tuple, dict] = {
+    ("band_fwd/window", False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    ("band_fwd/compressed", False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    ("band_dq/window", False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    ("band_dq/compressed", False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    ("band_dkdv/window", False): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    ("band_dkdv/compressed", False): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    ("band_fwd/window", True): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    ("band_fwd/compressed", True): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    ("band_dq/window", True): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    ("band_dq/compressed", True): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    ("band_dkdv/window", True): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    ("band_dkdv/compressed", True): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    ("selected_fwd", False): dict(num_warps=4, num_stages=2),
+    ("selected_dq", False): dict(num_warps=4, num_stages=2),
+    ("selected_dkdv", False): dict(ROWS=64, num_warps=4, num_stages=2),
+    ("selected_fwd", True): dict(num_warps=4, num_stages=2),
+    ("selected_dq", True): dict(num_warps=4, num_stages=2),
+    ("selected_dkdv", True): dict(ROWS=64, num_warps=4, num_stages=2),
+    ("topk", False): dict(ROWS=128, num_warps=8, num_stages=2),
+    ("topk", True): dict(ROWS=128, num_warps=8, num_stages=2),
+}
+
+_INTERPRETER = {
+    "band": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
+    "selected_dkdv": dict(ROWS=64, num_warps=4, num_stages=1),
+    "topk": dict(ROWS=16, num_warps=4, num_stages=1),
+}
+
+_overrides: Dict[str, dict] = {}
+
+
+def launch_params(kernel: str, head_dim: int) -> dict:
+    """Parameters of `kernel` for a largest head dimension `head_dim` (a copy; overrides applied)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        family = "band" if kernel.startswith("band") else kernel
+        params = dict(_INTERPRETER.get(family, dict(num_warps=4, num_stages=1)))
+    else:
+        params = dict(_DEFAULTS[(kernel, head_dim > 128)])
+    params.update(_overrides.get(kernel, {}))
+    return params
+
+
+@contextlib.contextmanager
+def overrides(kernel: str, **params) -> Iterator[None]:
+    """Launch `kernel` with `params` replacing its defaults inside the block (for tuning sweeps)."""
+    previous = _overrides.get(kernel)
+    _overrides[kernel] = params
+    try:
+        yield
+    finally:
+        if previous is None:
+            _overrides.pop(kernel)
+        else:
+            _overrides[kernel] = previous
