@@ -127,7 +127,10 @@ def main():
         best = min(timed, key=lambda r: r["ms"])
         results[kernel] = {"rows": rows, "best": best["params"], "best_ms": best["ms"], "default_ms": rows[0]["ms"]}
         print(f"{kernel:22s} default {rows[0]['ms']:8.2f} ms   best {best['ms']:8.2f} ms  {best['params']}", flush=True)
+        write_results(args, gpu, results)  # after every kernel, so a run cut short keeps what it measured
 
+
+def write_results(args, gpu, results):
     tag = gpu.replace(" ", "_")
     os.makedirs(args.out_dir, exist_ok=True)
     meta = {"gpu": gpu, "seq_len": args.seq_len, "shape": args.shape, "torch": torch.__version__}
