@@ -16,8 +16,8 @@ from typing import Dict, Iterator
 
 # keys: (kernel, wide) where wide means a head dimension above 128 (padded tiles of 256)
 _DEFAULTS: Dict[tuple, dict] = {
-    ("band_fwd/window", False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    ("band_fwd/compressed", False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    ("band_fwd/window", False): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    ("band_fwd/compressed", False): dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
     ("band_dq/window", False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     ("band_dq/compressed", False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     ("band_dkdv/window", False): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
@@ -28,13 +28,13 @@ _DEFAULTS: Dict[tuple, dict] = {
     ("band_dq/compressed", True): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
     ("band_dkdv/window", True): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
     ("band_dkdv/compressed", True): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    ("selected_fwd", False): dict(num_warps=4, num_stages=2),
-    ("selected_dq", False): dict(num_warps=4, num_stages=2),
-    ("selected_dkdv", False): dict(ROWS=64, num_warps=4, num_stages=2),
+    ("selected_fwd", False): dict(num_warps=2, num_stages=2),
+    ("selected_dq", False): dict(num_warps=2, num_stages=2),
+    ("selected_dkdv", False): dict(ROWS=64, num_warps=4, num_stages=3),
     ("selected_fwd", True): dict(num_warps=4, num_stages=2),
     ("selected_dq", True): dict(num_warps=4, num_stages=2),
     ("selected_dkdv", True): dict(ROWS=64, num_warps=4, num_stages=2),
-    ("topk", False): dict(ROWS=128, num_warps=8, num_stages=2),
+    ("topk", False): dict(ROWS=256, num_warps=4, num_stages=1),
     ("topk", True): dict(ROWS=128, num_warps=8, num_stages=2),
 }
 
