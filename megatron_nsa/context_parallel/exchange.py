@@ -86,6 +86,12 @@ def pack_slots(slot0: torch.Tensor, slot1: torch.Tensor, slot_rows: int) -> torc
     return packed
 
 
+def head_groups(num_kv_heads: int, head_group_size: int) -> List[Tuple[int, int]]:
+    """KV-head ranges [h0, h1) of at most head_group_size heads, exchanged one after the other."""
+    step = min(head_group_size, num_kv_heads)
+    return [(h0, min(h0 + step, num_kv_heads)) for h0 in range(0, num_kv_heads, step)]
+
+
 class _GatherCompressed(torch.autograd.Function):
     """Compressed tokens of both local chunks -> all compressed tokens in global order (differentiable)."""
 
@@ -287,9 +293,7 @@ class AllGatherExchange(KVExchange):
     mode = "allgather"
 
     def begin_selection(self, k, v, plan, branches, config, scale, head_group_size):
-        num_kv_heads = k.shape[2]
-        step = min(head_group_size, num_kv_heads)
-        groups = [(h0, min(h0 + step, num_kv_heads)) for h0 in range(0, num_kv_heads, step)]
+        groups = head_groups(k.shape[2], head_group_size)
         run = _SelectionRun(self, plan, branches, config, scale, groups, k.detach(), v.detach())
         run.pending = run.start(0, "selection fwd")
         return run

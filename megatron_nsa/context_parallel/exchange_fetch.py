@@ -35,7 +35,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .exchange import KVExchange
+from .exchange import KVExchange, head_groups
 from .segments import CPPlan
 
 
@@ -330,10 +330,8 @@ class FetchExchange(KVExchange):
 
     def begin_selection(self, k, v, plan, branches, config, scale, head_group_size):
         """Nothing moves yet: the blocks to fetch are known only after top-n."""
-        num_kv_heads = k.shape[2]
-        step = min(head_group_size, num_kv_heads)
-        groups = [(h0, min(h0 + step, num_kv_heads)) for h0 in range(0, num_kv_heads, step)]
-        return _FetchRun(self, plan, branches, config, scale, groups, k.detach(), v.detach())
+        return _FetchRun(self, plan, branches, config, scale, head_groups(k.shape[2], head_group_size),
+                         k.detach(), v.detach())
 
     def selected_attention(self, q, k, v, selected_block_idx, handle):
         return _FetchSelected.apply(handle, q, k, v, selected_block_idx)
