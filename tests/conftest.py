@@ -1,8 +1,16 @@
 """Shared pytest setup: the `slow` marker and a factory of fresh random NSA inputs."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# On a CPU-only machine the Triton kernels run in Triton's interpreter. It must be chosen before
+# nsa_kernels is first imported (its @triton.jit functions are built at import), so it is set here,
+# before any test module of any directory is collected.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_configure(config):

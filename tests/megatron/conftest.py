@@ -1,12 +1,7 @@
 """Fixtures of the Megatron-Core tests."""
-import os
 
 import pytest
 import torch
-
-# On a CPU-only machine the Triton kernels run in Triton's interpreter; chosen before they are defined.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from mcore_harness import init_single_process
 
