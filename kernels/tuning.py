@@ -14,28 +14,29 @@ import contextlib
 import os
 from typing import Dict, Iterator
 
-# keys: (kernel, wide) where wide means a head dimension above 128 (padded tiles of 256)
-_DEFAULTS: Dict[tuple, dict] = {
-    ("band_fwd/window", False): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    ("band_fwd/compressed", False): dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
-    ("band_dq/window", False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    ("band_dq/compressed", False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    ("band_dkdv/window", False): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    ("band_dkdv/compressed", False): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    ("band_fwd/window", True): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    ("band_fwd/compressed", True): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    ("band_dq/window", True): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    ("band_dq/compressed", True): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    ("band_dkdv/window", True): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    ("band_dkdv/compressed", True): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    ("selected_fwd", False): dict(num_warps=2, num_stages=2),
-    ("selected_dq", False): dict(num_warps=2, num_stages=2),
-    ("selected_dkdv", False): dict(ROWS=64, num_warps=4, num_stages=3),
-    ("selected_fwd", True): dict(num_warps=4, num_stages=2),
-    ("selected_dq", True): dict(num_warps=4, num_stages=2),
-    ("selected_dkdv", True): dict(ROWS=64, num_warps=4, num_stages=2),
-    ("topk", False): dict(ROWS=256, num_warps=4, num_stages=1),
-    ("topk", True): dict(ROWS=128, num_warps=8, num_stages=2),
+# head dims up to 128 (the H100 sweep's winners)
+_DEFAULTS: Dict[str, dict] = {
+    "band_fwd/window": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    "band_fwd/compressed": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
+    "band_dq/window": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    "band_dq/compressed": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    "band_dkdv/window": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    "band_dkdv/compressed": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    "selected_fwd": dict(num_warps=2, num_stages=2),
+    "selected_dq": dict(num_warps=2, num_stages=2),
+    "selected_dkdv": dict(ROWS=64, num_warps=4, num_stages=3),
+    "topk": dict(ROWS=256, num_warps=4, num_stages=1),
+}
+
+# head dims above 128 (tiles padded to 256 columns): smaller tiles, where they differ from the above
+_SMALL_BAND_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+_WIDE: Dict[str, dict] = {
+    "band_fwd/window": _SMALL_BAND_TILES, "band_fwd/compressed": _SMALL_BAND_TILES,
+    "band_dq/window": _SMALL_BAND_TILES, "band_dq/compressed": _SMALL_BAND_TILES,
+    "selected_fwd": dict(num_warps=4, num_stages=2),
+    "selected_dq": dict(num_warps=4, num_stages=2),
+    "selected_dkdv": dict(ROWS=64, num_warps=4, num_stages=2),
+    "topk": dict(ROWS=128, num_warps=8, num_stages=2),
 }
 
 _INTERPRETER = {
@@ -53,7 +54,7 @@ def launch_params(kernel: str, head_dim: int) -> dict:
         family = "band" if kernel.startswith("band") else kernel
         params = dict(_INTERPRETER.get(family, dict(num_warps=4, num_stages=1)))
     else:
-        params = dict(_DEFAULTS[(kernel, head_dim > 128)])
+        params = dict(_WIDE[kernel] if head_dim > 128 and kernel in _WIDE else _DEFAULTS[kernel])
     params.update(_overrides.get(kernel, {}))
     return params
 
