@@ -10,7 +10,7 @@ import torch
 
 from .band import band_attention
 from .combine import gated_combine
-from .selected import piece_layout
+from .selected import piece_layout, selected_backward
 from .selected import selected_attention as _selected_attention
 from .topk import select_blocks as _select_blocks
 
@@ -45,6 +45,16 @@ def selected_attention(q, k, v, selected_block_idx, q_pos, config, scale):
     return _selected_attention(q, k, v, selected_block_idx.to(torch.int32), layout, config, scale)
 
 
+def selected_attention_backward(q, k, v, selected_block_idx, q_pos, config, scale, grad_out, lse, delta):
+    """(dQ, dK, dV) of these keys' share of an attention whose softmax spans more keys: lse and
+    delta = rowsum(dO * O) [Tq, H_q] are the whole softmax's (e.g. merged over a ring's pieces)."""
+    layout = piece_layout(q_pos, k.shape[0], config.select_block_size)
+    stats = torch.stack([lse.float(), delta.float()])  # [2, Tq, H_q]: the kernels read both with one stride
+    idx = selected_block_idx.to(torch.int32).contiguous()
+    return selected_backward(q.contiguous(), k.contiguous(), v.contiguous(), idx, layout, config, scale,
+                             grad_out.contiguous(), stats[0], stats[1])
+
+
 def window_attention(q, k, v, q_pos, k_start, config, scale):
     """Keys at positions k_start..k_start+Tk-1."""
     cu_q, cu_k, q_pos0 = _segment(q, q_pos, k.shape[0])
@@ -52,4 +62,5 @@ def window_attention(q, k, v, q_pos, k_start, config, scale):
     return band_attention(q, k, v, cu_q, cu_k, "window", config, scale, q_pos0=q_pos0, k_first=k_first)
 
 
-__all__ = ["compressed_attention", "select_blocks", "selected_attention", "window_attention", "gated_combine"]
+__all__ = ["compressed_attention", "select_blocks", "selected_attention", "selected_attention_backward",
+           "window_attention", "gated_combine"]

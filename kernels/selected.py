@@ -307,51 +307,59 @@ class SelectedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, selected_block_idx = ctx.saved_tensors
-        layout, config, scale = ctx.layout, ctx.config, ctx.scale
-        dims, num_q_heads = _dims(q, v, config.select_block_size)
-        num_kv_heads = k.shape[1]
-        group = num_q_heads // num_kv_heads
         grad_out = grad_out.contiguous()
         delta = row_dot(grad_out, out)  # [T, H_q]
         if grad_lse is not None:  # d lse / d s = p, so a gradient on lse shifts delta
             delta = delta - grad_lse
-        dq = torch.empty_like(q)
-        dk = torch.zeros_like(k)
-        dv = torch.zeros_like(v)
-        if q.shape[0] == 0:
-            return dq, dk, dv, None, None, None, None
-        _selected_bwd_dq[(q.shape[0], num_kv_heads)](
-            q, k, v, grad_out, lse, delta, dq, selected_block_idx, layout.row_pos, layout.row_key_start,
+        dq, dk, dv = selected_backward(q, k, v, selected_block_idx, ctx.layout, ctx.config, ctx.scale,
+                                       grad_out, lse, delta)
+        return dq, dk, dv, None, None, None, None
+
+
+def selected_backward(q, k, v, selected_block_idx, layout: SelectionLayout, config, scale, grad_out, lse, delta):
+    """(dQ, dK, dV) of selected attention given dO [T, H_q, d_v], the softmax's lse [T, H_q] and
+    delta = rowsum(dO * O) - dlse [T, H_q] (float32). With the lse and delta of a softmax that also
+    spans keys elsewhere, these are this block set's share of that attention's gradients."""
+    dims, num_q_heads = _dims(q, v, config.select_block_size)
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    dq = torch.empty_like(q)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    if q.shape[0] == 0:
+        return dq, dk, dv
+    _selected_bwd_dq[(q.shape[0], num_kv_heads)](
+        q, k, v, grad_out, lse, delta, dq, selected_block_idx, layout.row_pos, layout.row_key_start,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
+        selected_block_idx.stride(0), selected_block_idx.stride(1), dq.stride(0), dq.stride(1),
+        scale * LOG2E, scale, G=group, GP=max(16, triton.next_power_of_2(group)),
+        N_SELECT=config.select_count, **launch_params("selected_dq", max(q.shape[2], v.shape[2])), **dims,
+    )
+    num_blocks = layout.num_blocks
+    group_pad = triton.next_power_of_2(group)
+    query_list, piece_key, piece_start, piece_end, pieces_of_key = _invert_selection(
+        selected_block_idx, layout.row_slc_start, num_blocks)
+    block_docs = layout.block_docs
+    num_pieces = piece_key.numel()
+    partial_dk = torch.empty(num_pieces, dims["BLOCK_N"], dims["BLOCK_DK"], device=q.device, dtype=torch.float32)
+    partial_dv = torch.empty(num_pieces, dims["BLOCK_N"], dims["BLOCK_DV"], device=q.device, dtype=torch.float32)
+    if num_pieces:
+        dkdv_params = launch_params("selected_dkdv", max(q.shape[2], v.shape[2]))
+        rows = dkdv_params.pop("ROWS")
+        _selected_bwd_dkdv_pieces[(num_pieces,)](
+            q, k, v, grad_out, lse, delta, partial_dk, partial_dv, piece_key, piece_start, piece_end,
+            query_list, block_docs, layout.row_pos,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
-            selected_block_idx.stride(0), selected_block_idx.stride(1), dq.stride(0), dq.stride(1),
-            scale * LOG2E, scale, G=group, GP=max(16, triton.next_power_of_2(group)),
-            N_SELECT=config.select_count, **launch_params("selected_dq", max(q.shape[2], v.shape[2])), **dims,
+            scale * LOG2E, num_blocks, G=group, GP=group_pad, TQ=max(1, rows // group_pad), **dkdv_params, **dims,
         )
-        num_blocks = layout.num_blocks
-        group_pad = triton.next_power_of_2(group)
-        query_list, piece_key, piece_start, piece_end, pieces_of_key = _invert_selection(
-            selected_block_idx, layout.row_slc_start, num_blocks)
-        block_docs = layout.block_docs
-        num_pieces = piece_key.numel()
-        partial_dk = torch.empty(num_pieces, dims["BLOCK_N"], dims["BLOCK_DK"], device=q.device, dtype=torch.float32)
-        partial_dv = torch.empty(num_pieces, dims["BLOCK_N"], dims["BLOCK_DV"], device=q.device, dtype=torch.float32)
-        if num_pieces:
-            dkdv_params = launch_params("selected_dkdv", max(q.shape[2], v.shape[2]))
-            rows = dkdv_params.pop("ROWS")
-            _selected_bwd_dkdv_pieces[(num_pieces,)](
-                q, k, v, grad_out, lse, delta, partial_dk, partial_dv, piece_key, piece_start, piece_end,
-                query_list, block_docs, layout.row_pos,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
-                scale * LOG2E, num_blocks, G=group, GP=group_pad, TQ=max(1, rows // group_pad), **dkdv_params, **dims,
-            )
-        _selected_bwd_dkdv_sum[(num_kv_heads * num_blocks,)](
-            partial_dk, partial_dv, dk, dv, pieces_of_key, block_docs,
-            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), scale, num_blocks,
-            num_warps=4, **dims,
-        )
-        return dq, dk, dv, None, None, None, None
+    _selected_bwd_dkdv_sum[(num_kv_heads * num_blocks,)](
+        partial_dk, partial_dv, dk, dv, pieces_of_key, block_docs,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), scale, num_blocks,
+        num_warps=4, **dims,
+    )
+    return dq, dk, dv
 
 
 def selected_attention(q, k, v, selected_block_idx, layout: SelectionLayout, config, scale):

@@ -1,9 +1,12 @@
 """'ring' exchange: selection K/V travel a ring of point-to-point transfers; memory O(chunk).
 
-A rank's *piece* is its two chunks of selection K/V, [B, 2, h + c, H_kv, d], each chunk preceded
-by the h tokens before it (h = 0 unless packed documents start off the l' grid: then a selection
-block may straddle a chunk edge, and h <= l'-1 halo tokens put every block whole in the piece of
-the chunk holding its last token). Ranks form the ring r -> r+1.
+A rank's *piece* is its two chunks of selection K/V, [B, 2, h + c, H_group, d], each chunk
+preceded by the h tokens before it (h = 0 unless packed documents start off the l' grid: then a
+selection block may straddle a chunk edge, and h <= l'-1 halo tokens put every block whole in the
+piece of the chunk holding its last token). Ranks form the ring r -> r+1. KV heads go round in
+groups of head_group_size, one group's full ring after the other, so that the pieces in memory
+hold only one group's heads; the next group's first transfer starts during the last step of the
+one before.
 
 Compressed tokens go first (every rank needs all of them before top-n): an all-gather done as C-1
 ring steps of send/recv, blocking (S/d tokens: small); its backward is a ring reduce-scatter.
@@ -13,20 +16,22 @@ rank r starts (one batch_isend_irecv) passing the visiting piece to r+1 and rece
 one from r-1; then it attends, per document piece of its queries and per visiting chunk, only to
 the blocks its queries selected whose last token lies in that chunk (block ids and query
 positions shifted to the keys' first block, other ids -1), and merges the partial (out_c, lse_c)
-into the running (O, L) by log-sum-exp; then it waits for the transfer. So the transfer of step
-t+1 runs under the attention of step t, and the first one under the window and compressed
-branches (it starts in begin_selection). Memory: the local piece, the visiting one, the arriving
-one, and O, L of the local queries; no buffer of the whole sequence.
+into the running (O, L) by log-sum-exp, a part of the query rows at a time (ROW_PART_ELEMENTS
+bounds the float32 temporaries; O is kept in the output dtype, L in float32); then it waits for
+the transfer. So the transfer of step t+1 runs under the attention of step t, and the first one
+under the window and compressed branches (it starts in begin_selection). Memory: the local piece,
+the visiting one, the arriving one, and O, L of the local queries; no buffer of the whole sequence.
 
-Backward: the pieces go round again on the same schedule. At step t rank r recomputes each
-partial of the visiting piece with autograd and feeds it grad_out_c = w_c dO and
-grad_lse_c = w_c (dO . (out_c - O)), w_c = exp(lse_c - L) (O = sum_c w_c out_c with
-w_c = exp(lse_c - L), L = log sum_c exp(lse_c)); dQ stays local. The dK/dV accumulator of a piece
-follows the piece one step behind: while rank r attends to the visiting piece it receives that
-piece's accumulator (the contributions of the ranks it visited before, its owner's excepted) from
-r-1, adds its own contribution, and passes it on at the next step; after the last step every rank
-receives the accumulator of its own piece and adds its own contribution: C-1 transfers of dK/dV
-per piece, as in a ring reduce-scatter. Only the last one is not hidden under attention.
+Backward: the pieces go round again on the same schedule. With the merged L and
+delta = rowsum(dO * O), P = exp(S - L) restricted to a piece's keys is that piece's share of the
+whole softmax, so each piece's dQ, dK, dV come straight from the selected-attention backward
+(Branches.selected_attention_backward) given L and delta: nothing of the forward is recomputed.
+dQ stays local. The dK/dV accumulator of a piece follows the piece one step behind: while rank r
+attends to the visiting piece it receives that piece's accumulator (the contributions of the
+ranks it visited before, its owner's excepted) from r-1, adds its own contribution, and passes it
+on at the next step; after the last step every rank receives the accumulator of its own piece and
+adds its own contribution: C-1 transfers of dK/dV per piece, as in a ring reduce-scatter. Only
+the last one of each head group is not hidden under attention.
 
 'hierarchical' (exchange_hierarchical.py) runs the same schedule with nodes of m ranks in place
 of ranks: at each step a node's m pieces are all-gathered inside the node, and each rank passes
@@ -40,7 +45,8 @@ from typing import Dict, List, Optional
 import torch
 
 from .comm import Communicator
-from .exchange import KVExchange, global_chunk_rows, pack_slots
+from .branches import finite_or_zero
+from .exchange import KVExchange, global_chunk_rows, head_groups, pack_slots
 from .halo import exchange_halos
 from .segments import CPPlan
 
@@ -276,25 +282,33 @@ class _PieceStream:
 class _RingRun:
     """State of one layer call's selection branch (forward and backward)."""
 
-    def __init__(self, exchange: "NodeRingExchange", plan: CPPlan, branches, config, scale: float, k, v):
+    def __init__(self, exchange: "NodeRingExchange", plan: CPPlan, branches, config, scale: float, k, v,
+                 head_group_size: int):
         self.comm = exchange.comm
         self.topo = RingTopology(self.comm.size, self.comm.rank, exchange.node_size)
         self.plan, self.branches, self.config, self.scale = plan, branches, config, scale
+        self.head_groups = head_groups(k.shape[2], head_group_size)
         self.halo = straddle_halo(plan, config.select_block_size)
         self.k_halo = self.v_halo = None
         if self.halo:  # differentiable: their gradients go back to the ranks they came from
             self.k_halo, self.v_halo = exchange_halos(self.comm, plan.chunk_len, (self.halo, self.halo), k, v)
         self._work: Dict[int, List[PieceWork]] = {}
-        self.stream: Optional[_PieceStream] = _PieceStream(self, *self.own_piece(k, v, self.k_halo, self.v_halo),
-                                                           "selection fwd")
-        self.stream.start()
+        self.first_stream: Optional[_PieceStream] = self.stream(0, k, v, self.k_halo, self.v_halo, "selection fwd")
 
-    def own_piece(self, k, v, k_halo, v_halo):
-        """Local [B, 2c, H, d] (+ halos [B, 2, h, H, d]) -> pieces [B, 2, h + c, H, d], detached, contiguous."""
+    def stream(self, group: int, k, v, k_halo, v_halo, kind: str) -> "_PieceStream":
+        """The started piece stream of KV-head group `group`."""
+        stream = _PieceStream(self, *self.own_piece(group, k, v, k_halo, v_halo), kind)
+        stream.start()
+        return stream
+
+    def own_piece(self, group: int, k, v, k_halo, v_halo):
+        """Local [B, 2c, H, d] (+ halos [B, 2, h, H, d]) -> the group's pieces [B, 2, h + c, H_group, d],
+        detached, contiguous."""
+        h0, h1 = self.head_groups[group]
         pieces = []
         for x, halo in ((k, k_halo), (v, v_halo)):
-            x = x.detach().unflatten(1, (2, self.plan.chunk_len))
-            pieces.append(torch.cat([halo.detach(), x], dim=2) if halo is not None else x.contiguous())
+            x = x.detach()[:, :, h0:h1].unflatten(1, (2, self.plan.chunk_len))
+            pieces.append(torch.cat([halo.detach()[..., h0:h1, :], x], dim=2) if halo is not None else x.contiguous())
         return pieces
 
     def work(self, owner: int, device) -> List[PieceWork]:
@@ -302,143 +316,210 @@ class _RingRun:
             self._work[owner] = piece_work(self.plan, owner, self.halo, self.config.select_block_size, device)
         return self._work[owner]
 
-    def partial(self, work: PieceWork, q, k_piece, v_piece, idx):
-        """(out_c [Tq, H_q, d_v], lse_c [Tq, H_q]) of work's queries over its keys."""
-        return self.branches.selected_attention(
-            q[work.row, work.rows], k_piece[work.row, work.slot, work.keys], v_piece[work.row, work.slot, work.keys],
-            work.block_ids(idx[work.row, work.rows]), work.q_pos, self.config, self.scale)
+    def row_parts(self, work: PieceWork, row_size: int) -> List[slice]:
+        """work's query rows in parts of at most ROW_PART_ELEMENTS / row_size rows (slices into work.rows)."""
+        count = work.rows.stop - work.rows.start
+        step = max(1, ROW_PART_ELEMENTS // row_size)
+        return [slice(lo, min(lo + step, count)) for lo in range(0, count, step)]
 
 
-def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+# Values of a partial output [rows, H_q, d_v] per selected-attention call: bounds the float32
+# temporaries of merging (forward) and the per-call gradients (backward) at long context.
+ROW_PART_ELEMENTS = 1 << 26
+
+
+def _query_rows(work: PieceWork, part: slice):
+    """Index of a part's query rows in [B, 2c, ...] tensors."""
+    return work.row, slice(work.rows.start + part.start, work.rows.start + part.stop)
 
 
 def merge_partial(out: torch.Tensor, lse: torch.Tensor, out_c: torch.Tensor, lse_c: torch.Tensor) -> None:
-    """Fold a partial result (out_c [T, H, d_v], lse_c [T, H]) into the running (out, lse), in place.
-    Rows without keys so far or in the partial (lse -inf) stay exact, without NaNs."""
+    """Fold a partial result (out_c [T, H, d_v], lse_c [T, H]) into the running (out, lse), in place;
+    lse is float32 or wider, out any dtype (the sum is formed in float32 or wider). Rows without keys so far or in the
+    partial (lse -inf) stay exact, without NaNs."""
     lse_c = lse_c.to(lse.dtype)
     merged = torch.logaddexp(lse, lse_c)
-    ref = _finite_or_zero(merged)
-    out.mul_(torch.exp(lse - ref)[..., None]).add_(out_c.to(out.dtype) * torch.exp(lse_c - ref)[..., None])
+    ref = finite_or_zero(merged)
+    acc_dtype = torch.promote_types(out.dtype, torch.float32)
+    mixed = (out.to(acc_dtype) * torch.exp(lse - ref)[..., None]
+             + out_c.to(acc_dtype) * torch.exp(lse_c - ref)[..., None])
+    out.copy_(mixed)
     lse.copy_(merged)
 
 
-def partial_grads(out_c, lse_c, out, lse, grad_out):
-    """Gradients on a partial (out_c, lse_c) from dO on the merged out = sum_c w_c out_c,
-    w_c = exp(lse_c - lse): (w_c dO, w_c dO.(out_c - out)), in out_c's and lse_c's dtypes."""
-    weight = torch.exp(lse_c.detach().to(lse.dtype) - _finite_or_zero(lse))  # [T, H]
-    grad_lse = weight * (grad_out * (out_c.detach().to(out.dtype) - out)).sum(-1)
-    return (weight[..., None] * grad_out).to(out_c.dtype), grad_lse.to(lse_c.dtype)
-
-
 class _RingSelected(torch.autograd.Function):
-    """Selection branch of the local queries over the pieces as they go round (module docstring)."""
+    """Selection branch of the local queries over the pieces as they go round (module docstring),
+    KV-head group after KV-head group."""
 
     @staticmethod
     def forward(ctx, run: _RingRun, q, k, v, k_halo, v_halo, idx):
-        acc_dtype = torch.promote_types(q.dtype, torch.float32)
-        out = q.new_zeros(*q.shape[:3], v.shape[3], dtype=acc_dtype)  # O [B, 2c, H_q, d_v]
-        lse = q.new_full(q.shape[:3], float("-inf"), dtype=acc_dtype)  # L [B, 2c, H_q]
-        stream, run.stream = run.stream, None
-        for step in range(run.topo.num_nodes):
-            stream.wait(step)
-            stream.issue(step + 1)
-            for owner, k_piece, v_piece in stream.visiting(step):
-                for work in run.work(owner, q.device):
-                    out_c, lse_c = run.partial(work, q, k_piece, v_piece, idx)
-                    merge_partial(out[work.row, work.rows], lse[work.row, work.rows], out_c, lse_c)
-            stream.release(step)
+        out = q.new_zeros(*q.shape[:3], v.shape[3])  # O [B, 2c, H_q, d_v]
+        lse_dtype = torch.promote_types(q.dtype, torch.float32)
+        lse = q.new_full(q.shape[:3], float("-inf"), dtype=lse_dtype)  # L [B, 2c, H_q]
+        group_size = q.shape[2] // k.shape[2]
+        stream, run.first_stream = run.first_stream, None
+        for group, (h0, h1) in enumerate(run.head_groups):
+            heads = slice(h0 * group_size, h1 * group_size)
+            q_group, idx_group = q[:, :, heads], idx[:, :, h0:h1]
+            out_group, lse_group = out[:, :, heads], lse[:, :, heads]
+            row_size = q_group.shape[2] * v.shape[3]
+            next_stream = None
+            for step in range(run.topo.num_nodes):
+                stream.wait(step)
+                stream.issue(step + 1)
+                if step == run.topo.num_nodes - 1 and group + 1 < len(run.head_groups):
+                    next_stream = run.stream(group + 1, k, v, k_halo, v_halo, "selection fwd")
+                for owner, k_piece, v_piece in stream.visiting(step):
+                    for work in run.work(owner, q.device):
+                        keys = (work.row, work.slot, work.keys)
+                        for part in run.row_parts(work, row_size):
+                            rows = _query_rows(work, part)
+                            out_c, lse_c = run.branches.selected_attention(
+                                q_group[rows], k_piece[keys], v_piece[keys], work.block_ids(idx_group[rows]),
+                                work.q_pos[part], run.config, run.scale)
+                            merge_partial(out_group[rows], lse_group[rows], out_c, lse_c)
+                stream.release(step)
+            stream = next_stream
         ctx.run = run
         ctx.save_for_backward(q, k, v, k_halo, v_halo, idx, out, lse)
-        return out.to(q.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         run = ctx.run
         q, k, v, k_halo, v_halo, idx, out, lse = ctx.saved_tensors
-        topo, comm = run.topo, run.comm
-        grad_out = grad_out.to(out.dtype)
-        grad_q = torch.zeros_like(q)
-        own_k, own_v = run.own_piece(k, v, k_halo, v_halo)
-        stream = _PieceStream(run, own_k, own_v, "selection bwd")
-        zeros = lambda: (torch.zeros_like(own_k), torch.zeros_like(own_v))  # noqa: E731
-        contrib: Dict[int, list] = {}  # step -> this rank's dK/dV of each visiting piece
-        from_node: Dict[int, list] = {}  # step -> node peers' dK/dV of the piece carried at step
-        # step -> accumulator of the carried piece from the previous node; the chain of a piece starts
-        # at the node after its owner's (step 1) and ends back at the owner, who adds its node's part
-        # (step 0) last: C/m - 1 hops across nodes, as in a ring reduce-scatter
-        arrived: Dict[int, tuple] = {0: None, 1: None}
-        finished: Dict[int, tuple] = {}  # step -> accumulator of the carried piece, this node's part added
-        num_steps, lag = topo.num_nodes, topo.lag
-        grads_in_flight = None
-        stream.start()
-        for step in range(num_steps + lag):
-            if grads_in_flight is not None:
-                grads_in_flight.wait()
-                grads_in_flight = None
-            ready = step - lag  # the accumulator complete once batch step-1 is done
-            if 0 <= ready < num_steps:
-                total = arrived.pop(ready) or zeros()
-                parts = [contrib.pop(ready)[topo.local]] + from_node.pop(ready, [])
-                finished[ready] = tuple(sum(p[i] for p in parts) + total[i] for i in range(2))
-            if step < num_steps:
-                stream.wait(step)
-                stream.issue(step + 1)
-            sends, recvs = [], []
-            if topo.node_size > 1 and 0 <= step - 1 < num_steps:  # reduce last step's pieces inside the node
-                mine = contrib[step - 1]
-                from_node[step - 1] = []
-                for local, peer in enumerate(topo.node_ranks):
-                    if peer == topo.rank:
-                        continue
-                    got = zeros()
-                    sends += [(mine[local][0], peer), (mine[local][1], peer)]
-                    recvs += [(got[0], peer), (got[1], peer)]
-                    from_node[step - 1].append(got)
-            if num_steps > 1:
-                if 1 <= ready < num_steps:
-                    done = finished.pop(ready)
-                    sends += [(done[0], topo.next_rank), (done[1], topo.next_rank)]
-                if 2 <= ready + 1 <= num_steps:
-                    got = zeros()
-                    recvs += [(got[0], topo.prev_rank), (got[1], topo.prev_rank)]
-                    arrived[ready + 1] = got
-            if sends or recvs:
-                grads_in_flight = comm.start_exchange(sends, recvs, "selection bwd grad")
-            if step < num_steps:
-                contrib[step] = [_ring_backward_step(run, q, idx, out, lse, grad_out, grad_q, owner, k_piece, v_piece)
-                                 for owner, k_piece, v_piece in stream.visiting(step)]
-                stream.release(step)
-        if grads_in_flight is not None:
-            grads_in_flight.wait()
-        grad_k_piece, grad_v_piece = finished.pop(0)
-        if num_steps > 1:
-            from_ring = arrived.pop(num_steps)
-            grad_k_piece, grad_v_piece = grad_k_piece + from_ring[0], grad_v_piece + from_ring[1]
-        grad_k, grad_v = (piece[:, :, run.halo:].flatten(1, 2) for piece in (grad_k_piece, grad_v_piece))
-        grad_k_halo = grad_k_piece[:, :, :run.halo] if run.halo else None
-        grad_v_halo = grad_v_piece[:, :, :run.halo] if run.halo else None
+        grad_out = grad_out.contiguous()
+        delta = _row_dot(grad_out, out)  # rowsum(dO * O) [B, 2c, H_q] float32
+        grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        grad_k_halo = torch.zeros_like(k_halo) if run.halo else None
+        grad_v_halo = torch.zeros_like(v_halo) if run.halo else None
+        group_size = q.shape[2] // k.shape[2]
+        stream = run.stream(0, k, v, k_halo, v_halo, "selection bwd")
+        for group, (h0, h1) in enumerate(run.head_groups):
+            heads = slice(h0 * group_size, h1 * group_size)
+            start_next = None
+            if group + 1 < len(run.head_groups):
+                start_next = lambda g=group + 1: run.stream(g, k, v, k_halo, v_halo, "selection bwd")  # noqa: E731
+            shares = _GroupShares(run, q[:, :, heads], idx[:, :, h0:h1], lse[:, :, heads], delta[:, :, heads],
+                                  grad_out[:, :, heads], grad_q[:, :, heads])
+            (grad_k_piece, grad_v_piece), stream = _ring_backward_group(run, stream, shares, start_next)
+            grad_k[:, :, h0:h1] = grad_k_piece[:, :, run.halo:].flatten(1, 2)
+            grad_v[:, :, h0:h1] = grad_v_piece[:, :, run.halo:].flatten(1, 2)
+            if run.halo:
+                grad_k_halo[..., h0:h1, :] = grad_k_piece[:, :, :run.halo]
+                grad_v_halo[..., h0:h1, :] = grad_v_piece[:, :, :run.halo]
         return None, grad_q, grad_k, grad_v, grad_k_halo, grad_v_halo, None
 
 
-def _ring_backward_step(run: _RingRun, q, idx, out, lse, grad_out, grad_q, owner, k_piece, v_piece):
-    """This rank's dK/dV of one visiting piece (returned) and its dQ (added to grad_q)."""
-    grad_k, grad_v = torch.zeros_like(k_piece), torch.zeros_like(v_piece)
-    for work in run.work(owner, q.device):
-        rows = (work.row, work.rows)
-        keys = (work.row, work.slot, work.keys)
-        with torch.enable_grad():
-            q_part = q[rows].detach().requires_grad_()
-            k_part = k_piece[keys].detach().requires_grad_()
-            v_part = v_piece[keys].detach().requires_grad_()
-            out_c, lse_c = run.branches.selected_attention(q_part, k_part, v_part, work.block_ids(idx[rows]),
-                                                           work.q_pos, run.config, run.scale)
-        grads = partial_grads(out_c, lse_c, out[rows], lse[rows], grad_out[rows])
-        dq, dk, dv = torch.autograd.grad((out_c, lse_c), (q_part, k_part, v_part), grads, allow_unused=True)
-        for total, part in ((grad_q[rows], dq), (grad_k[keys], dk), (grad_v[keys], dv)):
-            if part is not None:
-                total.add_(part)
-    return grad_k, grad_v
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b, -1) in float32 (or wider) for [B, T, H, d] tensors, a row part at a time."""
+    acc_dtype = torch.promote_types(a.dtype, torch.float32)
+    out = a.new_empty(a.shape[:-1], dtype=acc_dtype)
+    step = max(1, ROW_PART_ELEMENTS // (a.shape[2] * a.shape[3]))
+    for row in range(a.shape[0]):
+        for lo in range(0, a.shape[1], step):
+            rows = (row, slice(lo, lo + step))
+            out[rows] = (a[rows].to(acc_dtype) * b[rows].to(acc_dtype)).sum(-1)
+    return out
+
+
+@dataclasses.dataclass
+class _GroupShares:
+    """One KV-head group's view of the local queries for the backward: q, selected ids, the merged
+    lse and delta = rowsum(dO * O), dO, and the dQ accumulator (a view into grad_q)."""
+
+    run: _RingRun
+    q: torch.Tensor
+    idx: torch.Tensor
+    lse: torch.Tensor
+    delta: torch.Tensor
+    grad_out: torch.Tensor
+    grad_q: torch.Tensor
+
+    def piece_grads(self, owner: int, k_piece: torch.Tensor, v_piece: torch.Tensor):
+        """This rank's dK/dV of one visiting piece (returned); its dQ is added to grad_q.
+
+        With the merged lse and delta, each piece's share of the gradients comes straight from the
+        selected-attention backward: no partial output is recomputed or kept."""
+        run = self.run
+        grad_k, grad_v = torch.zeros_like(k_piece), torch.zeros_like(v_piece)
+        row_size = self.q.shape[2] * max(self.q.shape[3], self.grad_out.shape[3])
+        for work in run.work(owner, k_piece.device):
+            keys = (work.row, work.slot, work.keys)
+            for part in run.row_parts(work, row_size):
+                rows = _query_rows(work, part)
+                dq, dk, dv = run.branches.selected_attention_backward(
+                    self.q[rows], k_piece[keys], v_piece[keys], work.block_ids(self.idx[rows]), work.q_pos[part],
+                    run.config, run.scale, self.grad_out[rows], self.lse[rows], self.delta[rows])
+                self.grad_q[rows] += dq
+                grad_k[keys] += dk
+                grad_v[keys] += dv
+        return grad_k, grad_v
+
+
+def _ring_backward_group(run: _RingRun, stream: "_PieceStream", shares: _GroupShares, start_next):
+    """The ring backward of one KV-head group: the group's pieces go round again while each rank adds
+    its share of their dK/dV to accumulators that follow them (module docstring). Returns the
+    finished (dK, dV) of this rank's own piece of the group and the next group's stream, started by
+    start_next() at the last step (None when start_next is None)."""
+    topo, comm = run.topo, run.comm
+    own_k, own_v = stream.carried[0]
+    zeros = lambda: (torch.zeros_like(own_k), torch.zeros_like(own_v))  # noqa: E731
+    contrib: Dict[int, list] = {}  # step -> this rank's dK/dV of each visiting piece
+    from_node: Dict[int, list] = {}  # step -> node peers' dK/dV of the piece carried at step
+    # step -> accumulator of the carried piece from the previous node; the chain of a piece starts
+    # at the node after its owner's (step 1) and ends back at the owner, who adds its node's part
+    # (step 0) last: C/m - 1 hops across nodes, as in a ring reduce-scatter
+    arrived: Dict[int, tuple] = {0: None, 1: None}
+    finished: Dict[int, tuple] = {}  # step -> accumulator of the carried piece, this node's part added
+    num_steps, lag = topo.num_nodes, topo.lag
+    grads_in_flight, next_stream = None, None
+    for step in range(num_steps + lag):
+        if grads_in_flight is not None:
+            grads_in_flight.wait()
+            grads_in_flight = None
+        ready = step - lag  # the accumulator complete once batch step-1 is done
+        if 0 <= ready < num_steps:
+            total = arrived.pop(ready) or zeros()
+            parts = [contrib.pop(ready)[topo.local]] + from_node.pop(ready, [])
+            finished[ready] = tuple(sum(p[i] for p in parts) + total[i] for i in range(2))
+        if step < num_steps:
+            stream.wait(step)
+            stream.issue(step + 1)
+            if step == num_steps - 1 and start_next is not None:
+                next_stream = start_next()
+        sends, recvs = [], []
+        if topo.node_size > 1 and 0 <= step - 1 < num_steps:  # reduce last step's pieces inside the node
+            mine = contrib[step - 1]
+            from_node[step - 1] = []
+            for local, peer in enumerate(topo.node_ranks):
+                if peer == topo.rank:
+                    continue
+                got = zeros()
+                sends += [(mine[local][0], peer), (mine[local][1], peer)]
+                recvs += [(got[0], peer), (got[1], peer)]
+                from_node[step - 1].append(got)
+        if num_steps > 1:
+            if 1 <= ready < num_steps:
+                done = finished.pop(ready)
+                sends += [(done[0], topo.next_rank), (done[1], topo.next_rank)]
+            if 2 <= ready + 1 <= num_steps:
+                got = zeros()
+                recvs += [(got[0], topo.prev_rank), (got[1], topo.prev_rank)]
+                arrived[ready + 1] = got
+        if sends or recvs:
+            grads_in_flight = comm.start_exchange(sends, recvs, "selection bwd grad")
+        if step < num_steps:
+            contrib[step] = [shares.piece_grads(owner, k_piece, v_piece)
+                             for owner, k_piece, v_piece in stream.visiting(step)]
+            stream.release(step)
+    if grads_in_flight is not None:
+        grads_in_flight.wait()
+    grad_k_piece, grad_v_piece = finished.pop(0)
+    if num_steps > 1:
+        from_ring = arrived.pop(num_steps)
+        grad_k_piece, grad_v_piece = grad_k_piece + from_ring[0], grad_v_piece + from_ring[1]
+    return (grad_k_piece, grad_v_piece), next_stream
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,8 +539,8 @@ class NodeRingExchange(KVExchange):
         return _RingGatherCompressed.apply(self.comm, plan, slot0, slot1)
 
     def begin_selection(self, k, v, plan, branches, config, scale, head_group_size):
-        """Starts the first transfers. head_group_size is not used: no buffer grows with the sequence."""
-        return _RingRun(self, plan, branches, config, scale, k, v)
+        """Starts the first transfers (of the first KV-head group)."""
+        return _RingRun(self, plan, branches, config, scale, k, v, head_group_size)
 
     def selected_attention(self, q, k, v, selected_block_idx, handle):
         return _RingSelected.apply(handle, q, k, v, handle.k_halo, handle.v_halo, selected_block_idx)
