@@ -325,7 +325,7 @@ class _RingRun:
 
 # Values of a partial output [rows, H_q, d_v] per selected-attention call: bounds the float32
 # temporaries of merging (forward) and the per-call gradients (backward) at long context.
-ROW_PART_ELEMENTS = 1 << 26
+ROW_PART_ELEMENTS = 1 << 25
 
 
 def _query_rows(work: PieceWork, part: slice):
@@ -341,8 +341,8 @@ def merge_partial(out: torch.Tensor, lse: torch.Tensor, out_c: torch.Tensor, lse
     merged = torch.logaddexp(lse, lse_c)
     ref = finite_or_zero(merged)
     acc_dtype = torch.promote_types(out.dtype, torch.float32)
-    mixed = (out.to(acc_dtype) * torch.exp(lse - ref)[..., None]
-             + out_c.to(acc_dtype) * torch.exp(lse_c - ref)[..., None])
+    mixed = out.to(acc_dtype, copy=True).mul_(torch.exp(lse - ref)[..., None])
+    mixed.addcmul_(out_c.to(acc_dtype), torch.exp(lse_c - ref)[..., None])
     out.copy_(mixed)
     lse.copy_(merged)
 
