@@ -4,9 +4,11 @@ For one shape and sequence length (default: 64 query heads, 4 KV heads, head dim
 bf16, l/d/l'/n/w = 32/16/64/16/512), each kernel is timed with each candidate from CANDIDATES via
 nsa_kernels.tuning.overrides; the current defaults are timed too. Backward kernels are timed as the
 whole branch backward with one kernel's parameters changed. Writes JSON and a markdown table to
-benchmarks/results/tune_kernels_<gpu>.{json,md}; copy the winners into kernels/tuning.py.
+benchmarks/results/tune_kernels_<gpu>.{json,md} (another --shape: tune_kernels_<gpu>_<shape>.*); copy
+the winners into kernels/tuning.py (_DEFAULTS for d <= 128; _WIDE for the paper's d_k 192).
 
     python benchmarks/tune_kernels.py [--seq-len 65536] [--kernels band_fwd/compressed,topk,...]
+    python benchmarks/tune_kernels.py --shape 64,4,192,128     # the paper's shape
 """
 from __future__ import annotations
 
@@ -22,10 +24,10 @@ from megatron_nsa.reference import compress_packed
 
 _band = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
          for m, n, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3),
-                            (128, 64, 8, 4), (64, 128, 4, 2)]]
+                            (128, 64, 8, 4), (64, 128, 4, 2), (128, 32, 8, 3)]]
 _band_dkdv = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
               for m, n, w, s in [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2),
-                                 (32, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3)]]
+                                 (32, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2)]]
 _selected = [dict(num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2, 3)]
 CANDIDATES = {
     "band_fwd/compressed": _band, "band_fwd/window": _band,
@@ -35,6 +37,7 @@ CANDIDATES = {
     "selected_dkdv": [dict(ROWS=r, num_warps=w, num_stages=s) for r in (32, 64, 128) for w in (4, 8) for s in (2, 3)],
     "topk": [dict(ROWS=r, num_warps=w, num_stages=s) for r in (128, 256) for w in (4, 8) for s in (1, 2, 3)],
 }
+DEFAULT_SHAPE = "64,4,128,128"  # H_q, H_kv, d_k, d_v
 
 
 def time_ms(fn, warmup=2, reps=5):
@@ -97,13 +100,14 @@ def stage_functions(seq_len, hq, hkv, dk, dv, config):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=65536)
-    parser.add_argument("--shape", default="64,4,128,128", help="H_q,H_kv,d_k,d_v")
+    parser.add_argument("--shape", default=DEFAULT_SHAPE, help="H_q,H_kv,d_k,d_v")
     parser.add_argument("--kernels", default=",".join(CANDIDATES))
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_kernels.py needs a CUDA GPU")
     from nsa_kernels import tuning
+    from nsa_kernels.qk_parts import tile_width
 
     hq, hkv, dk, dv = (int(x) for x in args.shape.split(","))
     config = NSAConfig()
@@ -113,7 +117,7 @@ def main():
     for kernel in args.kernels.split(","):
         if kernel not in CANDIDATES:
             sys.exit(f"--kernels: {kernel!r} is not one of {sorted(CANDIDATES)}")
-        default = tuning.launch_params(kernel, max(dk, dv))
+        default = tuning.launch_params(kernel, tile_width(dk, dv))
         rows = [{"params": default, "ms": time_ms(functions[kernel]), "default": True}]
         for params in CANDIDATES[kernel]:
             if params == default:
@@ -131,7 +135,7 @@ def main():
 
 
 def write_results(args, gpu, results):
-    tag = gpu.replace(" ", "_")
+    tag = gpu.replace(" ", "_") + ("" if args.shape == DEFAULT_SHAPE else "_" + args.shape.replace(",", "-"))
     os.makedirs(args.out_dir, exist_ok=True)
     meta = {"gpu": gpu, "seq_len": args.seq_len, "shape": args.shape, "torch": torch.__version__}
     with open(os.path.join(args.out_dir, f"tune_kernels_{tag}.json"), "w") as f:

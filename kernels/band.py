@@ -8,7 +8,8 @@ A query with no visible key gets output 0 and lse -inf.
 
 Forward and dQ: one program per (query head, query tile), the last tiles first. dK/dV: one program
 per (KV head, key tile), looping over the G query heads of the group, so no atomics are needed.
-Tile sizes, warps and stages come from kernels/tuning.py.
+Q and K rows (and dQ, dK) are handled as two power-of-two column parts when d_k is not a power of
+two (kernels/qk_parts.py). Tile sizes, warps and stages come from kernels/tuning.py.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .layout import row_dot, tiles
+from .qk_parts import acc_qk, dot_qk, load_qk, qk_parts, store_qk, tile_width, zeros_qk
 from .tuning import launch_params
 
 LOG2E = 1.4426950408889634
@@ -51,7 +53,7 @@ def _band_fwd(
     qk_scale,
     G: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     head = tl.program_id(0)
     tile = tl.num_programs(1) - 1 - tl.program_id(1)  # later query tiles see more keys: start them first
@@ -68,12 +70,10 @@ def _band_fwd(
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     t = rows - q_doc + q_pos0
-    offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
     rows64 = rows.to(tl.int64)
-    q = tl.load(Q + rows64[:, None] * sqt + head * sqh + offs_dk[None, :],
-                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    q_a, q_b = load_qk(Q + rows64 * sqt + head * sqh, row_ok, DK, DK_A, DK_B)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -84,11 +84,10 @@ def _band_fwd(
         keys = j0 + offs_n
         key_ok = keys < j_hi
         krow = (k_doc + keys).to(tl.int64)
-        k = tl.load(K + krow[:, None] * skt + kv_head * skh + offs_dk[None, :],
-                    mask=key_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+        k_a, k_b = load_qk(K + krow * skt + kv_head * skh, key_ok, DK, DK_A, DK_B)
         v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
                     mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
         ok = _visible(t, (keys + k_first) * KEY_STRIDE + KEY_OFFSET, WINDOW) & key_ok[None, :]
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -114,7 +113,7 @@ def _band_bwd_dq(
     qk_scale, sm_scale,
     G: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     head = tl.program_id(0)
     tile = tl.num_programs(1) - 1 - tl.program_id(1)  # later query tiles see more keys: start them first
@@ -131,37 +130,33 @@ def _band_bwd_dq(
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     t = rows - q_doc + q_pos0
-    offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
     rows64 = rows.to(tl.int64)
-    q = tl.load(Q + rows64[:, None] * sqt + head * sqh + offs_dk[None, :],
-                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    q_a, q_b = load_qk(Q + rows64 * sqt + head * sqh, row_ok, DK, DK_A, DK_B)
     do = tl.load(DO + rows64[:, None] * sdot + head * sdoh + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + rows64 * slt + head * slh, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + rows64 * slt + head * slh, mask=row_ok, other=0.0)
 
-    dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
+    dq_a, dq_b = zeros_qk(BLOCK_M, DK_A, DK_B)
     j_lo = tl.maximum(_first_key(start - q_doc + q_pos0, KEY_STRIDE, KEY_OFFSET, WINDOW) - k_first, 0)
     j_hi = _end_key(end - 1 - q_doc + q_pos0, k_len + k_first, KEY_STRIDE, KEY_OFFSET) - k_first
     for j0 in range(j_lo, j_hi, BLOCK_N):
         keys = j0 + offs_n
         key_ok = keys < j_hi
         krow = (k_doc + keys).to(tl.int64)
-        k = tl.load(K + krow[:, None] * skt + kv_head * skh + offs_dk[None, :],
-                    mask=key_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+        k_a, k_b = load_qk(K + krow * skt + kv_head * skh, key_ok, DK, DK_A, DK_B)
         v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
                     mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
         ok = _visible(t, (keys + k_first) * KEY_STRIDE + KEY_OFFSET, WINDOW) & key_ok[None, :]
         p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + rows64[:, None] * sdqt + head * sdqh + offs_dk[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_dk[None, :] < DK))
+        dq_a, dq_b = acc_qk(dq_a, dq_b, ds.to(k_a.dtype), k_a, k_b, DK_B)
+    store_qk(DQ + rows64 * sdqt + head * sdqh, dq_a * sm_scale, dq_b * sm_scale, row_ok, DK, DK_A, DK_B)
 
 
 @triton.jit
@@ -171,7 +166,7 @@ def _band_bwd_dkdv(
     qk_scale, sm_scale,
     G: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT_HEADS: tl.constexpr,
+    DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT_HEADS: tl.constexpr,
 ):
     # SPLIT_HEADS: one program per (query head, key tile) writing that head's share to DK_/DV_[g]
     # (summed over g afterwards); otherwise one program per (KV head, key tile) looping over the group.
@@ -199,16 +194,14 @@ def _band_bwd_dkdv(
     krow = k_start + tl.arange(0, BLOCK_N)
     key_ok = krow < k_end
     key_pos = keys * KEY_STRIDE + KEY_OFFSET
-    offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_m = tl.arange(0, BLOCK_M)
     krow64 = krow.to(tl.int64)
-    k = tl.load(K + krow64[:, None] * skt + kv_head * skh + offs_dk[None, :],
-                mask=key_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    k_a, k_b = load_qk(K + krow64 * skt + kv_head * skh, key_ok, DK, DK_A, DK_B)
     v = tl.load(V + krow64[:, None] * svt + kv_head * svh + offs_dv[None, :],
                 mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    dk_a, dk_b = zeros_qk(BLOCK_N, DK_A, DK_B)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     # query positions that can see this key tile, within the segment's queries
     t_lo = tl.maximum((k_start - k_doc + k_first) * KEY_STRIDE + KEY_OFFSET, q_pos0)
@@ -222,23 +215,21 @@ def _band_bwd_dkdv(
             t = t0 + offs_m
             row_ok = t < t_hi
             rows64 = (q_doc + t - q_pos0).to(tl.int64)
-            q = tl.load(Q + rows64[:, None] * sqt + head * sqh + offs_dk[None, :],
-                        mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+            q_a, q_b = load_qk(Q + rows64 * sqt + head * sqh, row_ok, DK, DK_A, DK_B)
             do = tl.load(DO + rows64[:, None] * sdot + head * sdoh + offs_dv[None, :],
                          mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
             lse = tl.load(LSE + rows64 * slt + head * slh, mask=row_ok, other=float("-inf"))
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
             delta = tl.load(DELTA + rows64 * slt + head * slh, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
             ok = _visible(t, key_pos, WINDOW) & key_ok[None, :] & row_ok[:, None]
             p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dk_a, dk_b = acc_qk(dk_a, dk_b, tl.trans(ds.to(q_a.dtype)), q_a, q_b, DK_B)
     out_head = kv_head * G if SPLIT_HEADS else kv_head  # split: DK_ is [T, H_kv * G (kv-major), D]
-    tl.store(DK_ + krow64[:, None] * sdkt + out_head * sdkh + offs_dk[None, :],
-             (dk * sm_scale).to(DK_.dtype.element_ty), mask=key_ok[:, None] & (offs_dk[None, :] < DK))
+    store_qk(DK_ + krow64 * sdkt + out_head * sdkh, dk_a * sm_scale, dk_b * sm_scale, key_ok, DK, DK_A, DK_B)
     tl.store(DV_ + krow64[:, None] * sdvt + out_head * sdvh + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
              mask=key_ok[:, None] & (offs_dv[None, :] < DV))
 
@@ -251,8 +242,8 @@ def _geometry(kind: str, config):
 
 
 def _blocks(kernel: str, kind: str, dk: int, dv: int) -> dict:
-    block_dk, block_dv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
-    return dict(launch_params(f"{kernel}/{kind}", max(dk, dv)), BLOCK_DK=block_dk, BLOCK_DV=block_dv)
+    return dict(launch_params(f"{kernel}/{kind}", tile_width(dk, dv)), **qk_parts(dk),
+                BLOCK_DV=triton.next_power_of_2(dv))
 
 
 class BandAttention(torch.autograd.Function):

@@ -8,6 +8,9 @@ dK/dV: no atomics. The selection is inverted on the host side into, per (KV head
 sorted list of query tokens that picked it; long lists are cut into pieces of at most
 PIECE tokens. One program per piece accumulates that piece's contribution, and a second pass
 sums the pieces of each block in a fixed order, so the result is bitwise reproducible.
+
+Q and K rows, dQ, dK and the partial dK are handled as two power-of-two column parts when d_k is
+not a power of two (kernels/qk_parts.py).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import triton.language as tl
 
 from .band import LOG2E
 from .layout import row_dot
+from .qk_parts import acc_qk, dot_qk, load_qk, qk_parts, store_qk, tile_width, zeros_qk
 from .tuning import launch_params
 
 PIECE = 512
@@ -30,7 +34,8 @@ def _selected_fwd(
     sqt, sqh, skt, skh, svt, svh, sot, soh, slt, slh, sit, sih,
     qk_scale,
     G: tl.constexpr, GP: tl.constexpr, N_SELECT: tl.constexpr, SLC_BLOCK: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -39,11 +44,9 @@ def _selected_fwd(
     offs_g = tl.arange(0, GP)
     g_ok = offs_g < G
     heads = kv_head * G + offs_g
-    offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
-    q = tl.load(Q + row * sqt + heads[:, None] * sqh + offs_dk[None, :],
-                mask=g_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    q_a, q_b = load_qk(Q + row * sqt + heads * sqh, g_ok, DK, DK_A, DK_B)
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, BLOCK_DV], tl.float32)
@@ -52,11 +55,10 @@ def _selected_fwd(
         pos = block * SLC_BLOCK + offs_n
         key_ok = (offs_n < SLC_BLOCK) & (pos >= 0) & (pos <= t)
         krow = (doc + pos).to(tl.int64)
-        k = tl.load(K + krow[:, None] * skt + kv_head * skh + offs_dk[None, :],
-                    mask=key_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+        k_a, k_b = load_qk(K + krow * skt + kv_head * skh, key_ok, DK, DK_A, DK_B)
         v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
                     mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet (a -1 slot first): no NaN
@@ -77,7 +79,8 @@ def _selected_bwd_dq(
     sqt, sqh, skt, skh, svt, svh, sdot, sdoh, slt, slh, sit, sih, sdqt, sdqh,
     qk_scale, sm_scale,
     G: tl.constexpr, GP: tl.constexpr, N_SELECT: tl.constexpr, SLC_BLOCK: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -86,32 +89,28 @@ def _selected_bwd_dq(
     offs_g = tl.arange(0, GP)
     g_ok = offs_g < G
     heads = kv_head * G + offs_g
-    offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
-    q = tl.load(Q + row * sqt + heads[:, None] * sqh + offs_dk[None, :],
-                mask=g_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    q_a, q_b = load_qk(Q + row * sqt + heads * sqh, g_ok, DK, DK_A, DK_B)
     do = tl.load(DO + row * sdot + heads[:, None] * sdoh + offs_dv[None, :],
                  mask=g_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse2 = tl.load(LSE + row * slt + heads * slh, mask=g_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + row * slt + heads * slh, mask=g_ok, other=0.0)
-    dq = tl.zeros([GP, BLOCK_DK], tl.float32)
+    dq_a, dq_b = zeros_qk(GP, DK_A, DK_B)
     for slot in range(N_SELECT):
         block = tl.load(IDX + row * sit + kv_head * sih + slot)  # -1: unused slot, nothing visible
         pos = block * SLC_BLOCK + offs_n
         key_ok = (offs_n < SLC_BLOCK) & (pos >= 0) & (pos <= t)
         krow = (doc + pos).to(tl.int64)
-        k = tl.load(K + krow[:, None] * skt + kv_head * skh + offs_dk[None, :],
-                    mask=key_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+        k_a, k_b = load_qk(K + krow * skt + kv_head * skh, key_ok, DK, DK_A, DK_B)
         v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
                     mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
         p = tl.where(key_ok[None, :] & g_ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + row * sdqt + heads[:, None] * sdqh + offs_dk[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=g_ok[:, None] & (offs_dk[None, :] < DK))
+        dq_a, dq_b = acc_qk(dq_a, dq_b, ds.to(k_a.dtype), k_a, k_b, DK_B)
+    store_qk(DQ + row * sdqt + heads * sdqh, dq_a * sm_scale, dq_b * sm_scale, g_ok, DK, DK_A, DK_B)
 
 
 @triton.jit
@@ -120,9 +119,10 @@ def _selected_bwd_dkdv_pieces(
     sqt, sqh, skt, skh, svt, svh, sdot, sdoh, slt, slh,
     qk_scale, num_blocks,
     G: tl.constexpr, GP: tl.constexpr, SLC_BLOCK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    TQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    TQ: tl.constexpr, BLOCK_N: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Partial dK/dV of one (KV head, block) from one piece of its query list -> PDK/PDV[piece]."""
+    """Partial dK/dV of one (KV head, block) from one piece of its query list -> PDK/PDV[piece]
+    (a PDK row: part a's DK_A columns, then part b's DK_B)."""
     piece = tl.program_id(0).to(tl.int64)
     key = tl.load(PieceKey + piece)  # kv_head * num_blocks + global block id
     kv_head = key // num_blocks
@@ -132,17 +132,15 @@ def _selected_bwd_dkdv_pieces(
     first = tl.load(PieceStart + piece)
     last = tl.load(PieceEnd + piece)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     pos = local_block * SLC_BLOCK + offs_n
     krow = (doc + pos).to(tl.int64)
     doc_end = tl.load(BlockDocStart + 2 * num_blocks + block)
     col_ok = (offs_n < SLC_BLOCK) & (krow < doc_end)
-    k = tl.load(K + krow[:, None] * skt + kv_head * skh + offs_dk[None, :],
-                mask=col_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    k_a, k_b = load_qk(K + krow * skt + kv_head * skh, col_ok, DK, DK_A, DK_B)
     v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
                 mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    dk_a, dk_b = zeros_qk(BLOCK_N, DK_A, DK_B)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     offs_r = tl.arange(0, TQ * GP)  # row r: query entry r // GP, head r % GP of the group
     for i0 in range(first, last, TQ):
@@ -151,20 +149,20 @@ def _selected_bwd_dkdv_pieces(
         qrow = tl.load(QueryList + entry, mask=r_ok, other=0).to(tl.int64)
         head = kv_head * G + offs_r % GP
         t = tl.load(RowPos + qrow, mask=r_ok, other=0)
-        q = tl.load(Q + qrow[:, None] * sqt + head[:, None] * sqh + offs_dk[None, :],
-                    mask=r_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+        q_a, q_b = load_qk(Q + qrow * sqt + head * sqh, r_ok, DK, DK_A, DK_B)
         do = tl.load(DO + qrow[:, None] * sdot + head[:, None] * sdoh + offs_dv[None, :],
                      mask=r_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse2 = tl.load(LSE + qrow * slt + head * slh, mask=r_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + qrow * slt + head * slh, mask=r_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
         ok = r_ok[:, None] & col_ok[None, :] & (pos[None, :] <= t[:, None])
         p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    tl.store(PDK + piece * BLOCK_N * BLOCK_DK + offs_n[:, None] * BLOCK_DK + offs_dk[None, :], dk)
+        dk_a, dk_b = acc_qk(dk_a, dk_b, tl.trans(ds.to(q_a.dtype)), q_a, q_b, DK_B)
+    all_rows = offs_n < BLOCK_N
+    store_qk(PDK + (piece * BLOCK_N + offs_n) * (DK_A + DK_B), dk_a, dk_b, all_rows, DK_A + DK_B, DK_A, DK_B)
     tl.store(PDV + piece * BLOCK_N * BLOCK_DV + offs_n[:, None] * BLOCK_DV + offs_dv[None, :], dv)
 
 
@@ -173,7 +171,7 @@ def _selected_bwd_dkdv_sum(
     PDK, PDV, DK_, DV_, PiecesOfKey, BlockDocStart,
     sdkt, sdkh, sdvt, sdvh, sm_scale, num_blocks,
     SLC_BLOCK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dK/dV of one (KV head, block) = the sum of its pieces, in piece order."""
     key = tl.program_id(0).to(tl.int64)
@@ -185,18 +183,19 @@ def _selected_bwd_dkdv_sum(
     p_lo = tl.load(PiecesOfKey + key)
     p_hi = tl.load(PiecesOfKey + key + 1)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    all_rows = offs_n < BLOCK_N
+    dk_a, dk_b = zeros_qk(BLOCK_N, DK_A, DK_B)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for piece in range(p_lo, p_hi):
-        dk += tl.load(PDK + piece * BLOCK_N * BLOCK_DK + offs_n[:, None] * BLOCK_DK + offs_dk[None, :])
+        part_a, part_b = load_qk(PDK + (piece * BLOCK_N + offs_n) * (DK_A + DK_B), all_rows, DK_A + DK_B, DK_A, DK_B)
+        dk_a += part_a
+        dk_b += part_b
         dv += tl.load(PDV + piece * BLOCK_N * BLOCK_DV + offs_n[:, None] * BLOCK_DV + offs_dv[None, :])
     pos = local_block * SLC_BLOCK + offs_n
     krow = (doc + pos).to(tl.int64)
     ok = (offs_n < SLC_BLOCK) & (krow < doc_end)
-    tl.store(DK_ + krow[:, None] * sdkt + kv_head * sdkh + offs_dk[None, :], (dk * sm_scale).to(DK_.dtype.element_ty),
-             mask=ok[:, None] & (offs_dk[None, :] < DK))
+    store_qk(DK_ + krow * sdkt + kv_head * sdkh, dk_a * sm_scale, dk_b * sm_scale, ok, DK, DK_A, DK_B)
     tl.store(DV_ + krow[:, None] * sdvt + kv_head * sdvh + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
              mask=ok[:, None] & (offs_dv[None, :] < DV))
 
@@ -276,9 +275,13 @@ def _dims(q, v, select_block_size):
     num_q_heads = q.shape[1]
     return dict(
         SLC_BLOCK=select_block_size, DK=q.shape[2], DV=v.shape[2],
-        BLOCK_N=triton.next_power_of_2(select_block_size),
-        BLOCK_DK=triton.next_power_of_2(q.shape[2]), BLOCK_DV=triton.next_power_of_2(v.shape[2]),
+        BLOCK_N=triton.next_power_of_2(select_block_size), **qk_parts(q.shape[2]),
+        BLOCK_DV=triton.next_power_of_2(v.shape[2]),
     ), num_q_heads
+
+
+def _launch(kernel: str, q, v) -> dict:
+    return launch_params(kernel, tile_width(q.shape[2], v.shape[2]))
 
 
 class SelectedAttention(torch.autograd.Function):
@@ -298,7 +301,7 @@ class SelectedAttention(torch.autograd.Function):
                 out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
                 selected_block_idx.stride(0), selected_block_idx.stride(1),
                 scale * LOG2E, G=group, GP=max(16, triton.next_power_of_2(group)),
-                N_SELECT=config.select_count, **launch_params("selected_fwd", max(q.shape[2], v.shape[2])), **dims,
+                N_SELECT=config.select_count, **_launch("selected_fwd", q, v), **dims,
             )
         ctx.save_for_backward(q, k, v, out, lse, selected_block_idx)
         ctx.layout, ctx.config, ctx.scale = layout, config, scale
@@ -334,7 +337,7 @@ def selected_backward(q, k, v, selected_block_idx, layout: SelectionLayout, conf
         grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
         selected_block_idx.stride(0), selected_block_idx.stride(1), dq.stride(0), dq.stride(1),
         scale * LOG2E, scale, G=group, GP=max(16, triton.next_power_of_2(group)),
-        N_SELECT=config.select_count, **launch_params("selected_dq", max(q.shape[2], v.shape[2])), **dims,
+        N_SELECT=config.select_count, **_launch("selected_dq", q, v), **dims,
     )
     num_blocks = layout.num_blocks
     group_pad = triton.next_power_of_2(group)
@@ -342,10 +345,11 @@ def selected_backward(q, k, v, selected_block_idx, layout: SelectionLayout, conf
         selected_block_idx, layout.row_slc_start, num_blocks)
     block_docs = layout.block_docs
     num_pieces = piece_key.numel()
-    partial_dk = torch.empty(num_pieces, dims["BLOCK_N"], dims["BLOCK_DK"], device=q.device, dtype=torch.float32)
+    partial_dk = torch.empty(num_pieces, dims["BLOCK_N"], dims["DK_A"] + dims["DK_B"], device=q.device,
+                             dtype=torch.float32)
     partial_dv = torch.empty(num_pieces, dims["BLOCK_N"], dims["BLOCK_DV"], device=q.device, dtype=torch.float32)
     if num_pieces:
-        dkdv_params = launch_params("selected_dkdv", max(q.shape[2], v.shape[2]))
+        dkdv_params = _launch("selected_dkdv", q, v)
         rows = dkdv_params.pop("ROWS")
         _selected_bwd_dkdv_pieces[(num_pieces,)](
             q, k, v, grad_out, lse, delta, partial_dk, partial_dv, piece_key, piece_start, piece_end,

@@ -19,16 +19,18 @@ import triton.language as tl
 
 from .band import LOG2E
 from .layout import tiles
+from .qk_parts import dot_qk, load_qk, qk_parts, tile_width
 from .tuning import launch_params
 
 
 @triton.jit
-def _load_rows(Q, LSE, rows64, heads, ok, offs_dk, sqt, sqh, slt, slh, DK: tl.constexpr):
-    """Q rows [R, BLOCK_DK] and their lse in log2 units ([R]; +inf where a row has no compressed key)."""
-    q = tl.load(Q + rows64[:, None] * sqt + heads[:, None] * sqh + offs_dk[None, :],
-                mask=ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+def _load_rows(Q, LSE, rows64, heads, ok, sqt, sqh, slt, slh, DK: tl.constexpr, DK_A: tl.constexpr,
+               DK_B: tl.constexpr):
+    """Q rows [R, d_k] as parts (see qk_parts) and their lse in log2 units ([R]; +inf where a row has no
+    compressed key)."""
+    q_a, q_b = load_qk(Q + rows64 * sqt + heads * sqh, ok, DK, DK_A, DK_B)
     lse = tl.load(LSE + rows64 * slt + heads * slh, mask=ok, other=float("-inf"))
-    return q, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return q_a, q_b, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
 
 @triton.jit
@@ -38,8 +40,8 @@ def _topk_kernel(
     qk_scale,
     G: tl.constexpr, HC: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     SLC_BLOCK: tl.constexpr, N_SELECT: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr,
-    DK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DK: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
-    NP: tl.constexpr,
+    DK: tl.constexpr, BLOCK_T: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr, BS: tl.constexpr,
+    BN: tl.constexpr, NP: tl.constexpr,
 ):
     # The tile's rows are (token, head) pairs, token-major: BLOCK_T tokens x HC heads of the group, so
     # one dot serves every head and the group sum is a reshape. HEAD_CHUNKS > 1 (G > HC) walks the
@@ -64,17 +66,14 @@ def _topk_kernel(
     row_token = start + offs_r // HC  # [R] token row of each tile row
     row_t = row_token - q_doc + q_pos0
     row_g = offs_r % HC
-    offs_dk = tl.arange(0, BLOCK_DK)
     offs_bn = tl.arange(0, BN)
     offs_bs = tl.arange(0, BS)
     offs_np = tl.arange(0, NP)
     rows64 = row_token.to(tl.int64)
 
-    q_kept = tl.zeros([BLOCK_T * HC, BLOCK_DK], Q.dtype.element_ty)
-    lse2_kept = tl.zeros([BLOCK_T * HC], tl.float32)
     if HEAD_CHUNKS == 1:
-        q_kept, lse2_kept = _load_rows(Q, LSE, rows64, kv_head * G + row_g, (row_token < end) & (row_g < G),
-                                       offs_dk, sqt, sqh, slt, slh, DK)
+        q_kept_a, q_kept_b, lse2_kept = _load_rows(Q, LSE, rows64, kv_head * G + row_g,
+                                                   (row_token < end) & (row_g < G), sqt, sqh, slt, slh, DK, DK_A, DK_B)
 
     # running top-n keys; padding slots past n hold the largest key so they are never replaced
     best = tl.where(offs_np[None, :] < N_SELECT, tl.full([BLOCK_T, NP], -1, tl.int64), 9223372036854775807)
@@ -86,17 +85,16 @@ def _topk_kernel(
         cmp_ok = (offs_bn < BS * CMP_PER_SLC) & (cmp_idx < c_len)
         visible = ((cmp_idx * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= row_t[:, None]) & cmp_ok[None, :]
         crow = (c_doc + cmp_idx).to(tl.int64)
-        ck = tl.load(CK + crow[:, None] * skt + kv_head * skh + offs_dk[None, :],
-                     mask=cmp_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+        ck_a, ck_b = load_qk(CK + crow * skt + kv_head * skh, cmp_ok, DK, DK_A, DK_B)
         prob_sum = tl.zeros([BLOCK_T, BN], tl.float32)
         for chunk in range(HEAD_CHUNKS):
             if HEAD_CHUNKS == 1:
-                q, lse2 = q_kept, lse2_kept
+                q_a, q_b, lse2 = q_kept_a, q_kept_b, lse2_kept
             else:
                 g = chunk * HC + row_g
-                q, lse2 = _load_rows(Q, LSE, rows64, kv_head * G + g, (row_token < end) & (g < G),
-                                     offs_dk, sqt, sqh, slt, slh, DK)
-            s = tl.dot(q, tl.trans(ck)) * qk_scale  # [R, BN]
+                q_a, q_b, lse2 = _load_rows(Q, LSE, rows64, kv_head * G + g, (row_token < end) & (g < G),
+                                            sqt, sqh, slt, slh, DK, DK_A, DK_B)
+            s = dot_qk(q_a, q_b, ck_a, ck_b, DK_B) * qk_scale  # [R, BN]
             p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
             prob_sum += tl.sum(tl.reshape(p, [BLOCK_T, HC, BN]), 1)
         # overlap (in stride units) of compressed block i with selection block j
@@ -150,7 +148,7 @@ def select_blocks(q, compressed_k, cmp_lse, cu_q, cu_cmp, config, scale, q_pos0=
     idx = torch.empty(q.shape[0], num_kv_heads, n, device=q.device, dtype=torch.int32)
     group = num_q_heads // num_kv_heads
     heads_per_chunk = min(triton.next_power_of_2(group), 16)
-    params = launch_params("topk", head_dim)
+    params = launch_params("topk", tile_width(head_dim))
     block_t = max(16, params.pop("ROWS") // heads_per_chunk)  # tile rows: block_t tokens x heads_per_chunk heads
     bs = 16
     cmp_per_slc = config.select_block_size // config.compress_stride
@@ -163,8 +161,7 @@ def select_blocks(q, compressed_k, cmp_lse, cu_q, cu_cmp, config, scale, q_pos0=
             scale * LOG2E,
             G=group, HC=heads_per_chunk, CMP_BLOCK=config.compress_block_size, CMP_STRIDE=config.compress_stride,
             SLC_BLOCK=config.select_block_size, N_SELECT=n, N_INIT=config.select_init_blocks,
-            N_LOCAL=config.select_local_blocks, DK=head_dim, BLOCK_T=block_t,
-            BLOCK_DK=triton.next_power_of_2(head_dim), BS=bs, BN=triton.next_power_of_2(bs * cmp_per_slc),
-            NP=triton.next_power_of_2(n), **params,
+            N_LOCAL=config.select_local_blocks, DK=head_dim, BLOCK_T=block_t, **qk_parts(head_dim),
+            BS=bs, BN=triton.next_power_of_2(bs * cmp_per_slc), NP=triton.next_power_of_2(n), **params,
         )
     return idx

@@ -1,9 +1,10 @@
 """Launch parameters of the kernels (tile sizes, warps, pipeline stages), in one table.
 
-`launch_params(kernel, head_dim)` gives the parameters one launch uses. `benchmarks/tune_kernels.py`
-times alternatives on a GPU through `overrides(...)`; the defaults are its choices on an H100
-(benchmarks/results/tune_kernels_*.md). The CPU interpreter (TRITON_INTERPRET=1) gets small tiles
-so that tests stay fast.
+`launch_params(kernel, width)` gives the parameters one launch uses, for a kernel whose widest row
+tile has `width` columns (kernels/qk_parts.py: tile_width; d_k = 192 is 128 + 64 = 192 columns, d_k =
+256 is 256). `benchmarks/tune_kernels.py` times alternatives on a GPU through `overrides(...)`; the
+defaults are its choices on an H100 (benchmarks/results/tune_kernels_*.md). The CPU interpreter
+(TRITON_INTERPRET=1) gets small tiles so that tests stay fast.
 
 Kernels: band_fwd / band_dq / band_dkdv (per kind: 'window' or 'compressed'), selected_fwd,
 selected_dq, selected_dkdv, topk.
@@ -14,7 +15,7 @@ import contextlib
 import os
 from typing import Dict, Iterator
 
-# head dims up to 128 (the H100 sweep's winners)
+# tiles up to 128 columns (the H100 sweep's winners)
 _DEFAULTS: Dict[str, dict] = {
     "band_fwd/window": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     "band_fwd/compressed": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
@@ -28,9 +29,20 @@ _DEFAULTS: Dict[str, dict] = {
     "topk": dict(ROWS=256, num_warps=4, num_stages=1),
 }
 
-# head dims above 128 (tiles padded to 256 columns): smaller tiles, where they differ from the above
-_SMALL_BAND_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+# tiles of 129..192 columns (d_k = 192 = 128 + 64, the paper's shape), where they differ from the
+# above. Not yet timed: the 128-column winners, except where compiled for sm_90 at d_k 192 / d_v 128
+# they spill more than at 128 columns; there the same tile rows with 8 warps (least spill).
 _WIDE: Dict[str, dict] = {
+    "band_fwd/compressed": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
+    "band_dkdv/window": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+    "band_dkdv/compressed": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+    "selected_dkdv": dict(ROWS=64, num_warps=8, num_stages=2),
+    "topk": dict(ROWS=256, num_warps=8, num_stages=1),
+}
+
+# tiles wider than 192 columns (up to 256): smaller tiles, where they differ from _DEFAULTS
+_SMALL_BAND_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+_WIDEST: Dict[str, dict] = {
     "band_fwd/window": _SMALL_BAND_TILES, "band_fwd/compressed": _SMALL_BAND_TILES,
     "band_dq/window": _SMALL_BAND_TILES, "band_dq/compressed": _SMALL_BAND_TILES,
     "selected_fwd": dict(num_warps=4, num_stages=2),
@@ -48,13 +60,14 @@ _INTERPRETER = {
 _overrides: Dict[str, dict] = {}
 
 
-def launch_params(kernel: str, head_dim: int) -> dict:
-    """Parameters of `kernel` for a largest head dimension `head_dim` (a copy; overrides applied)."""
+def launch_params(kernel: str, width: int) -> dict:
+    """Parameters of `kernel` whose widest row tile has `width` columns (a copy; overrides applied)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         family = "band" if kernel.startswith("band") else kernel
         params = dict(_INTERPRETER.get(family, dict(num_warps=4, num_stages=1)))
     else:
-        params = dict(_WIDE[kernel] if head_dim > 128 and kernel in _WIDE else _DEFAULTS[kernel])
+        wide = _WIDEST if width > 192 else _WIDE if width > 128 else {}
+        params = dict(wide.get(kernel, _DEFAULTS[kernel]))
     params.update(_overrides.get(kernel, {}))
     return params
 

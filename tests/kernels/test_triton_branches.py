@@ -18,14 +18,16 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("doc_len,p0,num_q", [(70, 29, 24), (48, 0, 48)] if not CUDA else [(8192, 3000, 2048)])
-def test_branch_functions_match_reference(doc_len, p0, num_q):
+# (doc_len, p0, num_q, d_k, d_v); d_k 24 and 192 run as two column parts (16 + 16, 128 + 64)
+@pytest.mark.parametrize("doc_len,p0,num_q,dim,dim_v", [(70, 29, 24, 24, 16), (48, 0, 48, 16, 16)] if not CUDA else
+                         [(8192, 3000, 2048, 128, 128), (8192, 3000, 2048, 192, 128)])
+def test_branch_functions_match_reference(doc_len, p0, num_q, dim, dim_v):
     config = NSAConfig(compress_block_size=8, compress_stride=4, select_block_size=16, select_count=4,
                        window_size=20) if not CUDA else NSAConfig()
     gen = torch.Generator(device=DEVICE).manual_seed(doc_len + p0)
     mk = lambda *s: torch.randn(*s, generator=gen, device=DEVICE).to(DTYPE).requires_grad_()  # noqa: E731
-    hq, hkv, dim = (4, 2, 16) if not CUDA else (16, 2, 128)
-    q, k, v = mk(num_q, hq, dim), mk(doc_len, hkv, dim), mk(doc_len, hkv, dim)
+    hq, hkv = (4, 2) if not CUDA else (16, 2)
+    q, k, v = mk(num_q, hq, dim), mk(doc_len, hkv, dim), mk(doc_len, hkv, dim_v)
     q_pos = torch.arange(p0, p0 + num_q, device=DEVICE)
     scale = config.scale_for(dim)
     ck, cv = R.compress_sequence(k, v, config, None)

@@ -1,7 +1,9 @@
 """The Triton backend computes the reference's function: outputs, LSEs, selected blocks and all gradients.
 
 On CPU (CI) the kernels run in Triton's interpreter, in fp32/fp16 at tiny shapes. On a GPU the same
-tests run in bf16 at real sizes (ragged documents, G = 1..32, the paper's shape).
+tests run in bf16 at real sizes (ragged documents, G = 1..32, the paper's shape). qk head dims that are
+not a power of two run as two column parts (kernels/qk_parts.py): 48 = 32 + 16, 24 = 16 + 16 (8 used),
+192 = 128 + 64, 96 = 64 + 32.
 """
 import dataclasses
 
@@ -11,10 +13,12 @@ import torch
 from megatron_nsa import KVCompressor, NSAConfig, nsa_attention
 from megatron_nsa import reference as R
 
+nsa_kernels = pytest.importorskip("nsa_kernels")
+from nsa_kernels.band import band_attention  # noqa: E402
+from nsa_kernels.topk import select_blocks  # noqa: E402
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-
-nsa_kernels = pytest.importorskip("nsa_kernels")
 
 
 @dataclasses.dataclass
@@ -37,14 +41,19 @@ TINY = NSAConfig(compress_block_size=8, compress_stride=4, select_block_size=16,
 PAPER = NSAConfig()  # l/d/l'/n/w = 32/16/64/16/512
 
 if CUDA:
+    SPLIT_CASE = Case([3001, 95, 1000], 8, 8, 192, 128, PAPER, torch.bfloat16)  # d_k = 128 + 64, G = 1
     CASES = [
         Case([4096], 64, 4, 128, 128, PAPER, torch.bfloat16),
         Case([3001, 95, 1000], 16, 4, 128, 128, PAPER, torch.bfloat16),
         Case([2048], 64, 4, 192, 128, PAPER, torch.bfloat16),
+        SPLIT_CASE,
+        Case([1800, 300], 32, 2, 192, 128, PAPER, torch.bfloat16),
+        Case([1500, 700], 8, 2, 96, 64, PAPER, torch.float16),
         Case([1500, 700], 8, 2, 64, 64, PAPER, torch.float16),
         Case([2500], 32, 4, 128, 64, dataclasses.replace(PAPER, compression="linear"), torch.bfloat16, "linear"),
     ] + [Case([1800, 300], 2 * g, 2, 128, 128, PAPER, torch.bfloat16) for g in (1, 2, 4, 8, 16, 32)]
 else:  # the interpreter is slow: a few tokens past several blocks of each kind
+    SPLIT_CASE = Case([33, 9], 2, 2, 24, 16, TINY, torch.float16)  # d_k = 16 + 16 (8 columns used), G = 1
     CASES = [
         Case([37, 5, 30], 4, 2, 16, 32, TINY, torch.float32),
         Case([50], 4, 4, 16, 16, TINY, torch.float32),
@@ -52,8 +61,12 @@ else:  # the interpreter is slow: a few tokens past several blocks of each kind
         Case([45], 4, 2, 16, 16, TINY, torch.float16),
         Case([40], 32, 1, 16, 16, TINY, torch.float32),  # G = 32: top-n walks the group in two head chunks
         Case([33, 9], 6, 2, 16, 16, TINY, torch.float32),  # G = 3, not a power of two
+        Case([37, 5, 30], 2, 1, 48, 16, TINY, torch.float32),  # d_k = 32 + 16, G = 2
+        SPLIT_CASE,
     ]
-SMALL_CASE = CASES[1]
+# whole-pipeline checks (bitwise reproducibility, every output written); on CPU only the two-part case,
+# whose kernels store both column parts (part a is the whole of a power-of-two d_k)
+CHECK_CASES = [CASES[1], SPLIT_CASE] if CUDA else [SPLIT_CASE]
 
 
 def _inputs(case: Case, seed: int):
@@ -172,6 +185,27 @@ def _triton_with_intermediates(q, k, v, gates, cu, config, compressor):
                                 config.scale_for(q.shape[-1]), return_intermediates=True)
 
 
+# (H_q, H_kv, d_k): G = 1 and G > 1, d_k of one part and of two
+TOP_N_SHAPES = [(2, 2, 24), (4, 1, 48), (4, 2, 16)] if not CUDA else [(64, 4, 192), (16, 16, 192), (16, 4, 96)]
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim_qk", TOP_N_SHAPES)
+def test_top_n_matches_reference(num_q_heads, num_kv_heads, head_dim_qk):
+    """Scoring + top-n alone, on documents with many more blocks than n, so that the ranking decides
+    (the whole-pipeline cases on CPU are too short for that)."""
+    doc_lens = [150, 90] if not CUDA else [6000, 2100]  # CPU: up to 10 blocks of 16 tokens, n = 4
+    case = Case(doc_lens, num_q_heads, num_kv_heads, head_dim_qk, 16, TINY if not CUDA else PAPER,
+                torch.float32 if not CUDA else torch.bfloat16)
+    q, k, v, _, cu, _ = _inputs(case, seed=head_dim_qk)
+    config, scale = case.config, case.config.scale_for(head_dim_qk)
+    docs = nsa_kernels.make_docs(cu, config.compress_block_size, config.compress_stride, config.select_block_size)
+    with torch.no_grad():
+        compressed_k, compressed_v = R.compress_packed(k[0], v[0], cu, config)
+        _, cmp_lse = band_attention(q[0], compressed_k, compressed_v, cu, docs.cu_cmp, "compressed", config, scale)
+        selected_block_idx = select_blocks(q[0], compressed_k, cmp_lse, cu, docs.cu_cmp, config, scale)
+    _check_selection(selected_block_idx, q.detach(), k.detach(), v.detach(), cu, config, None)
+
+
 def test_functional_triton_backend_matches_torch_backend_batched():
     """nsa_attention(backend='triton') on a [B, T] batch with separate K/V per branch."""
     config = dataclasses.replace(TINY if not CUDA else PAPER, separate_kv=True)
@@ -195,8 +229,8 @@ def test_functional_triton_backend_matches_torch_backend_batched():
         assert _rel(got, want) < 2 * tol
 
 
-def test_backward_is_bitwise_reproducible():
-    case = SMALL_CASE
+@pytest.mark.parametrize("case", CHECK_CASES, ids=str)
+def test_backward_is_bitwise_reproducible(case):
     q, k, v, gates, cu, compressor = _inputs(case, seed=3)
     grad_out = None
     results = []
@@ -208,9 +242,9 @@ def test_backward_is_bitwise_reproducible():
         assert torch.equal(first, second)
 
 
-def test_outputs_are_fully_written(monkeypatch):
+@pytest.mark.parametrize("case", CHECK_CASES, ids=str)
+def test_outputs_are_fully_written(monkeypatch, case):
     """Every buffer the kernels allocate starts poisoned (NaN / -7777): all outputs and gradients must be written."""
-    case = SMALL_CASE
     q, k, v, gates, cu, compressor = _inputs(case, seed=11)
     out, _ = _triton_with_intermediates(q, k, v, gates, cu, case.config, compressor)
     grad_out = torch.randn_like(out)
