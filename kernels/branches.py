@@ -10,7 +10,7 @@ import torch
 
 from .band import band_attention
 from .combine import gated_combine
-from .selected import piece_layout, selected_backward
+from .selected import piece_layout, selected_backward, used_slots_first
 from .selected import selected_attention as _selected_attention
 from .topk import select_blocks as _select_blocks
 
@@ -42,7 +42,7 @@ def select_blocks(scores, q_pos, num_slc, num_kv_heads, config):
 def selected_attention(q, k, v, selected_block_idx, q_pos, config, scale):
     """Keys at positions 0..Tk-1 of the document."""
     layout = piece_layout(q_pos, k.shape[0], config.select_block_size)
-    return _selected_attention(q, k, v, selected_block_idx.to(torch.int32), layout, config, scale)
+    return _selected_attention(q, k, v, used_slots_first(selected_block_idx.to(torch.int32)), layout, config, scale)
 
 
 def selected_attention_backward(q, k, v, selected_block_idx, q_pos, config, scale, grad_out, lse, delta):
@@ -50,7 +50,7 @@ def selected_attention_backward(q, k, v, selected_block_idx, q_pos, config, scal
     delta = rowsum(dO * O) [Tq, H_q] are the whole softmax's (e.g. merged over a ring's pieces)."""
     layout = piece_layout(q_pos, k.shape[0], config.select_block_size)
     stats = torch.stack([lse.float(), delta.float()])  # [2, Tq, H_q]: the kernels read both with one stride
-    idx = selected_block_idx.to(torch.int32).contiguous()
+    idx = used_slots_first(selected_block_idx.to(torch.int32)).contiguous()
     return selected_backward(q.contiguous(), k.contiguous(), v.contiguous(), idx, layout, config, scale,
                              grad_out.contiguous(), stats[0], stats[1])
 

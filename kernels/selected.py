@@ -29,11 +29,20 @@ PIECE = 512
 
 
 @triton.jit
+def _used_slots(IDX_ROW, N_SELECT: tl.constexpr, N_SELECT_P2: tl.constexpr):
+    """Number of used slots of one (token, KV head): the used ones come first, then -1s, so the
+    loops over slots stop there (a context-parallel piece may leave most slots unused)."""
+    slots = tl.arange(0, N_SELECT_P2)
+    ids = tl.load(IDX_ROW + slots, mask=slots < N_SELECT, other=-1)
+    return tl.sum((ids >= 0).to(tl.int32), 0)
+
+
+@triton.jit
 def _selected_fwd(
     Q, K, V, O, LSE, IDX, RowPos, RowKeyStart,
     sqt, sqh, skt, skh, svt, svh, sot, soh, slt, slh, sit, sih,
     qk_scale,
-    G: tl.constexpr, GP: tl.constexpr, N_SELECT: tl.constexpr, SLC_BLOCK: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, N_SELECT: tl.constexpr, N_SELECT_P2: tl.constexpr, SLC_BLOCK: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
@@ -50,8 +59,8 @@ def _selected_fwd(
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, BLOCK_DV], tl.float32)
-    for slot in range(N_SELECT):
-        block = tl.load(IDX + row * sit + kv_head * sih + slot)  # -1: unused slot, nothing visible
+    for slot in range(0, _used_slots(IDX + row * sit + kv_head * sih, N_SELECT, N_SELECT_P2)):
+        block = tl.load(IDX + row * sit + kv_head * sih + slot)
         pos = block * SLC_BLOCK + offs_n
         key_ok = (offs_n < SLC_BLOCK) & (pos >= 0) & (pos <= t)
         krow = (doc + pos).to(tl.int64)
@@ -61,7 +70,7 @@ def _selected_fwd(
         s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet (a -1 slot first): no NaN
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: no NaN
         p = tl.exp2(s - m_ref[:, None])
         alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -78,7 +87,7 @@ def _selected_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, IDX, RowPos, RowKeyStart,
     sqt, sqh, skt, skh, svt, svh, sdot, sdoh, slt, slh, sit, sih, sdqt, sdqh,
     qk_scale, sm_scale,
-    G: tl.constexpr, GP: tl.constexpr, N_SELECT: tl.constexpr, SLC_BLOCK: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, N_SELECT: tl.constexpr, N_SELECT_P2: tl.constexpr, SLC_BLOCK: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
@@ -97,8 +106,8 @@ def _selected_bwd_dq(
     lse2 = tl.load(LSE + row * slt + heads * slh, mask=g_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + row * slt + heads * slh, mask=g_ok, other=0.0)
     dq_a, dq_b = zeros_qk(GP, DK_A, DK_B)
-    for slot in range(N_SELECT):
-        block = tl.load(IDX + row * sit + kv_head * sih + slot)  # -1: unused slot, nothing visible
+    for slot in range(0, _used_slots(IDX + row * sit + kv_head * sih, N_SELECT, N_SELECT_P2)):
+        block = tl.load(IDX + row * sit + kv_head * sih + slot)
         pos = block * SLC_BLOCK + offs_n
         key_ok = (offs_n < SLC_BLOCK) & (pos >= 0) & (pos <= t)
         krow = (doc + pos).to(tl.int64)
@@ -200,6 +209,12 @@ def _selected_bwd_dkdv_sum(
              mask=ok[:, None] & (offs_dv[None, :] < DV))
 
 
+def used_slots_first(selected_block_idx: torch.Tensor) -> torch.Tensor:
+    """[T, H_kv, n] ids with -1 anywhere -> the same ids per row, -1 slots moved last (order kept)."""
+    order = torch.sort((selected_block_idx < 0).to(torch.int8), dim=-1, stable=True).indices
+    return selected_block_idx.gather(-1, order)
+
+
 def _invert_selection(selected_block_idx, row_slc_start, num_blocks: int):
     """Per (KV head, global block): the sorted query rows that selected it, cut into pieces.
 
@@ -285,7 +300,8 @@ def _launch(kernel: str, q, v) -> dict:
 
 
 class SelectedAttention(torch.autograd.Function):
-    """q [T, H_q, d_k]; k, v [T, H_kv, d]; selected_block_idx [T, H_kv, n] (block ids within each document)."""
+    """q [T, H_q, d_k]; k, v [T, H_kv, d]; selected_block_idx [T, H_kv, n] (block ids within each document,
+    per row the used slots first, then -1: top-n's order; used_slots_first() makes any selection so)."""
 
     @staticmethod
     def forward(ctx, q, k, v, selected_block_idx, layout, config, scale):
@@ -301,7 +317,8 @@ class SelectedAttention(torch.autograd.Function):
                 out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
                 selected_block_idx.stride(0), selected_block_idx.stride(1),
                 scale * LOG2E, G=group, GP=max(16, triton.next_power_of_2(group)),
-                N_SELECT=config.select_count, **_launch("selected_fwd", q, v), **dims,
+                N_SELECT=config.select_count, N_SELECT_P2=triton.next_power_of_2(config.select_count),
+                **_launch("selected_fwd", q, v), **dims,
             )
         ctx.save_for_backward(q, k, v, out, lse, selected_block_idx)
         ctx.layout, ctx.config, ctx.scale = layout, config, scale
@@ -337,7 +354,8 @@ def selected_backward(q, k, v, selected_block_idx, layout: SelectionLayout, conf
         grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
         selected_block_idx.stride(0), selected_block_idx.stride(1), dq.stride(0), dq.stride(1),
         scale * LOG2E, scale, G=group, GP=max(16, triton.next_power_of_2(group)),
-        N_SELECT=config.select_count, **_launch("selected_dq", q, v), **dims,
+        N_SELECT=config.select_count, N_SELECT_P2=triton.next_power_of_2(config.select_count),
+        **_launch("selected_dq", q, v), **dims,
     )
     num_blocks = layout.num_blocks
     group_pad = triton.next_power_of_2(group)

@@ -6,6 +6,7 @@ not a power of two run as two column parts (kernels/qk_parts.py): 48 = 32 + 16, 
 192 = 128 + 64, 96 = 64 + 32.
 """
 import dataclasses
+import zlib
 
 import pytest
 import torch
@@ -144,7 +145,7 @@ def _check_selection(kernel_idx, q, k, v, cu, config, compressor):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_triton_matches_reference(case):
     config = dataclasses.replace(case.config)
-    q, k, v, gates, cu, compressor = _inputs(case, seed=hash(str(case)) % 1000)
+    q, k, v, gates, cu, compressor = _inputs(case, seed=zlib.crc32(str(case).encode()) % 1000)  # str hash() changes per process
     params = [q, k, v, gates] + (list(compressor.parameters()) if compressor else [])
 
     out, inter = _triton_with_intermediates(q, k, v, gates, cu, config, compressor)
