@@ -30,14 +30,15 @@ _DEFAULTS: Dict[str, dict] = {
 }
 
 # tiles of 129..192 columns (d_k = 192 = 128 + 64, the paper's shape), where they differ from the
-# above. Not yet timed: the 128-column winners, except where compiled for sm_90 at d_k 192 / d_v 128
-# they spill more than at 128 columns; there the same tile rows with 8 warps (least spill).
+# above: the H100 sweep's winners at 64/4/192/128
+# (benchmarks/results/tune_kernels_NVIDIA_H100_80GB_HBM3_64-4-192-128.md)
 _WIDE: Dict[str, dict] = {
-    "band_fwd/compressed": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
-    "band_dkdv/window": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
-    "band_dkdv/compressed": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
-    "selected_dkdv": dict(ROWS=64, num_warps=8, num_stages=2),
-    "topk": dict(ROWS=256, num_warps=8, num_stages=1),
+    "band_fwd/window": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
+    "band_dkdv/window": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    "band_dkdv/compressed": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    "selected_fwd": dict(num_warps=4, num_stages=2),
+    "selected_dkdv": dict(ROWS=128, num_warps=8, num_stages=2),
+    "topk": dict(ROWS=256, num_warps=8, num_stages=2),
 }
 
 # tiles wider than 192 columns (up to 256): smaller tiles, where they differ from _DEFAULTS
