@@ -33,6 +33,8 @@ Reported per sequence length S (C = number of GPUs) and mode:
 - per-chunk compute (once per S, no communication, for benchmarks/cp_scale_model.py): the ms of
   each branch (forward + backward) on this rank's queries at this size: window, compressed +
   top-n, selected (against a whole-sequence K/V).
+- with --memory-trace: the blocks live at one step's memory peak, by allocation site (rank 0's,
+  printed and in the JSON).
 - link bandwidth (C > 1): GB/s received per GPU by an all-gather and an all-to-all of 256 MiB.
 
 Results: a table on stdout and benchmarks/results/bench_cp_<gpu>_x<C>.{json,md}; with C > 1 the
@@ -63,6 +65,7 @@ from megatron_nsa.context_parallel import (  # noqa: E402
 from megatron_nsa.context_parallel.exchange import EXCHANGE_MODES, build_exchange  # noqa: E402
 from megatron_nsa.context_parallel.segments import build_plan  # noqa: E402
 from megatron_nsa.reference import num_compressed_blocks, num_selection_blocks  # noqa: E402
+from memory_trace import format_report, trace_peak  # noqa: E402
 
 ALL_MODES = ("allgather", "ring", "fetch", "hierarchical")
 
@@ -84,6 +87,9 @@ def parse_args():
                         help=f"comma-separated exchange modes to run side by side (default {','.join(ALL_MODES)})")
     parser.add_argument("--node-size", type=int, default=None,
                         help="CP ranks per node for 'hierarchical' (default: LOCAL_WORLD_SIZE, i.e. this node)")
+    parser.add_argument("--memory-trace", action="store_true",
+                        help="after timing each mode, record one step's allocator history and print what is live at "
+                             "its peak, by allocation site (CUDA; benchmarks/memory_trace.py)")
     parser.add_argument("--no-chunk-times", action="store_true", help="skip the per-branch compute timings")
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 5, 2 with --tiny)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 2, 1 with --tiny)")
@@ -301,6 +307,12 @@ def bench_mode(args, mode: str, seq_len: int, config: NSAConfig, device, inputs,
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     no_comm_ms = statistics.median(timed_ms(lambda: step(no_comm), args.iters, device))
 
+    memory_trace = None
+    if args.memory_trace and device.type == "cuda":
+        memory_trace = trace_peak(lambda: step(real), device)
+        if dist.get_rank() == 0:
+            print(format_report(memory_trace, f"memory trace {mode} S={seq_len} rank 0: "), flush=True)
+
     sizes = args.sizes
     item = torch.empty(0, dtype=getattr(torch, sizes["dtype"])).element_size()
     exposed = max(0.0, step_ms - no_comm_ms)
@@ -327,6 +339,7 @@ def bench_mode(args, mode: str, seq_len: int, config: NSAConfig, device, inputs,
         "comm_only_ms": comm_only, "no_comm_step_ms": no_comm_ms, "exposed_ms": exposed,
         "exposed_fraction": exposed / step_ms,
         "hidden_fraction": (1 - exposed / comm_only) if comm_only > 0 else None,
+        "memory_trace": memory_trace,
     }
 
 

@@ -72,14 +72,6 @@ def _compress_local(k, v, k_halo, v_halo, plan: CPPlan, config: NSAConfig, compr
     return slots
 
 
-def _per_row(plan: CPPlan, pieces):
-    """Per-segment results (in plan order) -> [B, 2c, ...]."""
-    by_row = [[] for _ in range(plan.batch)]
-    for seg, piece in zip(plan.segments, pieces):
-        by_row[seg.row].append(piece)
-    return torch.stack([torch.cat(parts) for parts in by_row])
-
-
 def nsa_attention_cp(
     q: torch.Tensor,
     k,
@@ -162,37 +154,37 @@ def nsa_attention_cp(
     # 3. selection K/V start moving
     selection = exchange.begin_selection(k_slc, v_slc, plan, branches, config, scale, head_group_size)
 
+    # Per-segment queries: views of one split (see CPPlan.split_tokens)
+    q_parts = plan.split_tokens(q)
+
     # 4. window branch
     win_out = []
-    for seg in plan.segments:
-        rows = seg.local_slice(chunk_len)
+    for seg, q_part in zip(plan.segments, q_parts):
         lo = max(seg.doc_start, seg.q_start - plan.win_halo)
         keys = _extended(k_win, halo_k_win, seg, lo, seg.q_end, chunk_len)
         values = _extended(v_win, halo_v_win, seg, lo, seg.q_end, chunk_len)
-        out, _ = branches.window_attention(q[seg.row, rows], keys, values, seg.query_positions(q.device),
+        out, _ = branches.window_attention(q_part, keys, values, seg.query_positions(q.device),
                                            lo - seg.doc_start, config, scale)
         win_out.append(out)
 
     # 5. compressed branch and top-n
     cmp_out, selected = [], []
-    for seg in plan.segments:
-        rows = seg.local_slice(chunk_len)
+    for seg, q_part in zip(plan.segments, q_parts):
         q_pos = seg.query_positions(q.device)
         blocks = slice(seg.cmp_offset, seg.cmp_offset + num_compressed_blocks(seg.doc_len, config))
-        out, _, scores = branches.compressed_attention(q[seg.row, rows], compressed_k[blocks, seg.row],
+        out, _, scores = branches.compressed_attention(q_part, compressed_k[blocks, seg.row],
                                                        compressed_v[blocks, seg.row], q_pos, config, scale)
         cmp_out.append(out)
         selected.append(branches.select_blocks(scores, q_pos, plan.num_slc(seg, config), num_kv_heads, config))
 
     # 6. selection branch over the gathered K/V
-    selected_block_idx = _per_row(plan, selected)  # [B, 2c, H_kv, n]
+    selected_block_idx = plan.join_tokens(selected)  # [B, 2c, H_kv, n]
     slc_out = exchange.selected_attention(q, k_slc, v_slc, selected_block_idx, selection)
 
     # 7. gated combination, per segment, so that only the combined output is concatenated
-    combined = []
-    for seg, cmp_part, win_part in zip(plan.segments, cmp_out, win_out):
-        rows = seg.local_slice(chunk_len)
-        combined.append(branches.gated_combine(gates[seg.row, rows], cmp_part, slc_out[seg.row, rows], win_part))
-    out = _per_row(plan, combined)
+    combined = [branches.gated_combine(gates_part, cmp_part, slc_part, win_part)
+                for gates_part, cmp_part, slc_part, win_part
+                in zip(plan.split_tokens(gates), cmp_out, plan.split_tokens(slc_out), win_out)]
+    out = plan.join_tokens(combined)
     exchange.on_output(out, selection)
     return out.to(in_dtype)

@@ -74,6 +74,20 @@ class CPPlan:
     def segments_of(self, row: int, slot: Optional[int] = None) -> List[Segment]:
         return [s for s in self.segments if s.row == row and (slot is None or s.slot == slot)]
 
+    def split_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """x [B, 2c, ...] -> the segments' parts [q_end - q_start, ...], views in plan order.
+
+        Segments tile each row's 2c tokens in order, so this is one split of the flattened token
+        axis: its backward concatenates the parts' gradients once, where indexing x per segment
+        would build a zero-filled gradient of x's whole size for every segment."""
+        sizes = [seg.q_end - seg.q_start for seg in self.segments]
+        return x.flatten(0, 1).split(sizes)
+
+    def join_tokens(self, parts) -> torch.Tensor:
+        """Inverse of split_tokens: the segments' parts in plan order -> [B, 2c, ...]."""
+        joined = torch.cat(list(parts))
+        return joined.view(self.batch, 2 * self.chunk_len, *joined.shape[1:])
+
     def num_slc(self, segment: Segment, config) -> int:
         return num_selection_blocks(segment.doc_len, config)
 
