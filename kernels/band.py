@@ -47,6 +47,80 @@ def _visible(t, key_pos, WINDOW: tl.constexpr):
 
 
 @triton.jit
+def _unmasked_key_tiles(j_lo, j_hi, t_first, t_last, k_len, k_first, KEY_STRIDE: tl.constexpr,
+                        KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A query tile (positions t_first..t_last) walks keys [j_lo, j_hi) in tiles of BLOCK_N from j_lo.
+    Returns (a, b, n): tiles [a, b) hold only keys every query of the tile sees (no mask needed),
+    n tiles in all; tiles before a and from b on need the mask."""
+    num_tiles = tl.maximum(tl.cdiv(j_hi - j_lo, BLOCK_N), 0)
+    seen_by_all_hi = _end_key(t_first, k_len + k_first, KEY_STRIDE, KEY_OFFSET) - k_first  # keys at or before t_first
+    tile_a = 0
+    if WINDOW > 0:  # keys after t_last - WINDOW
+        seen_by_all_lo = tl.maximum(_first_key(t_last, KEY_STRIDE, KEY_OFFSET, WINDOW) - k_first, 0)
+        tile_a = tl.minimum(tl.cdiv(tl.maximum(seen_by_all_lo - j_lo, 0), BLOCK_N), num_tiles)
+    tile_b = tl.maximum(seen_by_all_hi - j_lo, 0) // BLOCK_N
+    return tile_a, tl.minimum(tl.maximum(tile_b, tile_a), num_tiles), num_tiles
+
+
+@triton.jit
+def _key_tile(K, V, k_doc, kv_head, skt, skh, svt, svh, j0, j_hi, DK: tl.constexpr, DV: tl.constexpr,
+              BLOCK_N: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Keys j0..j0+BLOCK_N (of those below j_hi): their index, validity, K parts and V."""
+    keys = j0 + tl.arange(0, BLOCK_N)
+    key_ok = keys < j_hi
+    krow = (k_doc + keys).to(tl.int64)
+    k_a, k_b = load_qk(K + krow * skt + kv_head * skh, key_ok, DK, DK_A, DK_B)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
+                mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    return keys, key_ok, k_a, k_b, v
+
+
+@triton.jit
+def _fwd_step(q_a, q_b, m_i, l_i, acc, K, V, k_doc, k_first, kv_head, skt, skh, svt, svh, j0, j_hi, t, qk_scale,
+              KEY_STRIDE: tl.constexpr,
+              KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+              BLOCK_N: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr,
+              MASKED: tl.constexpr):
+    """One key tile of the online softmax. MASKED=False: every query sees every key of the tile."""
+    keys, key_ok, k_a, k_b, v = _key_tile(K, V, k_doc, kv_head, skt, skh, svt, svh, j0, j_hi, DK, DV, BLOCK_N,
+                                          DK_A, DK_B, BLOCK_DV)
+    s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
+    if MASKED:
+        ok = _visible(t, (keys + k_first) * KEY_STRIDE + KEY_OFFSET, WINDOW) & key_ok[None, :]
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = m_new
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _dq_step(q_a, q_b, do, lse2, delta, dq_a, dq_b, K, V, k_doc, k_first, kv_head, skt, skh, svt, svh, j0, j_hi, t,
+             qk_scale, KEY_STRIDE: tl.constexpr, KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr, DK: tl.constexpr,
+             DV: tl.constexpr,
+             BLOCK_N: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr,
+             MASKED: tl.constexpr):
+    """One key tile of dQ. MASKED=False: every query sees every key of the tile."""
+    keys, key_ok, k_a, k_b, v = _key_tile(K, V, k_doc, kv_head, skt, skh, svt, svh, j0, j_hi, DK, DV, BLOCK_N,
+                                          DK_A, DK_B, BLOCK_DV)
+    s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
+    p = tl.exp2(s - lse2[:, None])
+    if MASKED:
+        ok = _visible(t, (keys + k_first) * KEY_STRIDE + KEY_OFFSET, WINDOW) & key_ok[None, :]
+        p = tl.where(ok, p, 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    return acc_qk(dq_a, dq_b, ds.to(k_a.dtype), k_a, k_b, DK_B)
+
+
+@triton.jit
 def _band_fwd(
     Q, K, V, O, LSE, TileStart, TileEnd, TileSeg, CuQ, CuK, QPos0, KFirst,
     sqt, sqh, skt, skh, svt, svh, sot, soh, slt, slh,
@@ -71,32 +145,30 @@ def _band_fwd(
     row_ok = rows < end
     t = rows - q_doc + q_pos0
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_n = tl.arange(0, BLOCK_N)
     rows64 = rows.to(tl.int64)
     q_a, q_b = load_qk(Q + rows64 * sqt + head * sqh, row_ok, DK, DK_A, DK_B)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    j_lo = tl.maximum(_first_key(start - q_doc + q_pos0, KEY_STRIDE, KEY_OFFSET, WINDOW) - k_first, 0)
-    j_hi = _end_key(end - 1 - q_doc + q_pos0, k_len + k_first, KEY_STRIDE, KEY_OFFSET) - k_first
-    for j0 in range(j_lo, j_hi, BLOCK_N):
-        keys = j0 + offs_n
-        key_ok = keys < j_hi
-        krow = (k_doc + keys).to(tl.int64)
-        k_a, k_b = load_qk(K + krow * skt + kv_head * skh, key_ok, DK, DK_A, DK_B)
-        v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
-                    mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
-        ok = _visible(t, (keys + k_first) * KEY_STRIDE + KEY_OFFSET, WINDOW) & key_ok[None, :]
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    t_first = start - q_doc + q_pos0
+    t_last = end - 1 - q_doc + q_pos0
+    j_lo = tl.maximum(_first_key(t_first, KEY_STRIDE, KEY_OFFSET, WINDOW) - k_first, 0)
+    j_hi = _end_key(t_last, k_len + k_first, KEY_STRIDE, KEY_OFFSET) - k_first
+    tile_a, tile_b, num_tiles = _unmasked_key_tiles(j_lo, j_hi, t_first, t_last, k_len, k_first,
+                                                    KEY_STRIDE, KEY_OFFSET, WINDOW, BLOCK_N)
+    for tile_j in range(0, tile_a):
+        m_i, l_i, acc = _fwd_step(q_a, q_b, m_i, l_i, acc, K, V, k_doc, k_first, kv_head, skt, skh, svt, svh,
+                                  j_lo + tile_j * BLOCK_N, j_hi, t, qk_scale, KEY_STRIDE, KEY_OFFSET, WINDOW,
+                                  DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, True)
+    for tile_j in range(tile_a, tile_b):
+        m_i, l_i, acc = _fwd_step(q_a, q_b, m_i, l_i, acc, K, V, k_doc, k_first, kv_head, skt, skh, svt, svh,
+                                  j_lo + tile_j * BLOCK_N, j_hi, t, qk_scale, KEY_STRIDE, KEY_OFFSET, WINDOW,
+                                  DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, False)
+    for tile_j in range(tile_b, num_tiles):
+        m_i, l_i, acc = _fwd_step(q_a, q_b, m_i, l_i, acc, K, V, k_doc, k_first, kv_head, skt, skh, svt, svh,
+                                  j_lo + tile_j * BLOCK_N, j_hi, t, qk_scale, KEY_STRIDE, KEY_OFFSET, WINDOW,
+                                  DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, True)
 
     has_key = l_i > 0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -131,7 +203,6 @@ def _band_bwd_dq(
     row_ok = rows < end
     t = rows - q_doc + q_pos0
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_n = tl.arange(0, BLOCK_N)
     rows64 = rows.to(tl.int64)
     q_a, q_b = load_qk(Q + rows64 * sqt + head * sqh, row_ok, DK, DK_A, DK_B)
     do = tl.load(DO + rows64[:, None] * sdot + head * sdoh + offs_dv[None, :],
@@ -141,22 +212,69 @@ def _band_bwd_dq(
     delta = tl.load(DELTA + rows64 * slt + head * slh, mask=row_ok, other=0.0)
 
     dq_a, dq_b = zeros_qk(BLOCK_M, DK_A, DK_B)
-    j_lo = tl.maximum(_first_key(start - q_doc + q_pos0, KEY_STRIDE, KEY_OFFSET, WINDOW) - k_first, 0)
-    j_hi = _end_key(end - 1 - q_doc + q_pos0, k_len + k_first, KEY_STRIDE, KEY_OFFSET) - k_first
-    for j0 in range(j_lo, j_hi, BLOCK_N):
-        keys = j0 + offs_n
-        key_ok = keys < j_hi
-        krow = (k_doc + keys).to(tl.int64)
-        k_a, k_b = load_qk(K + krow * skt + kv_head * skh, key_ok, DK, DK_A, DK_B)
-        v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
-                    mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
-        ok = _visible(t, (keys + k_first) * KEY_STRIDE + KEY_OFFSET, WINDOW) & key_ok[None, :]
-        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq_a, dq_b = acc_qk(dq_a, dq_b, ds.to(k_a.dtype), k_a, k_b, DK_B)
+    t_first = start - q_doc + q_pos0
+    t_last = end - 1 - q_doc + q_pos0
+    j_lo = tl.maximum(_first_key(t_first, KEY_STRIDE, KEY_OFFSET, WINDOW) - k_first, 0)
+    j_hi = _end_key(t_last, k_len + k_first, KEY_STRIDE, KEY_OFFSET) - k_first
+    tile_a, tile_b, num_tiles = _unmasked_key_tiles(j_lo, j_hi, t_first, t_last, k_len, k_first,
+                                                    KEY_STRIDE, KEY_OFFSET, WINDOW, BLOCK_N)
+    for tile_j in range(0, tile_a):
+        dq_a, dq_b = _dq_step(q_a, q_b, do, lse2, delta, dq_a, dq_b, K, V, k_doc, k_first, kv_head, skt, skh, svt, svh,
+                              j_lo + tile_j * BLOCK_N, j_hi, t,
+                              qk_scale, KEY_STRIDE, KEY_OFFSET, WINDOW, DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, True)
+    for tile_j in range(tile_a, tile_b):
+        dq_a, dq_b = _dq_step(q_a, q_b, do, lse2, delta, dq_a, dq_b, K, V, k_doc, k_first, kv_head, skt, skh, svt, svh,
+                              j_lo + tile_j * BLOCK_N, j_hi, t,
+                              qk_scale, KEY_STRIDE, KEY_OFFSET, WINDOW, DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, False)
+    for tile_j in range(tile_b, num_tiles):
+        dq_a, dq_b = _dq_step(q_a, q_b, do, lse2, delta, dq_a, dq_b, K, V, k_doc, k_first, kv_head, skt, skh, svt, svh,
+                              j_lo + tile_j * BLOCK_N, j_hi, t,
+                              qk_scale, KEY_STRIDE, KEY_OFFSET, WINDOW, DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, True)
     store_qk(DQ + rows64 * sdqt + head * sdqh, dq_a * sm_scale, dq_b * sm_scale, row_ok, DK, DK_A, DK_B)
+
+
+@triton.jit
+def _unmasked_query_tiles(t_lo, t_hi, first_pos, last_pos, full_key_tile, WINDOW: tl.constexpr,
+                          BLOCK_M: tl.constexpr):
+    """A key tile (positions first_pos..last_pos) walks queries [t_lo, t_hi) in tiles of BLOCK_M from t_lo.
+    Returns (a, b, n): query tiles [a, b) see every key of the tile (no mask needed), n tiles in all.
+    A key tile with invalid keys (not full_key_tile) is masked throughout."""
+    num_tiles = tl.maximum(tl.cdiv(t_hi - t_lo, BLOCK_M), 0)
+    tile_a = tl.minimum(tl.cdiv(tl.maximum(last_pos - t_lo, 0), BLOCK_M), num_tiles)  # from the last key on
+    tile_b = tl.maximum(t_hi - t_lo, 0) // BLOCK_M  # whole query tiles
+    if WINDOW > 0:  # queries before first_pos + WINDOW
+        tile_b = tl.minimum(tile_b, tl.maximum(first_pos + WINDOW - t_lo, 0) // BLOCK_M)
+    tile_b = tl.where(full_key_tile, tl.minimum(tl.maximum(tile_b, tile_a), num_tiles), tile_a)
+    return tile_a, tile_b, num_tiles
+
+
+@triton.jit
+def _dkdv_step(k_a, k_b, v, key_pos, key_ok, dk_a, dk_b, dv, Q, DO, LSE, DELTA, head, q_doc, q_pos0, t0, t_hi,
+               sqt, sqh, sdot, sdoh, slt, slh, qk_scale, WINDOW: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+               BLOCK_M: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr,
+               MASKED: tl.constexpr):
+    """One query tile (positions t0..t0+BLOCK_M) of a key tile's dK, dV. MASKED=False: every query of the
+    tile sees every key."""
+    t = t0 + tl.arange(0, BLOCK_M)
+    row_ok = t < t_hi
+    rows64 = (q_doc + t - q_pos0).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_a, q_b = load_qk(Q + rows64 * sqt + head * sqh, row_ok, DK, DK_A, DK_B)
+    do = tl.load(DO + rows64[:, None] * sdot + head * sdoh + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + rows64 * slt + head * slh, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + rows64 * slt + head * slh, mask=row_ok, other=0.0)
+    s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
+    p = tl.exp2(s - lse2[:, None])
+    if MASKED:
+        ok = _visible(t, key_pos, WINDOW) & key_ok[None, :] & row_ok[:, None]
+        p = tl.where(ok, p, 0.0)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    dk_a, dk_b = acc_qk(dk_a, dk_b, tl.trans(ds.to(q_a.dtype)), q_a, q_b, DK_B)
+    return dk_a, dk_b, dv
 
 
 @triton.jit
@@ -195,7 +313,6 @@ def _band_bwd_dkdv(
     key_ok = krow < k_end
     key_pos = keys * KEY_STRIDE + KEY_OFFSET
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_m = tl.arange(0, BLOCK_M)
     krow64 = krow.to(tl.int64)
     k_a, k_b = load_qk(K + krow64 * skt + kv_head * skh, key_ok, DK, DK_A, DK_B)
     v = tl.load(V + krow64[:, None] * svt + kv_head * svh + offs_dv[None, :],
@@ -204,30 +321,28 @@ def _band_bwd_dkdv(
     dk_a, dk_b = zeros_qk(BLOCK_N, DK_A, DK_B)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     # query positions that can see this key tile, within the segment's queries
-    t_lo = tl.maximum((k_start - k_doc + k_first) * KEY_STRIDE + KEY_OFFSET, q_pos0)
+    first_pos = (k_start - k_doc + k_first) * KEY_STRIDE + KEY_OFFSET
+    t_lo = tl.maximum(first_pos, q_pos0)
     last_pos = (k_end - 1 - k_doc + k_first) * KEY_STRIDE + KEY_OFFSET
     t_hi = q_pos0 + q_len
     if WINDOW > 0:
         t_hi = tl.minimum(t_hi, last_pos + WINDOW)
+    tile_a, tile_b, num_tiles = _unmasked_query_tiles(t_lo, t_hi, first_pos, last_pos, k_end - k_start == BLOCK_N,
+                                                      WINDOW, BLOCK_M)
     for g in range(g_lo, g_hi):
         head = kv_head * G + g
-        for t0 in range(t_lo, t_hi, BLOCK_M):
-            t = t0 + offs_m
-            row_ok = t < t_hi
-            rows64 = (q_doc + t - q_pos0).to(tl.int64)
-            q_a, q_b = load_qk(Q + rows64 * sqt + head * sqh, row_ok, DK, DK_A, DK_B)
-            do = tl.load(DO + rows64[:, None] * sdot + head * sdoh + offs_dv[None, :],
-                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            lse = tl.load(LSE + rows64 * slt + head * slh, mask=row_ok, other=float("-inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(DELTA + rows64 * slt + head * slh, mask=row_ok, other=0.0)
-            s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
-            ok = _visible(t, key_pos, WINDOW) & key_ok[None, :] & row_ok[:, None]
-            p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            dk_a, dk_b = acc_qk(dk_a, dk_b, tl.trans(ds.to(q_a.dtype)), q_a, q_b, DK_B)
+        for tile_t in range(0, tile_a):
+            dk_a, dk_b, dv = _dkdv_step(k_a, k_b, v, key_pos, key_ok, dk_a, dk_b, dv, Q, DO, LSE, DELTA, head,
+                                        q_doc, q_pos0, t_lo + tile_t * BLOCK_M, t_hi, sqt, sqh, sdot, sdoh, slt, slh,
+                                        qk_scale, WINDOW, DK, DV, BLOCK_M, DK_A, DK_B, BLOCK_DV, True)
+        for tile_t in range(tile_a, tile_b):
+            dk_a, dk_b, dv = _dkdv_step(k_a, k_b, v, key_pos, key_ok, dk_a, dk_b, dv, Q, DO, LSE, DELTA, head,
+                                        q_doc, q_pos0, t_lo + tile_t * BLOCK_M, t_hi, sqt, sqh, sdot, sdoh, slt, slh,
+                                        qk_scale, WINDOW, DK, DV, BLOCK_M, DK_A, DK_B, BLOCK_DV, False)
+        for tile_t in range(tile_b, num_tiles):
+            dk_a, dk_b, dv = _dkdv_step(k_a, k_b, v, key_pos, key_ok, dk_a, dk_b, dv, Q, DO, LSE, DELTA, head,
+                                        q_doc, q_pos0, t_lo + tile_t * BLOCK_M, t_hi, sqt, sqh, sdot, sdoh, slt, slh,
+                                        qk_scale, WINDOW, DK, DV, BLOCK_M, DK_A, DK_B, BLOCK_DV, True)
     out_head = kv_head * G if SPLIT_HEADS else kv_head  # split: DK_ is [T, H_kv * G (kv-major), D]
     store_qk(DK_ + krow64 * sdkt + out_head * sdkh, dk_a * sm_scale, dk_b * sm_scale, key_ok, DK, DK_A, DK_B)
     tl.store(DV_ + krow64[:, None] * sdvt + out_head * sdvh + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
