@@ -43,6 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import plot_nsa_vs_dense  # noqa: E402
 
+from megatron_nsa.eval.haystack import check_grid_lengths  # noqa: E402
+from megatron_nsa.eval.retrieval_task import RetrievalFormat  # noqa: E402
 from megatron_nsa.training.config import load_recipe  # noqa: E402
 
 RECIPES = {"lm": "configs/small_lm_8k.yaml", "retrieval": "configs/small_retrieval_8k.yaml"}
@@ -57,6 +59,7 @@ TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads
         "nsa.compress_stride=4", "nsa.select_block_size=16", "nsa.select_count=3", "nsa.window_size=32",
         "training.micro_batch_size=2", "training.global_batch_size=4", "training.eval_steps=1", "optimizer.lr=3e-3",
         "training.device=cpu"]
+TINY_RETRIEVAL = ["retrieval.num_keys=256", "retrieval.num_values=64"]  # enough keys for 256-token needles
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -246,10 +249,18 @@ def main(argv=None) -> int:
     recipe = RECIPES[args.experiment]
     out = os.path.abspath(os.path.join(args.out, args.experiment))
     os.makedirs(out, exist_ok=True)
-    common = [*(TINY if args.tiny else []), f"data.seq_length={args.seq_length}", *args.overrides]
+    tiny = TINY + (TINY_RETRIEVAL if args.experiment == "retrieval" else []) if args.tiny else []
+    common = [*tiny, f"data.seq_length={args.seq_length}", *args.overrides]
     if args.cache_dir:
         common.append(f"data.cache_dir={os.path.abspath(args.cache_dir)}")
-    batch = load_recipe(os.path.join(REPO, recipe), common).training.global_batch_size
+    try:  # before any training: the recipe, and the needle lengths against the key range
+        settings = load_recipe(os.path.join(REPO, recipe), common)
+        if args.experiment == "retrieval":
+            check_grid_lengths(args.eval_lengths, "retrieval", RetrievalFormat.of(settings.retrieval))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    batch = settings.training.global_batch_size
     summary = {"experiment": args.experiment, "recipe": recipe, "overrides": common, "seq_length": args.seq_length,
                "global_batch_size": batch, "time_budget_s": args.time_budget_s, "tiny": args.tiny,
                "environment": device_description(args.tiny), "models": {}}

@@ -5,26 +5,30 @@ A sample is exactly `length` tokens:
     filler[:at]  needle  filler[at:]  question  answer
 
 `at` is the requested depth (0 = the first token, 1 = just before the question) times the filler length,
-moved to the nearest allowed boundary (line starts for the retrieval format, any token for text).
+moved to the nearest allowed boundary (record starts for the retrieval format, any token for text).
 The model reads the whole sample; it answers correctly when every answer token is the argmax of its
 prediction (teacher forcing: one forward pass scores all of them).
 
 Two formats:
-  retrieval  the synthetic task's records: filler = a task sequence without the needle's key,
-             needle `kbfo:4821\\n`, question `kbfo?`, answer `4821`
+  retrieval  the synthetic task's records (megatron_nsa.eval.retrieval_task): filler = a task sequence
+             whose keys all differ from the needle's, needle = one definition `key value`, question
+             `key`, answer `value` (one token each)
   text       filler = validation text of the model's corpus, needle `\\nThe secret code of kbfo is 4821.\\n`,
              question `\\nThe secret code of kbfo is `, answer `4821`
 """
 from __future__ import annotations
 
 import dataclasses
+import string
 from typing import Callable, Optional, Sequence
 
 import numpy
 
-from .retrieval_task import DEFINE, DIGITS, NEEDLE_STREAM, QUERY, RetrievalFormat, generate_lines, key_text
+from .retrieval_task import (FIRST_KEY_ID, NEEDLE_STREAM, RECORD_LENGTH, RetrievalFormat, check_key_space,
+                             generate_records)
 
 FORMATS = ("retrieval", "text")
+TEXT_KEY_LETTERS, TEXT_VALUE_DIGITS = 4, 4  # the text fact: "The secret code of kbfo is 4821."
 FillerSource = Callable[[int, numpy.random.Generator], numpy.ndarray]  # (num_tokens, rng) -> tokens [num_tokens]
 
 
@@ -80,31 +84,23 @@ def place_needle(filler: numpy.ndarray, needle: numpy.ndarray, question: numpy.n
     return NeedleSample(tokens, numpy.arange(answer_start, len(tokens)), at, len(needle), len(filler), depth)
 
 
-def random_fact(rng: numpy.random.Generator, fmt: RetrievalFormat):
-    """(key number, key text, value text) in the retrieval task's alphabet."""
-    key_id = int(rng.integers(fmt.key_space))
-    value = bytes(DIGITS[rng.integers(0, 10, size=fmt.value_length)]).decode()
-    return key_id, key_text(key_id, fmt), value
-
-
 def retrieval_sample(length: int, depth: float, rng: numpy.random.Generator, fmt: RetrievalFormat) -> NeedleSample:
     """The synthetic task's own records as the haystack; the needle is one more definition."""
-    key_id, key, value = random_fact(rng, fmt)
-    needle = _encode(key + chr(DEFINE) + value + "\n")
-    question, answer = _encode(key + chr(QUERY)), _encode(value)
+    key = FIRST_KEY_ID + int(rng.integers(fmt.num_keys))
+    value = fmt.first_value_id + int(rng.integers(fmt.num_values))
+    needle, question, answer = numpy.array([key, value]), numpy.array([key]), numpy.array([value])
     filler_length = length - len(needle) - len(question) - len(answer)
-    lines, _ = generate_lines(-(-filler_length // fmt.line_length), rng, fmt, exclude_key=key_id)
-    filler = lines.reshape(-1)[-filler_length:].astype(numpy.int64)  # the first line may start cut
-    cut = (-filler_length) % fmt.line_length  # tokens of the first line left out
-    starts = numpy.arange((fmt.line_length - cut) % fmt.line_length, filler_length + 1, fmt.line_length)
-    boundaries = numpy.unique(numpy.concatenate([[0, filler_length], starts]))
+    records, _ = generate_records(-(-filler_length // RECORD_LENGTH), rng, fmt, exclude_key=key)
+    filler = records.reshape(-1)[-filler_length:]  # the first record may start cut
+    first_start = filler_length % RECORD_LENGTH  # offset of the first whole record
+    boundaries = numpy.unique(numpy.concatenate([[0], numpy.arange(first_start, filler_length + 1, RECORD_LENGTH)]))
     return place_needle(filler, needle, question, answer, depth, boundaries)
 
 
-def text_sample(length: int, depth: float, rng: numpy.random.Generator, fmt: RetrievalFormat,
-                filler_source: FillerSource) -> NeedleSample:
+def text_sample(length: int, depth: float, rng: numpy.random.Generator, filler_source: FillerSource) -> NeedleSample:
     """Corpus text as the haystack, the fact as an English sentence."""
-    _, key, value = random_fact(rng, fmt)
+    key = "".join(rng.choice(list(string.ascii_lowercase), size=TEXT_KEY_LETTERS))
+    value = "".join(rng.choice(list(string.digits), size=TEXT_VALUE_DIGITS))
     needle = _encode(f"\nThe secret code of {key} is {value}.\n")
     question, answer = _encode(f"\nThe secret code of {key} is "), _encode(value)
     filler_length = length - len(needle) - len(question) - len(answer)
@@ -114,13 +110,21 @@ def text_sample(length: int, depth: float, rng: numpy.random.Generator, fmt: Ret
     return place_needle(filler, needle, question, answer, depth)
 
 
-def minimum_length(fmt: RetrievalFormat, text_format: str) -> int:
-    """The shortest sample with at least one line (or 16 tokens) of filler."""
+def minimum_length(text_format: str) -> int:
+    """The shortest sample with at least two records (or 16 tokens) of filler."""
     if text_format == "retrieval":
-        return 2 * fmt.line_length + fmt.key_length + 1 + fmt.value_length
-    sentence = len(f"\nThe secret code of {'k' * fmt.key_length} is {'1' * fmt.value_length}.\n")
-    question = len(f"\nThe secret code of {'k' * fmt.key_length} is ")
-    return sentence + question + fmt.value_length + 16
+        return 3 * RECORD_LENGTH + 2  # two filler records, needle, question, answer
+    sentence = len(f"\nThe secret code of {'k' * TEXT_KEY_LETTERS} is {'1' * TEXT_VALUE_DIGITS}.\n")
+    question = len(f"\nThe secret code of {'k' * TEXT_KEY_LETTERS} is ")
+    return sentence + question + TEXT_VALUE_DIGITS + 16
+
+
+def check_grid_lengths(lengths: Sequence[int], text_format: str, fmt: RetrievalFormat) -> None:
+    """Every length long enough for a sample, and (retrieval) the key range big enough for the longest:
+    call it before training a model that will be tested at these lengths."""
+    check_lengths(lengths, minimum_length(text_format))
+    if text_format == "retrieval":
+        check_key_space(fmt, max(lengths), "the needle length (--lengths)")
 
 
 def needle_samples(text_format: str, length: int, depth: float, count: int, seed: int, fmt: RetrievalFormat,
@@ -135,5 +139,5 @@ def needle_samples(text_format: str, length: int, depth: float, count: int, seed
         if text_format == "retrieval":
             samples.append(retrieval_sample(length, depth, rng, fmt))
         else:
-            samples.append(text_sample(length, depth, rng, fmt, filler_source))
+            samples.append(text_sample(length, depth, rng, filler_source))
     return samples

@@ -23,7 +23,7 @@ from megatron.core.transformer.module import Float16Module  # noqa: E402
 
 from megatron_nsa.training.config import Recipe, check_fields, wants_cuda  # noqa: E402
 from megatron_nsa.training.model import build_model  # noqa: E402
-from megatron_nsa.training.tokenizer import build_tokenizer  # noqa: E402
+from megatron_nsa.training.tokenizer import recipe_tokenizer  # noqa: E402
 
 from .checkpoints import (EvalInputError, checkpoint_recipe, eval_recipe, read_meta, resolve_checkpoint,  # noqa: E402
                           trained_positions)
@@ -103,7 +103,8 @@ def load_model(checkpoint: str, recipe_path: Optional[str] = None, overrides: Li
     """Build the checkpoint's model and load its weights (eval mode, no gradients needed)."""
     step_dir = resolve_checkpoint(checkpoint)
     meta = read_meta(step_dir)
-    max_positions = trained_positions(checkpoint_recipe(step_dir, meta, recipe_path, []))
+    trained_recipe = checkpoint_recipe(step_dir, meta, recipe_path, [])
+    max_positions = trained_positions(trained_recipe)
     recipe = eval_recipe(checkpoint_recipe(step_dir, meta, recipe_path, list(overrides)), max_positions)
     recipe.training.device = device
     check_fields(recipe)
@@ -113,7 +114,7 @@ def load_model(checkpoint: str, recipe_path: Optional[str] = None, overrides: Li
     if bf16 and not on_cuda:
         raise EvalInputError("training.precision=bf16 needs CUDA; evaluate on CPU with training.precision=fp32")
     init_one_process(on_cuda, recipe.training.seed)
-    tokenizer = build_tokenizer(recipe.data.tokenizer)
+    tokenizer = recipe_tokenizer(trained_recipe)  # the vocabulary the model was built for, whatever data it reads now
     core = build_model(recipe, tokenizer.vocab_size, on_cuda, bf16)
     _load_weights(core, step_dir, meta, on_cuda)
     model = Float16Module(core.config, core) if bf16 else core

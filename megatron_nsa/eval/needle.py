@@ -25,7 +25,7 @@ from megatron_nsa.training.config import BadInputError
 
 from .checkpoints import EvalInputError, check_length, checkpoint_recipe, read_meta, resolve_checkpoint, \
     trained_positions
-from .haystack import FORMATS, check_depths, check_lengths, minimum_length, needle_samples
+from .haystack import FORMATS, check_depths, check_grid_lengths, needle_samples
 from .report import accuracy_table, grid_key, write_json
 from .retrieval_task import RetrievalFormat
 
@@ -65,11 +65,20 @@ def samples_per_length(samples: Sequence[int], lengths: Sequence[int]) -> List[i
     return list(samples) * len(lengths) if len(samples) == 1 else list(samples)
 
 
-def check_grid(recipe, positions: int, text_format: str, lengths: Sequence[int], depths: Sequence[float]) -> None:
-    """Lengths and depths against the format and the model, as EvalInputError."""
+def check_grid(recipe, trained_recipe, positions: int, text_format: str, lengths: Sequence[int],
+               depths: Sequence[float]) -> None:
+    """Lengths and depths against the format and the model (`recipe` with the overrides, `trained_recipe`
+    as the checkpoint stored it), as EvalInputError."""
+    fmt, trained = RetrievalFormat.of(recipe.retrieval), RetrievalFormat.of(trained_recipe.retrieval)
+    if text_format == "retrieval" and (fmt.num_keys, fmt.num_values) != (trained.num_keys, trained.num_values):
+        raise EvalInputError(
+            f"retrieval.num_keys={fmt.num_keys} and num_values={fmt.num_values} need token ids up to "
+            f"{fmt.vocab_size - 1}, but the checkpoint's vocabulary was built for num_keys={trained.num_keys} and "
+            f"num_values={trained.num_values} (ids up to {trained.vocab_size - 1}); the key and value ranges are "
+            "part of the model and cannot change after training")
     try:
         check_depths(depths)
-        check_lengths(lengths, minimum_length(RetrievalFormat.of(recipe.retrieval), text_format))
+        check_grid_lengths(lengths, text_format, fmt)
     except ValueError as err:
         raise EvalInputError(str(err)) from None
     for length in lengths:
@@ -124,11 +133,12 @@ def needle_grid(loaded, text_format: str, lengths: Sequence[int], depths: Sequen
 def run(args: argparse.Namespace) -> dict:
     step_dir = resolve_checkpoint(args.checkpoint)
     meta = read_meta(step_dir)
-    positions = trained_positions(checkpoint_recipe(step_dir, meta, args.recipe, []))
+    trained_recipe = checkpoint_recipe(step_dir, meta, args.recipe, [])
+    positions = trained_positions(trained_recipe)
     recipe = checkpoint_recipe(step_dir, meta, args.recipe, list(args.overrides))
     lengths = args.lengths or [recipe.data.seq_length]
     text_format = args.format or ("retrieval" if recipe.data.source == "retrieval" else "text")
-    check_grid(recipe, positions, text_format, lengths, args.depths)
+    check_grid(recipe, trained_recipe, positions, text_format, lengths, args.depths)
     samples = samples_per_length(args.samples, lengths)
     if args.batch_size < 1:
         raise EvalInputError(f"--batch-size {args.batch_size} is not allowed: it must be >= 1")

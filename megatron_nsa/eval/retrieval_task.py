@@ -1,15 +1,20 @@
-"""A retrieval-heavy synthetic task: many key/value definitions in a long context, queried later.
+"""A retrieval-heavy synthetic task: many key/value definitions in a long context, queried later
+(multi-query associative recall, "MQAR", after Arora et al., "Zoology", 2023).
 
-Byte tokens, one record per line, every line the same length:
+Every key and every value is ONE token from ids reserved above the byte tokenizer's 258:
 
-    definition   kbfo:4821\\n     a fresh key (never defined before in the sequence) and its value
-    query        kbfo?4821\\n     a key defined earlier in the sequence; the model must produce its value
+    keys     [258, 258 + num_keys)
+    values   [258 + num_keys, 258 + num_keys + num_values)
 
-Keys are `key_length` letters from the first `key_alphabet_size` lowercase letters, values `value_length`
-decimal digits. After the first line each line is a query with probability `query_fraction`, asking for a
-key drawn uniformly from all the keys defined so far, so that every distance from 1 line to the whole
-context is trained. The loss mask covers only the value tokens of queries: everything else is random and
-unpredictable, and leaving it out makes a small model learn retrieval far sooner.
+A sequence is a run of two-token records `key value`:
+
+    definition   a fresh key (never defined before in the sequence) and a random value
+    query        a key defined earlier in the sequence, followed by the value it was defined with
+
+After the first record each record is a query with probability `query_fraction`, asking for a key drawn
+uniformly from all keys defined so far, so that every distance from one record to the whole context is
+trained. The loss mask covers only the value tokens of queries (everything else is random). No markers
+tell definitions from queries: a model need not know, since a key it has not seen has no answer to learn.
 
 Sequences are a pure function of (seed, stream, index): training and validation use separate streams,
 so both models of a comparison see the same samples in the same order. numpy only (no megatron), so
@@ -19,41 +24,41 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import string
 from typing import Dict, Optional, Tuple
 
 import numpy
 
+from megatron_nsa.training.tokenizer import BYTE_VOCAB_SIZE
+
 TRAIN_STREAM, VALID_STREAM, NEEDLE_STREAM = 0, 1, 2
-DEFINE, QUERY, END = ord(":"), ord("?"), ord("\n")
-DIGITS = numpy.frombuffer(string.digits.encode(), dtype=numpy.uint8)
-LETTERS = numpy.frombuffer(string.ascii_lowercase.encode(), dtype=numpy.uint8)
+FIRST_KEY_ID = BYTE_VOCAB_SIZE  # after the byte tokenizer's 256 bytes, end-of-document and padding
+RECORD_LENGTH = 2  # key, value
 
 
 @dataclasses.dataclass(frozen=True)
 class RetrievalFormat:
-    key_length: int = 4
-    key_alphabet_size: int = 16
-    value_length: int = 4
+    num_keys: int = 16384
+    num_values: int = 256
     query_fraction: float = 0.25
 
     @property
-    def line_length(self) -> int:
-        return self.key_length + 1 + self.value_length + 1
+    def first_value_id(self) -> int:
+        return FIRST_KEY_ID + self.num_keys
 
     @property
-    def key_space(self) -> int:
-        return self.key_alphabet_size ** self.key_length
+    def vocab_size(self) -> int:
+        """Token ids the task uses: the byte tokenizer's, then the key and value ranges."""
+        return self.first_value_id + self.num_values
 
     @classmethod
     def of(cls, settings) -> "RetrievalFormat":
-        """From any object with the four fields (e.g. the recipe's `retrieval` section)."""
+        """From any object with the three fields (e.g. the recipe's `retrieval` section)."""
         return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
 
 
 def check_settings(settings) -> None:
     """ValueError naming the field, its value and what is allowed."""
-    for name, low, high in (("key_length", 1, 16), ("key_alphabet_size", 2, 26), ("value_length", 1, 32)):
+    for name, low, high in (("num_keys", 2, 1 << 20), ("num_values", 2, 1 << 16)):
         value = getattr(settings, name)
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise ValueError(f"retrieval.{name}={value!r} is not allowed: it must be an integer in [{low}, {high}]")
@@ -62,64 +67,53 @@ def check_settings(settings) -> None:
         raise ValueError(f"retrieval.query_fraction={fraction!r} is not allowed: it must be a number in (0, 1)")
 
 
-def key_text(key_id: int, fmt: RetrievalFormat) -> str:
-    """Key number -> its letters (base key_alphabet_size, most significant letter first)."""
-    return bytes(_key_letters(numpy.asarray([key_id]), fmt)[0]).decode()
+def keys_needed(num_tokens: int) -> int:
+    """The most distinct keys a sequence of `num_tokens` can define (every record a definition)."""
+    return math.ceil(num_tokens / RECORD_LENGTH)
 
 
-def _key_letters(key_ids: numpy.ndarray, fmt: RetrievalFormat) -> numpy.ndarray:
-    """[n] key numbers -> [n, key_length] letter bytes."""
-    powers = fmt.key_alphabet_size ** numpy.arange(fmt.key_length - 1, -1, -1, dtype=numpy.int64)
-    return LETTERS[(key_ids[:, None] // powers[None, :]) % fmt.key_alphabet_size]
+def check_key_space(fmt: RetrievalFormat, num_tokens: int, what: str) -> None:
+    """ValueError unless every record of `num_tokens` tokens (`what`: where the length comes from) can
+    define a key of its own."""
+    needed = keys_needed(num_tokens)
+    if fmt.num_keys < needed:
+        raise ValueError(f"retrieval.num_keys={fmt.num_keys} is too small for {what}={num_tokens}: a sequence of "
+                         f"{num_tokens} tokens holds up to {needed} definitions, each with a fresh key; raise "
+                         f"retrieval.num_keys to at least {needed}")
 
 
-def _distinct_keys(rng: numpy.random.Generator, count: int, fmt: RetrievalFormat,
-                   exclude: Optional[int]) -> numpy.ndarray:
-    available = fmt.key_space - (exclude is not None)
-    if count > available:
-        raise ValueError(
-            f"a retrieval sequence needs {count} distinct keys but retrieval.key_length={fmt.key_length} with "
-            f"key_alphabet_size={fmt.key_alphabet_size} gives only {available}; raise key_length or "
-            "key_alphabet_size, or shorten the sequence"
-        )
-    keys = rng.choice(fmt.key_space, size=min(count + 1, fmt.key_space), replace=False)
-    if exclude is not None:
-        keys = keys[keys != exclude]
-    return keys[:count]
+def generate_records(num_records: int, rng: numpy.random.Generator, fmt: RetrievalFormat,
+                     exclude_key: Optional[int] = None) -> Tuple[numpy.ndarray, numpy.ndarray]:
+    """`num_records` records -> (tokens [num_records, 2] int64, answer mask of the same shape).
 
-
-def generate_lines(num_lines: int, rng: numpy.random.Generator, fmt: RetrievalFormat,
-                   exclude_key: Optional[int] = None) -> Tuple[numpy.ndarray, numpy.ndarray]:
-    """`num_lines` records -> (bytes [num_lines, line_length] uint8, answer mask of the same shape).
-
-    Line 0 is always a definition; `exclude_key` (a key number) is never defined nor queried.
+    Record 0 is always a definition; `exclude_key` (a key token id) is never defined nor queried.
     """
-    is_query = rng.random(num_lines) < fmt.query_fraction
+    is_query = rng.random(num_records) < fmt.query_fraction
     is_query[0] = False
-    defined_so_far = numpy.cumsum(~is_query)  # [num_lines] definitions up to and including each line
+    defined_so_far = numpy.cumsum(~is_query)  # [num_records] definitions up to and including each record
     num_definitions = int(defined_so_far[-1])
-    keys = _distinct_keys(rng, num_definitions, fmt, exclude_key)
-    values = rng.integers(0, 10, size=(num_definitions, fmt.value_length))
-    # Definition j (the j-th definition line) defines keys[j]; a query asks one of the definitions before it.
-    record = numpy.where(is_query, (rng.random(num_lines) * defined_so_far).astype(numpy.int64), defined_so_far - 1)
-    lines = numpy.empty((num_lines, fmt.line_length), dtype=numpy.uint8)
-    k, v = fmt.key_length, fmt.value_length
-    lines[:, :k] = _key_letters(keys[record], fmt)
-    lines[:, k] = numpy.where(is_query, QUERY, DEFINE)
-    lines[:, k + 1:k + 1 + v] = DIGITS[values[record]]
-    lines[:, -1] = END
-    answer_mask = numpy.zeros_like(lines, dtype=bool)
-    answer_mask[:, k + 1:k + 1 + v] = is_query[:, None]
-    return lines, answer_mask
+    available = fmt.num_keys - (exclude_key is not None)
+    if num_definitions > available:
+        raise ValueError(f"a retrieval sequence needs {num_definitions} distinct keys but retrieval.num_keys="
+                         f"{fmt.num_keys} gives only {available}; raise num_keys or shorten the sequence")
+    keys = FIRST_KEY_ID + rng.permutation(fmt.num_keys)  # [num_keys] in the order they get defined
+    if exclude_key is not None:
+        keys = keys[keys != exclude_key]
+    values = fmt.first_value_id + rng.integers(0, fmt.num_values, size=num_definitions)
+    # Definition j defines keys[j]; a query asks one of the definitions before it.
+    record = numpy.where(is_query, (rng.random(num_records) * defined_so_far).astype(numpy.int64), defined_so_far - 1)
+    tokens = numpy.stack([keys[record], values[record]], axis=1)
+    answer_mask = numpy.zeros_like(tokens, dtype=bool)
+    answer_mask[:, 1] = is_query
+    return tokens, answer_mask
 
 
 def generate_sequence(num_tokens: int, rng: numpy.random.Generator, fmt: RetrievalFormat,
                       exclude_key: Optional[int] = None) -> Tuple[numpy.ndarray, numpy.ndarray]:
-    """Exactly `num_tokens` tokens starting at a line start (the last line may be cut):
+    """Exactly `num_tokens` tokens starting at a record (the last one may be cut):
     (tokens [num_tokens] int64, answer mask [num_tokens] bool)."""
-    num_lines = math.ceil(num_tokens / fmt.line_length)
-    lines, answer_mask = generate_lines(num_lines, rng, fmt, exclude_key)
-    return lines.reshape(-1)[:num_tokens].astype(numpy.int64), answer_mask.reshape(-1)[:num_tokens]
+    tokens, answer_mask = generate_records(keys_needed(num_tokens), rng, fmt, exclude_key)
+    return tokens.reshape(-1)[:num_tokens], answer_mask.reshape(-1)[:num_tokens]
 
 
 def sample_rng(seed: int, stream: int, index: int) -> numpy.random.Generator:
@@ -131,22 +125,22 @@ class RetrievalDataset:
     token) / loss_mask (1 on the value tokens of queries) / position_ids, each [seq_length]."""
 
     def __init__(self, fmt: RetrievalFormat, seq_length: int, num_samples: int, seed: int, stream: int):
+        check_key_space(fmt, seq_length + 1, "data.seq_length (+1 for the labels)")
         self.fmt = fmt
         self.seq_length = seq_length
         self.num_samples = max(num_samples, 1)
         self.seed = seed
         self.stream = stream
-        # Fail at construction (before training starts) when the key space is too small for a sequence.
-        _distinct_keys(sample_rng(seed, stream, 0), math.ceil((seq_length + 1) / fmt.line_length), fmt, None)
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __getitem__(self, index: int) -> Dict[str, numpy.ndarray]:
-        text, answer_mask = generate_sequence(self.seq_length + 1, sample_rng(self.seed, self.stream, index), self.fmt)
+        tokens, answer_mask = generate_sequence(self.seq_length + 1, sample_rng(self.seed, self.stream, index),
+                                                self.fmt)
         return {
-            "tokens": text[:-1],
-            "labels": text[1:],
+            "tokens": tokens[:-1],
+            "labels": tokens[1:],
             "loss_mask": answer_mask[1:].astype(numpy.float32),
             "position_ids": numpy.arange(self.seq_length, dtype=numpy.int64),
         }

@@ -93,10 +93,9 @@ class DataSection:
 class RetrievalSection:
     """The synthetic key/value retrieval task of data.source=retrieval (megatron_nsa.eval.retrieval_task)."""
 
-    key_length: int = 4
-    key_alphabet_size: int = 16  # keys use the first N lowercase letters
-    value_length: int = 4  # decimal digits
-    query_fraction: float = 0.25  # share of lines that query an earlier key (the loss is on their values)
+    num_keys: int = 16384  # key token ids [258, 258 + num_keys): one fresh key per definition
+    num_values: int = 256  # value token ids right after the keys
+    query_fraction: float = 0.25  # share of records that query an earlier key (the loss is on their values)
 
 
 @dataclasses.dataclass
@@ -337,12 +336,14 @@ def check_fields(recipe: Recipe) -> None:
     if opt.min_lr > opt.lr:
         raise RecipeError(f"optimizer.min_lr={opt.min_lr} must be <= optimizer.lr={opt.lr}")
     if recipe.data.source == "retrieval":
-        from megatron_nsa.eval.retrieval_task import check_settings
+        from megatron_nsa.eval.retrieval_task import RetrievalFormat, check_key_space, check_settings
 
         if recipe.data.tokenizer != "bytes":
             raise RecipeError(f"data.source=retrieval needs data.tokenizer=bytes, got {recipe.data.tokenizer!r}")
         try:
             check_settings(recipe.retrieval)
+            check_key_space(RetrievalFormat.of(recipe.retrieval), recipe.data.seq_length + 1,
+                            "data.seq_length (+1 for the labels)")
         except ValueError as err:
             raise RecipeError(str(err)) from None
     if recipe.data.source == "indexed" and not recipe.data.paths:

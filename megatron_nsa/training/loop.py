@@ -25,7 +25,7 @@ from .metrics import GateMonitor, Metrics, model_flops_per_token
 from .model import build_model
 from .optimizer import build_optimizer, build_scheduler
 from .parallel import Launch, connect_schedule, forward_backward_function, initialize, wrap_model
-from .tokenizer import build_tokenizer
+from .tokenizer import recipe_tokenizer
 
 
 @dataclasses.dataclass
@@ -92,7 +92,7 @@ def mean_loss(reports: List[dict], device: torch.device) -> Optional[float]:
 def train(recipe: Recipe) -> RunSummary:
     # ---- set-up: every check that can fail does so before the first step -------------------------
     launch = initialize(recipe)
-    tokenizer = build_tokenizer(recipe.data.tokenizer)
+    tokenizer = recipe_tokenizer(recipe)
     core_model = build_model(recipe, tokenizer.vocab_size, launch.on_cuda, launch.bf16)
     model = wrap_model(core_model, recipe, launch)
     optimizer = build_optimizer(recipe, [model], launch.on_cuda, launch.bf16)

@@ -2,6 +2,7 @@
 
 `bytes`: every UTF-8 byte is a token (0..255), 256 ends a document: no vocabulary file, no download.
 Any other name is the path of a locally installed Hugging Face tokenizer directory (needs `transformers`).
+`recipe_tokenizer` adds the retrieval task's key and value ids after the bytes for data.source=retrieval.
 """
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ from typing import List
 import numpy
 
 
-class ByteTokenizer:
-    """Byte-level tokenizer: token = byte value, 256 ends a document, 257 pads (never in the data)."""
+BYTE_VOCAB_SIZE = 258  # 256 bytes, end of document, padding
 
-    vocab_size = 258
+
+class ByteTokenizer:
+    """Byte-level tokenizer: token = byte value, 256 ends a document, 257 pads (never in the data);
+    `reserved_ids` more ids from 258 on that text never produces (the retrieval task's keys and values)."""
+
     eod = 256
     pad = 257
 
-    def __init__(self):
+    def __init__(self, reserved_ids: int = 0):
+        self.vocab_size = BYTE_VOCAB_SIZE + reserved_ids
         self.unique_identifiers = {"class": "ByteTokenizer", "vocab_size": self.vocab_size}
 
     def tokenize(self, text: str) -> numpy.ndarray:
@@ -65,6 +70,16 @@ class HFTokenizer:
 def build_tokenizer(name: str):
     """'bytes' -> ByteTokenizer; anything else is a local Hugging Face tokenizer directory."""
     return ByteTokenizer() if name == "bytes" else HFTokenizer(name)
+
+
+def recipe_tokenizer(recipe):
+    """The tokenizer a recipe's model is built for: data.tokenizer, and for data.source=retrieval the byte
+    tokenizer with the task's key and value ids reserved (the recipe checks make sure it is bytes)."""
+    if recipe.data.source != "retrieval":
+        return build_tokenizer(recipe.data.tokenizer)
+    from megatron_nsa.eval.retrieval_task import RetrievalFormat
+
+    return ByteTokenizer(reserved_ids=RetrievalFormat.of(recipe.retrieval).vocab_size - BYTE_VOCAB_SIZE)
 
 
 def token_dtype(vocab_size: int):

@@ -13,10 +13,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
-# configs/tiny.yaml shrunk to seconds on the retrieval task: 2 layers, 64 tokens, learned positions for 256.
+# configs/tiny.yaml shrunk to seconds on the retrieval task: 2 layers, 64 tokens, learned positions for 256,
+# keys for needles of up to 256 tokens.
 TINY_RUN = [
     "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
-    "model.max_position_embeddings=256", "data.source=retrieval", "data.seq_length=64", "nsa.compress_block_size=8",
+    "model.max_position_embeddings=256", "data.source=retrieval", "data.seq_length=64", "retrieval.num_keys=128",
+    "retrieval.num_values=32", "nsa.compress_block_size=8",
     "nsa.compress_stride=4", "nsa.select_block_size=16", "nsa.select_count=3", "nsa.window_size=16",
     "training.micro_batch_size=2", "training.global_batch_size=4", f"training.train_steps={STEPS}",
     "training.eval_interval=2", "training.eval_steps=2", "optimizer.warmup_steps=1", "optimizer.lr=3e-3",
@@ -125,8 +127,12 @@ def test_missing_dataset_files_are_named(trained, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--depths", 0, 120], "--depths 120 is not allowed: depths are percentages from 0 to 100"),
-    (["--lengths", 20], "--lengths 20 is not allowed: a sample needs at least 29 tokens"),
-    (["--lengths", 512], "--lengths 512 is not allowed: the model has learned positions for 256 tokens"),
+    (["--lengths", 7], "--lengths 7 is not allowed: a sample needs at least 8 tokens"),
+    (["--lengths", 64, 258], "retrieval.num_keys=128 is too small for the needle length (--lengths)=258"),
+    (["retrieval.num_keys=500"], "retrieval.num_keys=500 and num_values=32 need token ids up to 789, but the "
+                                 "checkpoint's vocabulary was built for num_keys=128 and num_values=32"),
+    (["--lengths", 300, "--format", "text"], "--lengths 300 is not allowed: the model has learned positions for 256 "
+                                             "tokens"),
     (["--lengths", 64, 128, "--samples", 1, 2, 3], "--samples 1 2 3 is not allowed: give one count, or one per length"),
     (["--samples", 0], "--samples 0 is not allowed: it must be >= 1"),
     (["training.lr=1"], "unknown recipe key 'training.lr'"),

@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy
 import pytest
 
-from megatron_nsa.eval.haystack import (check_depths, check_lengths, minimum_length, needle_samples, place_needle)
-from megatron_nsa.eval.retrieval_task import RetrievalFormat
+from megatron_nsa.eval.haystack import (TEXT_VALUE_DIGITS, check_depths, check_grid_lengths, check_lengths,
+                                        minimum_length, needle_samples, place_needle)
+from megatron_nsa.eval.retrieval_task import FIRST_KEY_ID, RetrievalFormat
 
-FMT = RetrievalFormat()
+FMT = RetrievalFormat(num_keys=3000, num_values=100)
 
 
 def text_of(tokens) -> str:
@@ -30,24 +31,25 @@ def test_text_needle_sits_at_the_exact_depth(length, depth):
     tail = text_of(sample.tokens[-(sample.needle_length - 2):])
     assert tail == f"\nThe secret code of {key} is {value}"  # question, then the answer tokens
     assert text_of(sample.tokens[sample.answer_positions]) == value
-    assert sample.answer_positions.tolist() == list(range(length - FMT.value_length, length))
+    assert sample.answer_positions.tolist() == list(range(length - TEXT_VALUE_DIGITS, length))
 
 
-@pytest.mark.parametrize("length", [64, 250, 4097])
+@pytest.mark.parametrize("length", [64, 251, 4097])
 @pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.77, 1.0])
-def test_retrieval_needle_is_a_definition_at_the_nearest_line_start(length, depth):
+def test_retrieval_needle_is_a_definition_at_the_nearest_record_start(length, depth):
     (sample,) = needle_samples("retrieval", length, depth, 1, seed=0, fmt=FMT)
-    line = FMT.line_length
-    assert sample.tokens.shape == (length,)
-    assert abs(sample.needle_start - depth * sample.filler_length) <= line / 2 + 1
-    needle = text_of(sample.tokens[sample.needle_start:sample.needle_start + line])
-    key, value = needle[:FMT.key_length], needle[FMT.key_length + 1:-1]
-    assert needle == f"{key}:{value}\n"
-    assert text_of(sample.tokens[-(FMT.key_length + 1 + FMT.value_length):]) == f"{key}?{value}"
-    assert text_of(sample.tokens[sample.answer_positions]) == value
-    # the needle is the only line that mentions its key, and it starts a line (or the sample)
-    assert text_of(sample.tokens).count(key) == 2
-    assert sample.needle_start == 0 or sample.tokens[sample.needle_start - 1] == ord("\n")
+    tokens = sample.tokens
+    assert tokens.shape == (length,) and sample.filler_length == length - 4 and sample.needle_length == 2
+    assert abs(sample.needle_start - depth * sample.filler_length) <= 1.5  # records are 2 tokens
+    key, value = tokens[sample.needle_start:sample.needle_start + 2]
+    assert FIRST_KEY_ID <= key < FMT.first_value_id <= value < FMT.vocab_size
+    assert tokens[-2:].tolist() == [key, value] and sample.answer_positions.tolist() == [length - 1]
+    assert numpy.flatnonzero(tokens == key).tolist() == [sample.needle_start, length - 2]  # no other mention
+    # the needle starts a record: the filler keeps its key, value alternation around it
+    keys = (tokens >= FIRST_KEY_ID) & (tokens < FMT.first_value_id)
+    filler = numpy.delete(keys[:-2], [sample.needle_start, sample.needle_start + 1])
+    assert (filler[1:] != filler[:-1]).all()
+    assert sample.needle_start == 0 or not keys[sample.needle_start - 1]
 
 
 def test_samples_are_reproducible_and_differ_across_cells():
@@ -79,9 +81,14 @@ def test_bad_depths(depths, message):
 
 
 def test_bad_lengths():
-    shortest = minimum_length(FMT, "retrieval")
+    shortest = minimum_length("retrieval")
     check_lengths([shortest], shortest)
     needle_samples("retrieval", shortest, 0.5, 1, seed=0, fmt=FMT)
+    check_grid_lengths([shortest, 6000], "retrieval", FMT)
+    with pytest.raises(ValueError, match=r"retrieval.num_keys=3000 is too small for the needle length \(--lengths\)="
+                                         r"6002: .* raise retrieval.num_keys to at least 3001"):
+        check_grid_lengths([500, 6002], "retrieval", FMT)
+    check_grid_lengths([6002], "text", FMT)  # text needles use no keys
     with pytest.raises(ValueError, match=rf"--lengths {shortest - 1} is not allowed: a sample needs at least "
                                          rf"{shortest} tokens"):
         check_lengths([100, shortest - 1], shortest)

@@ -1,113 +1,117 @@
-"""The synthetic retrieval task: deterministic, answerable, loss mask on the queried values only."""
+"""The synthetic retrieval task: one-token keys and values in reserved ids, fresh definitions, queries whose
+targets are the defined values, loss mask on them only, determinism, vocabulary and key-space checks."""
 from __future__ import annotations
 
 import numpy
 import pytest
 
-from megatron_nsa.eval.retrieval_task import (RetrievalDataset, RetrievalFormat, TRAIN_STREAM, VALID_STREAM,
-                                              check_settings, generate_lines, generate_sequence)
+from megatron_nsa.eval.retrieval_task import (FIRST_KEY_ID, RetrievalDataset, RetrievalFormat, TRAIN_STREAM,
+                                              VALID_STREAM, check_key_space, check_settings, generate_records,
+                                              generate_sequence, sample_rng)
 from megatron_nsa.training.config import RecipeError, load_recipe
+from megatron_nsa.training.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer, recipe_tokenizer
 
-FMT = RetrievalFormat(key_length=3, key_alphabet_size=8, value_length=5, query_fraction=0.4)
-
-
-def parse(lines: numpy.ndarray, fmt: RetrievalFormat):
-    """[n, line_length] bytes -> [(key, separator, value)]."""
-    k = fmt.key_length
-    return [(bytes(line[:k]).decode(), chr(line[k]), bytes(line[k + 1:-1]).decode()) for line in lines]
+FMT = RetrievalFormat(num_keys=600, num_values=37, query_fraction=0.4)
 
 
-def test_queries_ask_earlier_keys_and_definitions_are_fresh():
-    lines, answer_mask = generate_lines(400, numpy.random.default_rng(7), FMT)
-    records = parse(lines, FMT)
-    defined = {}
-    queries = 0
-    for index, (key, separator, value) in enumerate(records):
-        assert len(key) == FMT.key_length and set(key) <= set("abcdefgh")
-        assert len(value) == FMT.value_length and value.isdigit()
-        assert lines[index, -1] == ord("\n")
-        if separator == ":":
-            assert key not in defined, f"line {index} redefines {key}"
-            defined[key] = value
-            assert not answer_mask[index].any()
-        else:
-            assert separator == "?" and defined[key] == value  # the answer is the value defined earlier
+def test_definitions_are_fresh_and_queries_answer_the_defined_value():
+    tokens, answer_mask = generate_records(500, numpy.random.default_rng(7), FMT)
+    keys, values = tokens[:, 0], tokens[:, 1]
+    assert ((FIRST_KEY_ID <= keys) & (keys < FMT.first_value_id)).all()
+    assert ((FMT.first_value_id <= values) & (values < FMT.vocab_size)).all()
+    defined, queries = {}, 0
+    for index, (key, value) in enumerate(zip(keys.tolist(), values.tolist())):
+        assert not answer_mask[index, 0]
+        if answer_mask[index, 1]:  # a query: its key was defined earlier, its target is that value
+            assert defined[key] == value
             queries += 1
-            assert answer_mask[index].tolist() == [False] * (FMT.key_length + 1) + [True] * FMT.value_length + [False]
-    assert records[0][1] == ":"
-    assert 0.3 < queries / len(records) < 0.5  # query_fraction 0.4
+        else:
+            assert key not in defined, f"record {index} redefines key {key}"
+            defined[key] = value
+    assert not answer_mask[0, 1]
+    assert 0.3 < queries / len(keys) < 0.5  # query_fraction 0.4
+    assert len(set(defined.values())) > FMT.num_values // 2  # values are drawn, not constant
 
 
 def test_queries_reach_back_across_the_whole_context():
-    lines, _ = generate_lines(800, numpy.random.default_rng(3), RetrievalFormat())
-    where = {}
-    distances = []
-    for index, (key, separator, _) in enumerate(parse(lines, RetrievalFormat())):
-        if separator == ":":
-            where[key] = index
-        else:
+    tokens, answer_mask = generate_records(2000, numpy.random.default_rng(3), RetrievalFormat())
+    where, distances = {}, []
+    for index, key in enumerate(tokens[:, 0].tolist()):
+        if answer_mask[index, 1]:
             distances.append(index - where[key])
-    assert min(distances) >= 1 and max(distances) > 500
+        else:
+            where[key] = index
+    assert min(distances) == 1 and max(distances) > 1500
 
 
 def test_sequences_are_deterministic_per_seed_stream_and_index():
-    dataset = RetrievalDataset(RetrievalFormat(), seq_length=300, num_samples=10, seed=5, stream=TRAIN_STREAM)
-    again = RetrievalDataset(RetrievalFormat(), seq_length=300, num_samples=10, seed=5, stream=TRAIN_STREAM)
+    def item(seed, stream, index):
+        return RetrievalDataset(FMT, seq_length=301, num_samples=10, seed=seed, stream=stream)[index]
+
+    first = item(5, TRAIN_STREAM, 4)
     for key in ("tokens", "labels", "loss_mask", "position_ids"):
-        numpy.testing.assert_array_equal(dataset[4][key], again[4][key])
-    assert not numpy.array_equal(dataset[4]["tokens"], dataset[5]["tokens"])
-    validation = RetrievalDataset(RetrievalFormat(), seq_length=300, num_samples=10, seed=5, stream=VALID_STREAM)
-    assert not numpy.array_equal(dataset[4]["tokens"], validation[4]["tokens"])
-    other_seed = RetrievalDataset(RetrievalFormat(), seq_length=300, num_samples=10, seed=6, stream=TRAIN_STREAM)
-    assert not numpy.array_equal(dataset[4]["tokens"], other_seed[4]["tokens"])
+        numpy.testing.assert_array_equal(first[key], item(5, TRAIN_STREAM, 4)[key])
+    for other in (item(5, TRAIN_STREAM, 5), item(5, VALID_STREAM, 4), item(6, TRAIN_STREAM, 4)):
+        assert not numpy.array_equal(first["tokens"], other["tokens"])
 
 
-def test_items_are_shifted_and_masked_on_answer_labels():
-    fmt = RetrievalFormat()
-    item = RetrievalDataset(fmt, seq_length=257, num_samples=3, seed=1, stream=TRAIN_STREAM)[2]
-    assert all(item[k].shape == (257,) for k in ("tokens", "labels", "loss_mask", "position_ids"))
+@pytest.mark.parametrize("seq_length", [256, 257])
+def test_items_are_shifted_and_masked_on_query_values(seq_length):
+    item = RetrievalDataset(FMT, seq_length=seq_length, num_samples=3, seed=1, stream=TRAIN_STREAM)[2]
+    assert all(item[k].shape == (seq_length,) for k in ("tokens", "labels", "loss_mask", "position_ids"))
     numpy.testing.assert_array_equal(item["tokens"][1:], item["labels"][:-1])
-    numpy.testing.assert_array_equal(item["position_ids"], numpy.arange(257))
-    text = numpy.concatenate([item["tokens"], item["labels"][-1:]])
-    _, answer_mask = generate_sequence(258, numpy.random.default_rng([1, TRAIN_STREAM, 2]), fmt)
+    numpy.testing.assert_array_equal(item["position_ids"], numpy.arange(seq_length))
+    tokens, answer_mask = generate_sequence(seq_length + 1, sample_rng(1, TRAIN_STREAM, 2), FMT)
     numpy.testing.assert_array_equal(item["loss_mask"], answer_mask[1:].astype(numpy.float32))
     assert item["loss_mask"].sum() > 0
-    # every masked label is a digit right after '?' + digits: the value of a query line
-    for position in numpy.flatnonzero(item["loss_mask"]):
-        target = position + 1  # index of the label in `text`
-        line_start = target - (target % fmt.line_length)
-        assert text[line_start + fmt.key_length] == ord("?") and chr(text[target]).isdigit()
+    for position in numpy.flatnonzero(item["loss_mask"]):  # input: a key seen before; label: its value
+        key, label = item["tokens"][position], item["labels"][position]
+        assert FIRST_KEY_ID <= key < FMT.first_value_id and label >= FMT.first_value_id
+        earlier = numpy.flatnonzero(tokens[:position] == key)
+        assert len(earlier) and tokens[earlier[0] + 1] == label
 
 
 def test_excluded_key_never_appears():
-    fmt = RetrievalFormat(key_length=3, key_alphabet_size=4, query_fraction=0.75)  # 64 keys, most of them defined
+    fmt = RetrievalFormat(num_keys=80, num_values=5, query_fraction=0.5)
     for seed in range(5):
-        lines, _ = generate_lines(200, numpy.random.default_rng(seed), fmt, exclude_key=21)  # key 21 = "bbb"
-        keys = {key for key, _, _ in parse(lines, fmt)}
-        assert "bbb" not in keys and len(keys) > 32
+        tokens, _ = generate_records(120, numpy.random.default_rng(seed), fmt, exclude_key=FIRST_KEY_ID + 21)
+        assert FIRST_KEY_ID + 21 not in tokens[:, 0] and len(set(tokens[:, 0].tolist())) > 40
 
 
-def test_too_few_keys_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"needs \d+ distinct keys but retrieval.key_length=1 .* gives only 3"):
-        RetrievalDataset(RetrievalFormat(key_length=1, key_alphabet_size=3), seq_length=400, num_samples=1, seed=0,
-                         stream=TRAIN_STREAM)
+def test_too_small_a_key_range_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"retrieval.num_keys=100 is too small for data.seq_length \(\+1 for the "
+                                         r"labels\)=400: .* up to 200 definitions"):
+        RetrievalDataset(RetrievalFormat(num_keys=100), seq_length=399, num_samples=1, seed=0, stream=TRAIN_STREAM)
+    check_key_space(RetrievalFormat(num_keys=200), 400, "length")
+    with pytest.raises(ValueError, match=r"needs \d+ distinct keys but retrieval.num_keys=20 gives only 19"):
+        generate_records(40, numpy.random.default_rng(0), RetrievalFormat(num_keys=20, query_fraction=0.01),
+                         exclude_key=FIRST_KEY_ID)
 
 
 @pytest.mark.parametrize("field, value, allowed", [
-    ("key_alphabet_size", 27, r"\[2, 26\]"), ("key_length", 0, r"\[1, 16\]"), ("value_length", 2.5, r"\[1, 32\]"),
+    ("num_keys", 1, r"\[2, 1048576\]"), ("num_values", 2.5, r"\[2, 65536\]"), ("num_values", True, r"\[2, 65536\]"),
     ("query_fraction", 1.0, r"\(0, 1\)"), ("query_fraction", 0, r"\(0, 1\)"),
 ])
 def test_bad_settings_name_field_value_and_range(field, value, allowed):
-    settings = RetrievalFormat(**{field: value})
     with pytest.raises(ValueError, match=rf"retrieval.{field}={value!r} is not allowed: .*{allowed}"):
-        check_settings(settings)
+        check_settings(RetrievalFormat(**{field: value}))
 
 
-def test_recipe_selects_the_task_and_checks_it():
-    recipe = load_recipe(None, ["data.source=retrieval", "retrieval.value_length=6", "retrieval.query_fraction=0.5"])
-    assert recipe.data.source == "retrieval"
-    assert RetrievalFormat.of(recipe.retrieval) == RetrievalFormat(value_length=6, query_fraction=0.5)
+def test_recipe_reserves_the_ids_in_the_model_vocabulary():
+    recipe = load_recipe(None, ["data.source=retrieval", "retrieval.num_keys=1000", "retrieval.num_values=24",
+                                "retrieval.query_fraction=0.5", "data.seq_length=512"])
+    fmt = RetrievalFormat.of(recipe.retrieval)
+    assert fmt == RetrievalFormat(num_keys=1000, num_values=24, query_fraction=0.5)
+    tokenizer = recipe_tokenizer(recipe)
+    assert tokenizer.vocab_size == fmt.vocab_size == BYTE_VOCAB_SIZE + 1024 and tokenizer.eod == 256
+    assert recipe_tokenizer(load_recipe(None, ["data.source=mock"])).vocab_size == ByteTokenizer().vocab_size
+
+
+def test_recipe_checks():
     with pytest.raises(RecipeError, match="retrieval.query_fraction=2.0 is not allowed"):
         load_recipe(None, ["data.source=retrieval", "retrieval.query_fraction=2"])
     with pytest.raises(RecipeError, match="data.source=retrieval needs data.tokenizer=bytes"):
         load_recipe(None, ["data.source=retrieval", "data.tokenizer=/some/hf/tokenizer"])
+    with pytest.raises(RecipeError, match=r"retrieval.num_keys=4000 is too small for data.seq_length \(\+1 for the "
+                                          r"labels\)=8193: .* raise retrieval.num_keys to at least 4097"):
+        load_recipe(None, ["data.source=retrieval", "data.seq_length=8192", "retrieval.num_keys=4000"])
