@@ -2,7 +2,7 @@
 budget, dense on NSA's step count, evaluation of both checkpoints, report).
 
 About a minute on 2 CPU cores (three training processes and the evaluation), beyond this directory's share
-of the CI time: it runs when MEGATRON_NSA_EXPERIMENT_TESTS=1.
+of the CI time: it runs when MEGATRON_NSA_EXPERIMENT_TESTS=1. Bad settings fail before any training (fast).
 """
 from __future__ import annotations
 
@@ -41,3 +41,13 @@ def test_tiny_retrieval_experiment(tmp_path):
     report = (tmp_path / "retrieval" / "nsa_vs_dense_retrieval_cpu.md").read_text()
     assert "| NSA |" in report and "| dense |" in report and "Needle accuracy, NSA" in report
     assert not (tmp_path / "retrieval" / "nsa" / "checkpoints").exists()  # removed without --keep-checkpoints
+
+
+def test_needle_lengths_past_the_key_range_fail_before_training(tmp_path):
+    command = [sys.executable, str(REPO / "benchmarks" / "nsa_vs_dense.py"), "--experiment", "retrieval", "--tiny",
+               "--out", str(tmp_path), "--eval-lengths", "128", "1024"]
+    done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "retrieval.num_keys=256 is too small for the needle length (--lengths)=1024" in done.stderr
+    assert not (tmp_path / "retrieval" / "calibration").exists()  # nothing was trained
