@@ -47,11 +47,13 @@ def _visible(t, key_pos, WINDOW: tl.constexpr):
 
 
 @triton.jit
-def _unmasked_key_tiles(j_lo, j_hi, t_first, t_last, k_len, k_first, KEY_STRIDE: tl.constexpr,
-                        KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A query tile (positions t_first..t_last) walks keys [j_lo, j_hi) in tiles of BLOCK_N from j_lo.
-    Returns (a, b, n): tiles [a, b) hold only keys every query of the tile sees (no mask needed),
-    n tiles in all; tiles before a and from b on need the mask."""
+def _key_walk(t_first, t_last, k_len, k_first, KEY_STRIDE: tl.constexpr, KEY_OFFSET: tl.constexpr,
+              WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keys a query tile (positions t_first..t_last) walks: [j_lo, j_hi) in tiles of BLOCK_N from j_lo.
+    Returns (j_lo, j_hi, a, b, n): tiles [a, b) hold only keys every query of the tile sees (no mask
+    needed), n tiles in all; tiles before a and from b on need the mask."""
+    j_lo = tl.maximum(_first_key(t_first, KEY_STRIDE, KEY_OFFSET, WINDOW) - k_first, 0)
+    j_hi = _end_key(t_last, k_len + k_first, KEY_STRIDE, KEY_OFFSET) - k_first
     num_tiles = tl.maximum(tl.cdiv(j_hi - j_lo, BLOCK_N), 0)
     seen_by_all_hi = _end_key(t_first, k_len + k_first, KEY_STRIDE, KEY_OFFSET) - k_first  # keys at or before t_first
     tile_a = 0
@@ -59,7 +61,7 @@ def _unmasked_key_tiles(j_lo, j_hi, t_first, t_last, k_len, k_first, KEY_STRIDE:
         seen_by_all_lo = tl.maximum(_first_key(t_last, KEY_STRIDE, KEY_OFFSET, WINDOW) - k_first, 0)
         tile_a = tl.minimum(tl.cdiv(tl.maximum(seen_by_all_lo - j_lo, 0), BLOCK_N), num_tiles)
     tile_b = tl.maximum(seen_by_all_hi - j_lo, 0) // BLOCK_N
-    return tile_a, tl.minimum(tl.maximum(tile_b, tile_a), num_tiles), num_tiles
+    return j_lo, j_hi, tile_a, tl.minimum(tl.maximum(tile_b, tile_a), num_tiles), num_tiles
 
 
 @triton.jit
@@ -99,6 +101,21 @@ def _fwd_step(q_a, q_b, m_i, l_i, acc, K, V, k_doc, k_first, kv_head, skt, skh, 
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _query_rows(Q, DO, LSE, DELTA, rows64, row_ok, head, sqt, sqh, sdot, sdoh, slt, slh, DK: tl.constexpr,
+                DV: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """What a backward needs of query rows: Q parts, dO, lse in log2 units (+inf where a row has no key)
+    and delta; zeros where not row_ok."""
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_a, q_b = load_qk(Q + rows64 * sqt + head * sqh, row_ok, DK, DK_A, DK_B)
+    do = tl.load(DO + rows64[:, None] * sdot + head * sdoh + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + rows64 * slt + head * slh, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + rows64 * slt + head * slh, mask=row_ok, other=0.0)
+    return q_a, q_b, do, lse2, delta
 
 
 @triton.jit
@@ -151,12 +168,8 @@ def _band_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    t_first = start - q_doc + q_pos0
-    t_last = end - 1 - q_doc + q_pos0
-    j_lo = tl.maximum(_first_key(t_first, KEY_STRIDE, KEY_OFFSET, WINDOW) - k_first, 0)
-    j_hi = _end_key(t_last, k_len + k_first, KEY_STRIDE, KEY_OFFSET) - k_first
-    tile_a, tile_b, num_tiles = _unmasked_key_tiles(j_lo, j_hi, t_first, t_last, k_len, k_first,
-                                                    KEY_STRIDE, KEY_OFFSET, WINDOW, BLOCK_N)
+    j_lo, j_hi, tile_a, tile_b, num_tiles = _key_walk(start - q_doc + q_pos0, end - 1 - q_doc + q_pos0, k_len,
+                                                      k_first, KEY_STRIDE, KEY_OFFSET, WINDOW, BLOCK_N)
     for tile_j in range(0, tile_a):
         m_i, l_i, acc = _fwd_step(q_a, q_b, m_i, l_i, acc, K, V, k_doc, k_first, kv_head, skt, skh, svt, svh,
                                   j_lo + tile_j * BLOCK_N, j_hi, t, qk_scale, KEY_STRIDE, KEY_OFFSET, WINDOW,
@@ -202,34 +215,25 @@ def _band_bwd_dq(
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     t = rows - q_doc + q_pos0
-    offs_dv = tl.arange(0, BLOCK_DV)
     rows64 = rows.to(tl.int64)
-    q_a, q_b = load_qk(Q + rows64 * sqt + head * sqh, row_ok, DK, DK_A, DK_B)
-    do = tl.load(DO + rows64[:, None] * sdot + head * sdoh + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(LSE + rows64 * slt + head * slh, mask=row_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + rows64 * slt + head * slh, mask=row_ok, other=0.0)
+    q_a, q_b, do, lse2, delta = _query_rows(Q, DO, LSE, DELTA, rows64, row_ok, head, sqt, sqh, sdot, sdoh, slt, slh,
+                                            DK, DV, DK_A, DK_B, BLOCK_DV)
 
     dq_a, dq_b = zeros_qk(BLOCK_M, DK_A, DK_B)
-    t_first = start - q_doc + q_pos0
-    t_last = end - 1 - q_doc + q_pos0
-    j_lo = tl.maximum(_first_key(t_first, KEY_STRIDE, KEY_OFFSET, WINDOW) - k_first, 0)
-    j_hi = _end_key(t_last, k_len + k_first, KEY_STRIDE, KEY_OFFSET) - k_first
-    tile_a, tile_b, num_tiles = _unmasked_key_tiles(j_lo, j_hi, t_first, t_last, k_len, k_first,
-                                                    KEY_STRIDE, KEY_OFFSET, WINDOW, BLOCK_N)
+    j_lo, j_hi, tile_a, tile_b, num_tiles = _key_walk(start - q_doc + q_pos0, end - 1 - q_doc + q_pos0, k_len,
+                                                      k_first, KEY_STRIDE, KEY_OFFSET, WINDOW, BLOCK_N)
     for tile_j in range(0, tile_a):
-        dq_a, dq_b = _dq_step(q_a, q_b, do, lse2, delta, dq_a, dq_b, K, V, k_doc, k_first, kv_head, skt, skh, svt, svh,
-                              j_lo + tile_j * BLOCK_N, j_hi, t,
-                              qk_scale, KEY_STRIDE, KEY_OFFSET, WINDOW, DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, True)
+        dq_a, dq_b = _dq_step(q_a, q_b, do, lse2, delta, dq_a, dq_b, K, V, k_doc, k_first, kv_head, skt, skh,
+                              svt, svh, j_lo + tile_j * BLOCK_N, j_hi, t, qk_scale, KEY_STRIDE, KEY_OFFSET, WINDOW,
+                              DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, True)
     for tile_j in range(tile_a, tile_b):
-        dq_a, dq_b = _dq_step(q_a, q_b, do, lse2, delta, dq_a, dq_b, K, V, k_doc, k_first, kv_head, skt, skh, svt, svh,
-                              j_lo + tile_j * BLOCK_N, j_hi, t,
-                              qk_scale, KEY_STRIDE, KEY_OFFSET, WINDOW, DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, False)
+        dq_a, dq_b = _dq_step(q_a, q_b, do, lse2, delta, dq_a, dq_b, K, V, k_doc, k_first, kv_head, skt, skh,
+                              svt, svh, j_lo + tile_j * BLOCK_N, j_hi, t, qk_scale, KEY_STRIDE, KEY_OFFSET, WINDOW,
+                              DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, False)
     for tile_j in range(tile_b, num_tiles):
-        dq_a, dq_b = _dq_step(q_a, q_b, do, lse2, delta, dq_a, dq_b, K, V, k_doc, k_first, kv_head, skt, skh, svt, svh,
-                              j_lo + tile_j * BLOCK_N, j_hi, t,
-                              qk_scale, KEY_STRIDE, KEY_OFFSET, WINDOW, DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, True)
+        dq_a, dq_b = _dq_step(q_a, q_b, do, lse2, delta, dq_a, dq_b, K, V, k_doc, k_first, kv_head, skt, skh,
+                              svt, svh, j_lo + tile_j * BLOCK_N, j_hi, t, qk_scale, KEY_STRIDE, KEY_OFFSET, WINDOW,
+                              DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, True)
     store_qk(DQ + rows64 * sdqt + head * sdqh, dq_a * sm_scale, dq_b * sm_scale, row_ok, DK, DK_A, DK_B)
 
 
@@ -258,13 +262,8 @@ def _dkdv_step(k_a, k_b, v, key_pos, key_ok, dk_a, dk_b, dv, Q, DO, LSE, DELTA, 
     t = t0 + tl.arange(0, BLOCK_M)
     row_ok = t < t_hi
     rows64 = (q_doc + t - q_pos0).to(tl.int64)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q_a, q_b = load_qk(Q + rows64 * sqt + head * sqh, row_ok, DK, DK_A, DK_B)
-    do = tl.load(DO + rows64[:, None] * sdot + head * sdoh + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(LSE + rows64 * slt + head * slh, mask=row_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + rows64 * slt + head * slh, mask=row_ok, other=0.0)
+    q_a, q_b, do, lse2, delta = _query_rows(Q, DO, LSE, DELTA, rows64, row_ok, head, sqt, sqh, sdot, sdoh, slt, slh,
+                                            DK, DV, DK_A, DK_B, BLOCK_DV)
     s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
