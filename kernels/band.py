@@ -8,6 +8,9 @@ A query with no visible key gets output 0 and lse -inf.
 
 Forward and dQ: one program per (query head, query tile), the last tiles first. dK/dV: one program
 per (KV head, key tile), looping over the G query heads of the group, so no atomics are needed.
+Each program walks its tiles in three runs: masked, unmasked (tiles every row of the program sees
+whole: `_key_walk`, `_unmasked_query_tiles`), masked; only tiles on the causal edge, the window's far
+edge or a segment end pay for the visibility mask.
 Q and K rows (and dQ, dK) are handled as two power-of-two column parts when d_k is not a power of
 two (kernels/qk_parts.py). Tile sizes, warps and stages come from kernels/tuning.py.
 """
