@@ -215,27 +215,25 @@ class _SelectionRun:
         pending, self.pending = self.pending, None
         return pending if pending is not None else self.start(0, kind)
 
-    def attend(self, q_group: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, idx_group: torch.Tensor):
-        """Selected attention of one KV-head group, per segment. q_group [B, 2c, G*h, d_k]; k_full
-        [S, B, h, d_k] in global order; idx_group [B, 2c, h, n]. Returns [(local slice, row, out)]."""
-        results = []
-        chunk_len = self.plan.chunk_len
+    def segments(self):
+        """Per segment: (segment, its queries' rows in the local [2c] axis, its document's rows in the
+        global [S] axis)."""
         for seg in self.plan.segments:
-            rows = seg.local_slice(chunk_len)
-            doc = slice(seg.doc_start, seg.doc_end)
-            out, _ = self.branches.selected_attention(
-                q_group[seg.row, rows], k_full[doc, seg.row], v_full[doc, seg.row], idx_group[seg.row, rows],
-                seg.query_positions(q_group.device), self.config, self.scale)
-            results.append((rows, seg.row, out))
-        return results
+            yield seg, seg.local_slice(self.plan.chunk_len), slice(seg.doc_start, seg.doc_end)
+
+    def attend(self, seg, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Selected attention of one segment's queries q [Tq, G*h, d_k] (block ids idx [Tq, h, n]) over
+        its document's k [T_doc, h, d_k], v [T_doc, h, d_v] of one KV-head group. Returns [Tq, G*h, d_v]."""
+        out, _ = self.branches.selected_attention(q, k, v, idx, seg.query_positions(q.device), self.config, self.scale)
+        return out
 
 
 class _AllGatherSelected(torch.autograd.Function):
     """Selection branch over the gathered sequence, head group by head group.
 
     Forward waits for group g's gather and starts group g+1's before attending. The gathered K/V
-    are not kept: backward gathers them again, recomputes the group's attention, and
-    reduce-scatters the gathered dK/dV back to their owners.
+    are not kept: backward gathers them again, recomputes the group's attention segment by
+    segment, and reduce-scatters the gathered dK/dV back to their owners.
     """
 
     @staticmethod
@@ -251,8 +249,9 @@ class _AllGatherSelected(torch.autograd.Function):
             if g + 1 < len(groups):
                 pending = run.start(g + 1, "selection fwd")
             heads = slice(h0 * group_size, h1 * group_size)
-            for rows, row, seg_out in run.attend(q[:, :, heads], k_full, v_full, idx[:, :, h0:h1]):
-                out[row, rows, heads] = seg_out
+            for seg, rows, doc in run.segments():
+                out[seg.row, rows, heads] = run.attend(seg, q[seg.row, rows, heads], k_full[doc, seg.row],
+                                                       v_full[doc, seg.row], idx[seg.row, rows, h0:h1])
             del k_full, v_full
         return out
 
@@ -270,22 +269,25 @@ class _AllGatherSelected(torch.autograd.Function):
             if g + 1 < len(run.head_groups):
                 pending = run.start(g + 1, "selection bwd gather")
             heads = slice(h0 * group_size, h1 * group_size)
-            with torch.enable_grad():
-                q_group = q[:, :, heads].detach().requires_grad_()
-                k_full.requires_grad_()
-                v_full.requires_grad_()
-                results = run.attend(q_group, k_full, v_full, idx[:, :, h0:h1])
-                outs = [out for _, _, out in results]
-                grads = [grad_out[row, rows, heads] for rows, row, _ in results]
-                dq, dk_full, dv_full = torch.autograd.grad(outs, (q_group, k_full, v_full), grads, allow_unused=True)
-            if dq is not None:
-                grad_q[:, :, heads] = dq
-            for grad_local, d_full in ((grad_k, dk_full), (grad_v, dv_full)):
-                if d_full is None:
-                    continue
-                mine = reduce_scatter_chunks(comm, layout, d_full, counts, chunk_len, "selection bwd reduce-scatter")
-                grad_local[:, :, h0:h1] = mine.transpose(0, 1)
+            grad_k_full, grad_v_full = torch.zeros_like(k_full), torch.zeros_like(v_full)  # [S, B, h, d]
+            for seg, rows, doc in run.segments():
+                # Each segment's slices are leaves of their own: autograd through indexing would build
+                # a zero-filled gradient of the whole q / k_full / v_full for every segment.
+                leaves = [x.detach().requires_grad_()
+                          for x in (q[seg.row, rows, heads], k_full[doc, seg.row], v_full[doc, seg.row])]
+                with torch.enable_grad():
+                    seg_out = run.attend(seg, *leaves, idx[seg.row, rows, h0:h1])
+                grads = torch.autograd.grad(seg_out, leaves, grad_out[seg.row, rows, heads], allow_unused=True)
+                # Accumulate: the rank's two chunks can hold two segments of one document, both reading its K/V.
+                totals = (grad_q[seg.row, rows, heads], grad_k_full[doc, seg.row], grad_v_full[doc, seg.row])
+                for total, part in zip(totals, grads):
+                    if part is not None:
+                        total += part
             del k_full, v_full
+            for grad_local, grad_full in ((grad_k, grad_k_full), (grad_v, grad_v_full)):
+                mine = reduce_scatter_chunks(comm, layout, grad_full, counts, chunk_len, "selection bwd reduce-scatter")
+                grad_local[:, :, h0:h1] = mine.transpose(0, 1)
+            del grad_k_full, grad_v_full
         return None, grad_q, grad_k, grad_v, None
 
 
