@@ -4,8 +4,9 @@ One program per (query tile, KV head). The tile's rows are (token, head) pairs f
 heads of the group, so Q is read once and one dot serves the whole group. The program walks the
 selection blocks in tiles of BS blocks; for each it recomputes the compressed probabilities from
 the compressed branch's lse, sums them over the group, maps them onto selection blocks by the
-overlap rule, and merges the tile into a running top-n kept in registers. No [T x blocks] score
-tensor is written: the only output is selected_block_idx [T, H_kv, n].
+overlap rule, and merges the tile into a running top-n kept in registers (by sorting, with no
+data-dependent loop). No [T x blocks] score tensor is written: the only output is
+selected_block_idx [T, H_kv, n].
 
 Ranking key (int64): float bits of the score << 32 | (2^31 - 1 - block), so that a larger score
 wins and, among equal scores, the lower block id wins. Forced blocks score +inf; blocks after
@@ -41,7 +42,7 @@ def _topk_kernel(
     G: tl.constexpr, HC: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     SLC_BLOCK: tl.constexpr, N_SELECT: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr,
     DK: tl.constexpr, BLOCK_T: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr, BS: tl.constexpr,
-    BN: tl.constexpr, NP: tl.constexpr,
+    BN: tl.constexpr,
 ):
     # The tile's rows are (token, head) pairs, token-major: BLOCK_T tokens x HC heads of the group, so
     # one dot serves every head and the group sum is a reshape. HEAD_CHUNKS > 1 (G > HC) walks the
@@ -68,15 +69,15 @@ def _topk_kernel(
     row_g = offs_r % HC
     offs_bn = tl.arange(0, BN)
     offs_bs = tl.arange(0, BS)
-    offs_np = tl.arange(0, NP)
     rows64 = row_token.to(tl.int64)
 
     if HEAD_CHUNKS == 1:
         q_kept_a, q_kept_b, lse2_kept = _load_rows(Q, LSE, rows64, kv_head * G + row_g,
                                                    (row_token < end) & (row_g < G), sqt, sqh, slt, slh, DK, DK_A, DK_B)
 
-    # running top-n keys; padding slots past n hold the largest key so they are never replaced
-    best = tl.where(offs_np[None, :] < N_SELECT, tl.full([BLOCK_T, NP], -1, tl.int64), 9223372036854775807)
+    # running top-n keys [BLOCK_T, BS] (BS >= n), sorted descending; the BS - n padding slots in front
+    # hold the largest key, so they are never replaced
+    best = tl.where(offs_bs[None, :] < BS - N_SELECT, tl.full([BLOCK_T, BS], 9223372036854775807, tl.int64), -1)
     carry = tl.zeros([BLOCK_T], tl.float32)
     j_end = (end - 1 - q_doc + q_pos0) // SLC_BLOCK + 1
     for j0 in range(0, j_end, BS):
@@ -115,24 +116,17 @@ def _topk_kernel(
         bits = score.to(tl.int32, bitcast=True).to(tl.int64)
         key = (bits << 32) | (2147483647 - slc[None, :]).to(tl.int64)
         key = tl.where(valid, key, -1)
-        # merge this tile into the running top-n: while some row has a candidate better than its
-        # worst kept key, that candidate replaces it (rows that need nothing are left alone)
-        cand = tl.max(key, 1)
-        worst = tl.min(best, 1)
-        while tl.max((cand > worst).to(tl.int32), 0) > 0:
-            slot = tl.argmin(best, 1)
-            take = (offs_np[None, :] == slot[:, None]) & (cand > worst)[:, None]
-            best = tl.where(take, cand[:, None], best)
-            key = tl.where(key == cand[:, None], -1, key)
-            cand = tl.max(key, 1)
-            worst = tl.min(best, 1)
+        # merge this tile into the running top-n. best is sorted descending and the tile's keys ascending,
+        # so their elementwise maximum holds the n largest of both (a bitonic split); sorting it again
+        # keeps best descending. No data-dependent loop: every row does the same work.
+        best = tl.sort(tl.maximum(best, tl.sort(key, 1)), 1, descending=True)
 
-    kept = (best >= 0) & (offs_np[None, :] < N_SELECT)
+    kept = (best >= 0) & (best != 9223372036854775807)
     block = tl.where(kept, 2147483647 - (best & 2147483647), 2147483647).to(tl.int32)
     block = tl.sort(block, 1)
     block = tl.where(block == 2147483647, -1, block)
-    tl.store(IDX + tokens.to(tl.int64)[:, None] * sit + kv_head * sih + offs_np[None, :], block,
-             mask=token_ok[:, None] & (offs_np[None, :] < N_SELECT))
+    tl.store(IDX + tokens.to(tl.int64)[:, None] * sit + kv_head * sih + offs_bs[None, :], block,
+             mask=token_ok[:, None] & (offs_bs[None, :] < N_SELECT))
 
 
 def select_blocks(q, compressed_k, cmp_lse, cu_q, cu_cmp, config, scale, q_pos0=None):
@@ -150,7 +144,7 @@ def select_blocks(q, compressed_k, cmp_lse, cu_q, cu_cmp, config, scale, q_pos0=
     heads_per_chunk = min(triton.next_power_of_2(group), 16)
     params = launch_params("topk", tile_width(head_dim))
     block_t = max(16, params.pop("ROWS") // heads_per_chunk)  # tile rows: block_t tokens x heads_per_chunk heads
-    bs = 16
+    bs = max(16, triton.next_power_of_2(n))  # selection blocks per tile, also the width of the running top-n
     cmp_per_slc = config.select_block_size // config.compress_stride
     q_tiles = tiles(cu_q, block_t)
     if q_tiles[0].numel():
@@ -162,6 +156,6 @@ def select_blocks(q, compressed_k, cmp_lse, cu_q, cu_cmp, config, scale, q_pos0=
             G=group, HC=heads_per_chunk, CMP_BLOCK=config.compress_block_size, CMP_STRIDE=config.compress_stride,
             SLC_BLOCK=config.select_block_size, N_SELECT=n, N_INIT=config.select_init_blocks,
             N_LOCAL=config.select_local_blocks, DK=head_dim, BLOCK_T=block_t, **qk_parts(head_dim),
-            BS=bs, BN=triton.next_power_of_2(bs * cmp_per_slc), NP=triton.next_power_of_2(n), **params,
+            BS=bs, BN=triton.next_power_of_2(bs * cmp_per_slc), **params,
         )
     return idx

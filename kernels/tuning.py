@@ -26,7 +26,7 @@ _DEFAULTS: Dict[str, dict] = {
     "selected_fwd": dict(num_warps=2, num_stages=2),
     "selected_dq": dict(num_warps=2, num_stages=2),
     "selected_dkdv": dict(ROWS=64, num_warps=4, num_stages=3),
-    "topk": dict(ROWS=256, num_warps=4, num_stages=1),
+    "topk": dict(ROWS=256, num_warps=4, num_stages=2),
 }
 
 # tiles of 129..192 columns (d_k = 192 = 128 + 64, the paper's shape), where they differ from the
