@@ -4,7 +4,8 @@ Every mode gathers the compressed K/V in global order (every rank needs all of t
 scoring). Modes differ in how the selection branch gets its keys:
 
 - 'allgather' (here): the selection K/V of the whole sequence, gathered asynchronously from the
-  layer's entry, KV heads a group at a time; backward re-gathers them and reduce-scatters dK/dV.
+  layer's entry, KV heads a group at a time; backward re-gathers them, runs the selected-attention
+  backward from the forward's log-sum-exp and reduce-scatters dK/dV.
 - 'ring' (exchange_ring.py): K/V chunks travel a ring of point-to-point transfers while each rank
   attends to the visiting chunk, merging partial results by log-sum-exp; memory O(chunk).
 - 'hierarchical' (exchange_hierarchical.py): all-gather inside a node, ring across nodes.
@@ -221,28 +222,42 @@ class _SelectionRun:
         for seg in self.plan.segments:
             yield seg, seg.local_slice(self.plan.chunk_len), slice(seg.doc_start, seg.doc_end)
 
-    def attend(self, seg, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def attend(self, seg, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor):
         """Selected attention of one segment's queries q [Tq, G*h, d_k] (block ids idx [Tq, h, n]) over
-        its document's k [T_doc, h, d_k], v [T_doc, h, d_v] of one KV-head group. Returns [Tq, G*h, d_v]."""
-        out, _ = self.branches.selected_attention(q, k, v, idx, seg.query_positions(q.device), self.config, self.scale)
-        return out
+        its document's k [T_doc, h, d_k], v [T_doc, h, d_v] of one KV-head group. Returns
+        (out [Tq, G*h, d_v], lse [Tq, G*h])."""
+        return self.branches.selected_attention(q, k, v, idx, seg.query_positions(q.device), self.config, self.scale)
+
+    def attend_backward(self, seg, q, k, v, idx, grad_out, lse, delta):
+        """(dq, dk, dv) of attend's arguments from its grad_out, its lse and delta = rowsum(grad_out * out)."""
+        return self.branches.selected_attention_backward(q, k, v, idx, seg.query_positions(q.device), self.config,
+                                                         self.scale, grad_out, lse, delta)
+
+
+def softmax_delta(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """rowsum(grad_out * out) [..., H] of [..., H, d_v] tensors, in float32 (or wider): the term of the
+    attention backward that needs the output."""
+    acc_dtype = torch.promote_types(out.dtype, torch.float32)
+    return (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(-1)
 
 
 class _AllGatherSelected(torch.autograd.Function):
     """Selection branch over the gathered sequence, head group by head group.
 
-    Forward waits for group g's gather and starts group g+1's before attending. The gathered K/V
-    are not kept: backward gathers them again, recomputes the group's attention segment by
-    segment, and reduce-scatters the gathered dK/dV back to their owners.
+    Forward waits for group g's gather and starts group g+1's before attending; it keeps the
+    output and each query's log-sum-exp (float32, [B, 2c, H_q]), not the gathered K/V. Backward
+    gathers them again and runs the selected-attention backward segment by segment from that lse
+    and delta = rowsum(dO * O) (Branches.selected_attention_backward: fused with the Triton
+    branches, nothing of the forward recomputed), then reduce-scatters the gathered dK/dV back to
+    their owners.
     """
 
     @staticmethod
     def forward(ctx, run: _SelectionRun, q, k, v, idx):
-        ctx.run = run
-        ctx.save_for_backward(q, k, v, idx)
         groups = run.head_groups
         group_size = q.shape[2] // k.shape[2]
-        out = q.new_empty(*q.shape[:3], v.shape[3])
+        out = q.new_empty(*q.shape[:3], v.shape[3])  # [B, 2c, H_q, d_v]: segments tile the local rows
+        lse = q.new_empty(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))  # [B, 2c, H_q]
         pending = run.take_pending("selection fwd")
         for g, (h0, h1) in enumerate(groups):
             k_full, v_full = (p.wait() for p in pending)
@@ -250,19 +265,22 @@ class _AllGatherSelected(torch.autograd.Function):
                 pending = run.start(g + 1, "selection fwd")
             heads = slice(h0 * group_size, h1 * group_size)
             for seg, rows, doc in run.segments():
-                out[seg.row, rows, heads] = run.attend(seg, q[seg.row, rows, heads], k_full[doc, seg.row],
-                                                       v_full[doc, seg.row], idx[seg.row, rows, h0:h1])
+                q_rows = (seg.row, rows, heads)
+                out[q_rows], lse[q_rows] = run.attend(seg, q[q_rows], k_full[doc, seg.row], v_full[doc, seg.row],
+                                                      idx[seg.row, rows, h0:h1])
             del k_full, v_full
+        ctx.run = run
+        ctx.save_for_backward(q, k, v, idx, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         run = ctx.run
-        q, k, v, idx = ctx.saved_tensors
+        q, k, v, idx, out, lse = ctx.saved_tensors
         comm, layout, chunk_len = run.exchange.comm, run.plan.layout, run.plan.chunk_len
         counts = [chunk_len] * layout.num_chunks
         group_size = q.shape[2] // k.shape[2]
-        grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         pending = run.take_pending("selection bwd gather")
         for g, (h0, h1) in enumerate(run.head_groups):
             k_full, v_full = (p.wait() for p in pending)
@@ -271,18 +289,15 @@ class _AllGatherSelected(torch.autograd.Function):
             heads = slice(h0 * group_size, h1 * group_size)
             grad_k_full, grad_v_full = torch.zeros_like(k_full), torch.zeros_like(v_full)  # [S, B, h, d]
             for seg, rows, doc in run.segments():
-                # Each segment's slices are leaves of their own: autograd through indexing would build
-                # a zero-filled gradient of the whole q / k_full / v_full for every segment.
-                leaves = [x.detach().requires_grad_()
-                          for x in (q[seg.row, rows, heads], k_full[doc, seg.row], v_full[doc, seg.row])]
-                with torch.enable_grad():
-                    seg_out = run.attend(seg, *leaves, idx[seg.row, rows, h0:h1])
-                grads = torch.autograd.grad(seg_out, leaves, grad_out[seg.row, rows, heads], allow_unused=True)
+                q_rows = (seg.row, rows, heads)
+                seg_grad_out = grad_out[q_rows]
+                dq, dk, dv = run.attend_backward(seg, q[q_rows], k_full[doc, seg.row], v_full[doc, seg.row],
+                                                 idx[seg.row, rows, h0:h1], seg_grad_out, lse[q_rows],
+                                                 softmax_delta(seg_grad_out, out[q_rows]))
+                grad_q[q_rows] = dq  # segments' query rows are disjoint and tile the local rows
                 # Accumulate: the rank's two chunks can hold two segments of one document, both reading its K/V.
-                totals = (grad_q[seg.row, rows, heads], grad_k_full[doc, seg.row], grad_v_full[doc, seg.row])
-                for total, part in zip(totals, grads):
-                    if part is not None:
-                        total += part
+                grad_k_full[doc, seg.row] += dk
+                grad_v_full[doc, seg.row] += dv
             del k_full, v_full
             for grad_local, grad_full in ((grad_k, grad_k_full), (grad_v, grad_v_full)):
                 mine = reduce_scatter_chunks(comm, layout, grad_full, counts, chunk_len, "selection bwd reduce-scatter")

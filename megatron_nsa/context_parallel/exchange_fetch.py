@@ -19,7 +19,10 @@ Per KV-head group (head_group_size heads at a time), after top-n:
    the query's own block is unchanged (a query whose own block is not selected sees only
    earlier blocks, which stay before q'): the branch function computes exactly what it computes
    on the whole document.
-Backward fetches the items again (they are not kept), recomputes the group's attention, and
+Forward keeps the output and each query's log-sum-exp (float32, [B, 2c, H_q]), not the items.
+Backward fetches the items again, runs the selected-attention backward per segment from that lse
+and delta = rowsum(dO * O) (Branches.selected_attention_backward: fused with the Triton branches,
+nothing of the forward recomputed), adds each segment's dK/dV into the group's item gradients, and
 sends each received item's dK/dV back to its owner (all-to-all), which adds them requester by
 requester in rank order (a fixed order: the result does not depend on timing).
 
@@ -35,7 +38,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .exchange import KVExchange, head_groups
+from .exchange import KVExchange, head_groups, softmax_delta
 from .segments import CPPlan
 
 
@@ -227,23 +230,10 @@ class _FetchRun:
         pending, self.pending = self.pending, None
         return pending if pending is not None else self.start(0, kind)
 
-    def attend(self, q_group, source: torch.Tensor, fetch: GroupFetch, head_dim_k: int):
-        """Selected attention of one head group, per segment, from the flat source [items * l', d_k + d_v].
-
-        Returns [(view, out, compact kv or None)]; the compact kv [|U| l', h, D] is what to differentiate."""
-        results = []
-        for view in fetch.views:
-            q_seg = q_group[view.row, view.rows]
-            if view.token_index is None:
-                results.append((view, q_seg.new_zeros(*q_seg.shape[:2], source.shape[-1] - head_dim_k), None))
-                continue
-            compact = source[view.token_index]  # [|U| l', h, D]
-            if torch.is_grad_enabled():
-                compact.requires_grad_()
-            out, _ = self.branches.selected_attention(q_seg, compact[..., :head_dim_k], compact[..., head_dim_k:],
-                                                      view.block_idx, view.q_pos, self.config, self.scale)
-            results.append((view, out, compact))
-        return results
+    def segment_kv(self, source: torch.Tensor, view: SegmentView, head_dim_k: int):
+        """One segment's compact k [|U| l', h, d_k] and v [|U| l', h, d_v] from the flat source [items * l', D]."""
+        compact = source[view.token_index]  # [|U| l', h, D]
+        return compact[..., :head_dim_k], compact[..., head_dim_k:]
 
 
 def _source(local_items: torch.Tensor, received: torch.Tensor) -> torch.Tensor:
@@ -257,12 +247,11 @@ class _FetchSelected(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, run: _FetchRun, q, k, v, idx):
-        ctx.run = run
-        ctx.save_for_backward(q, k, v, idx)
         comm, head_dim_k = run.exchange.comm, k.shape[3]
         group_size = q.shape[2] // k.shape[2]
         run.groups = [plan_group(comm, run.plan, idx[:, :, h0:h1], (h0, h1), run.config) for h0, h1 in run.head_groups]
-        out = q.new_empty(*q.shape[:3], v.shape[3])
+        out = q.new_empty(*q.shape[:3], v.shape[3])  # [B, 2c, H_q, d_v]: segments tile the local rows
+        lse = q.new_empty(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))  # [B, 2c, H_q]
         pending = run.start(0, "fetch fwd")
         for g, (h0, h1) in enumerate(run.head_groups):
             received = pending.wait()
@@ -270,15 +259,23 @@ class _FetchSelected(torch.autograd.Function):
                 pending = run.start(g + 1, "fetch fwd")
             heads = slice(h0 * group_size, h1 * group_size)
             source = _source(run.local_items(g), received)
-            for view, seg_out, _ in run.attend(q[:, :, heads], source, run.groups[g], head_dim_k):
-                out[view.row, view.rows, heads] = seg_out
+            for view in run.groups[g].views:
+                q_rows = (view.row, view.rows, heads)
+                if view.token_index is None:  # no query of the segment selected a block
+                    out[q_rows], lse[q_rows] = 0.0, float("-inf")
+                    continue
+                out[q_rows], lse[q_rows] = run.branches.selected_attention(
+                    q[q_rows], *run.segment_kv(source, view, head_dim_k), view.block_idx, view.q_pos, run.config,
+                    run.scale)
             del received, source
+        ctx.run = run
+        ctx.save_for_backward(q, k, v, idx, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         run = ctx.run
-        q, k, v, idx = ctx.saved_tensors
+        q, k, v, idx, out, lse = ctx.saved_tensors
         comm, lp, head_dim_k = run.exchange.comm, run.config.select_block_size, k.shape[3]
         batch, group_size = q.shape[0], q.shape[2] // k.shape[2]
         grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -291,18 +288,20 @@ class _FetchSelected(torch.autograd.Function):
                 pending = run.start(g + 1, "fetch bwd")
             heads = slice(h0 * group_size, h1 * group_size)
             source = _source(run.local_items(g), received)
-            with torch.enable_grad():
-                q_group = q[:, :, heads].detach().requires_grad_()
-                results = [r for r in run.attend(q_group, source, fetch, head_dim_k) if r[2] is not None]
-                outs = [out for _, out, _ in results]
-                grads = [grad_out[view.row, view.rows, heads] for view, _, _ in results]
-                d_all = torch.autograd.grad(outs, [q_group] + [c for _, _, c in results], grads, allow_unused=True)
-            if d_all[0] is not None:
-                grad_q[:, :, heads] = d_all[0]
-            grad_source = torch.zeros_like(source)
-            for (view, _, _), d_compact in zip(results, d_all[1:]):
-                if d_compact is not None:  # token rows of one segment are distinct (but the zero item's)
-                    grad_source.index_add_(0, view.token_index.reshape(-1), d_compact.reshape(-1, source.shape[-1]))
+            grad_source = torch.zeros_like(source)  # [(L + M + 1) * l', D]
+            for view in fetch.views:
+                if view.token_index is None:
+                    continue
+                q_rows = (view.row, view.rows, heads)
+                seg_grad_out = grad_out[q_rows]
+                dq, dk, dv = run.branches.selected_attention_backward(
+                    q[q_rows], *run.segment_kv(source, view, head_dim_k), view.block_idx, view.q_pos, run.config,
+                    run.scale, seg_grad_out, lse[q_rows], softmax_delta(seg_grad_out, out[q_rows]))
+                grad_q[q_rows] = dq  # segments' query rows are disjoint
+                # add, not copy: segments share items, and padding rows all point at the zero item
+                token_rows = view.token_index.reshape(-1)
+                grad_source[:, :head_dim_k].index_add_(0, token_rows, dk.reshape(-1, head_dim_k))
+                grad_source[:, head_dim_k:].index_add_(0, token_rows, dv.reshape(-1, dv.shape[-1]))
             grad_items = grad_source.view(-1, lp, source.shape[-1])
             grad_local = grad_items[:fetch.num_local_items].clone()
             grad_received = grad_items[fetch.num_local_items:-1].contiguous()

@@ -114,15 +114,17 @@ TRITON_GEOMETRY = dict(compress_block_size=8, compress_stride=4, select_block_si
                        select_init_blocks=1, select_local_blocks=1, window_size=8)
 
 
-def _fetch_on_triton(rank, world):
-    """Compacted K/V with remapped query positions through the Triton selected kernel (packed documents)."""
+def _gathers_on_triton(rank, world):
+    """The Triton selected kernels, forward and fused backward (packed documents): over the whole gathered
+    documents ('allgather') and over compacted K/V with remapped query positions ('fetch')."""
     case = make_case(17, 64, num_q_heads=2, num_kv_heads=1, head_dim_k=8, head_dim_v=8, **TRITON_GEOMETRY)
     assert_cp_matches_reference(case, dist.group.WORLD, cu_seqlens=torch.tensor([0, 13, 40, 64], dtype=torch.int32),
-                                atol=2e-4, exchanges=[dict(exchange="fetch")], backend="triton", dtype=torch.float32)
+                                atol=2e-4, exchanges=[dict(exchange="allgather"), dict(exchange="fetch")],
+                                backend="triton", dtype=torch.float32)
 
 
 @pytest.mark.slow
-def test_fetch_with_triton_interpreter(tmp_path, monkeypatch):
+def test_allgather_and_fetch_with_triton_interpreter(tmp_path, monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    spawn(_fetch_on_triton, 2, tmp_path)
+    spawn(_gathers_on_triton, 2, tmp_path)
