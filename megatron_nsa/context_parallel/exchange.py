@@ -234,11 +234,21 @@ class _SelectionRun:
                                                          self.scale, grad_out, lse, delta)
 
 
+ROW_PART_ELEMENTS = 1 << 25  # elements of a [rows, H, d] part that temporaries of full rows are cut into
+
+
 def softmax_delta(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """rowsum(grad_out * out) [..., H] of [..., H, d_v] tensors, in float32 (or wider): the term of the
-    attention backward that needs the output."""
+    """rowsum(grad_out * out) [B, T, H] of [B, T, H, d_v] tensors, in float32 (or wider): the term of the
+    attention backward that needs the output. A part of the rows at a time, so that the float32
+    temporaries stay small (whole, they are twice the size of the local queries' output)."""
     acc_dtype = torch.promote_types(out.dtype, torch.float32)
-    return (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(-1)
+    delta = out.new_empty(out.shape[:-1], dtype=acc_dtype)
+    step = max(1, ROW_PART_ELEMENTS // (out.shape[2] * out.shape[3]))
+    for row in range(out.shape[0]):
+        for lo in range(0, out.shape[1], step):
+            rows = (row, slice(lo, lo + step))
+            delta[rows] = (grad_out[rows].to(acc_dtype) * out[rows].to(acc_dtype)).sum(-1)
+    return delta
 
 
 class _AllGatherSelected(torch.autograd.Function):
@@ -281,6 +291,7 @@ class _AllGatherSelected(torch.autograd.Function):
         counts = [chunk_len] * layout.num_chunks
         group_size = q.shape[2] // k.shape[2]
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        delta = softmax_delta(grad_out, out)  # [B, 2c, H_q]
         pending = run.take_pending("selection bwd gather")
         for g, (h0, h1) in enumerate(run.head_groups):
             k_full, v_full = (p.wait() for p in pending)
@@ -290,10 +301,9 @@ class _AllGatherSelected(torch.autograd.Function):
             grad_k_full, grad_v_full = torch.zeros_like(k_full), torch.zeros_like(v_full)  # [S, B, h, d]
             for seg, rows, doc in run.segments():
                 q_rows = (seg.row, rows, heads)
-                seg_grad_out = grad_out[q_rows]
                 dq, dk, dv = run.attend_backward(seg, q[q_rows], k_full[doc, seg.row], v_full[doc, seg.row],
-                                                 idx[seg.row, rows, h0:h1], seg_grad_out, lse[q_rows],
-                                                 softmax_delta(seg_grad_out, out[q_rows]))
+                                                 idx[seg.row, rows, h0:h1], grad_out[q_rows], lse[q_rows],
+                                                 delta[q_rows])
                 grad_q[q_rows] = dq  # segments' query rows are disjoint and tile the local rows
                 # Accumulate: the rank's two chunks can hold two segments of one document, both reading its K/V.
                 grad_k_full[doc, seg.row] += dk

@@ -279,6 +279,7 @@ class _FetchSelected(torch.autograd.Function):
         comm, lp, head_dim_k = run.exchange.comm, run.config.select_block_size, k.shape[3]
         batch, group_size = q.shape[0], q.shape[2] // k.shape[2]
         grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        delta = softmax_delta(grad_out, out)  # [B, 2c, H_q]
         returns = []  # (group, received grads, work) in flight back to the owners
         pending = run.take_pending("fetch bwd")
         for g, (h0, h1) in enumerate(run.head_groups):
@@ -293,10 +294,9 @@ class _FetchSelected(torch.autograd.Function):
                 if view.token_index is None:
                     continue
                 q_rows = (view.row, view.rows, heads)
-                seg_grad_out = grad_out[q_rows]
                 dq, dk, dv = run.branches.selected_attention_backward(
                     q[q_rows], *run.segment_kv(source, view, head_dim_k), view.block_idx, view.q_pos, run.config,
-                    run.scale, seg_grad_out, lse[q_rows], softmax_delta(seg_grad_out, out[q_rows]))
+                    run.scale, grad_out[q_rows], lse[q_rows], delta[q_rows])
                 grad_q[q_rows] = dq  # segments' query rows are disjoint
                 # add, not copy: segments share items, and padding rows all point at the zero item
                 token_rows = view.token_index.reshape(-1)

@@ -46,7 +46,7 @@ import torch
 
 from .comm import Communicator
 from .branches import finite_or_zero
-from .exchange import KVExchange, global_chunk_rows, head_groups, pack_slots
+from .exchange import ROW_PART_ELEMENTS, KVExchange, global_chunk_rows, head_groups, pack_slots, softmax_delta
 from .halo import exchange_halos
 from .segments import CPPlan
 
@@ -325,7 +325,6 @@ class _RingRun:
 
 # Values of a partial output [rows, H_q, d_v] per selected-attention call: bounds the float32
 # temporaries of merging (forward) and the per-call gradients (backward) at long context.
-ROW_PART_ELEMENTS = 1 << 25
 
 
 def _query_rows(work: PieceWork, part: slice):
@@ -389,7 +388,7 @@ class _RingSelected(torch.autograd.Function):
         run = ctx.run
         q, k, v, k_halo, v_halo, idx, out, lse = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        delta = _row_dot(grad_out, out)  # rowsum(dO * O) [B, 2c, H_q] float32
+        delta = softmax_delta(grad_out, out)  # rowsum(dO * O) [B, 2c, H_q] float32
         grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         grad_k_halo = torch.zeros_like(k_halo) if run.halo else None
         grad_v_halo = torch.zeros_like(v_halo) if run.halo else None
@@ -409,18 +408,6 @@ class _RingSelected(torch.autograd.Function):
                 grad_k_halo[..., h0:h1, :] = grad_k_piece[:, :, :run.halo]
                 grad_v_halo[..., h0:h1, :] = grad_v_piece[:, :, :run.halo]
         return None, grad_q, grad_k, grad_v, grad_k_halo, grad_v_halo, None
-
-
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum(a * b, -1) in float32 (or wider) for [B, T, H, d] tensors, a row part at a time."""
-    acc_dtype = torch.promote_types(a.dtype, torch.float32)
-    out = a.new_empty(a.shape[:-1], dtype=acc_dtype)
-    step = max(1, ROW_PART_ELEMENTS // (a.shape[2] * a.shape[3]))
-    for row in range(a.shape[0]):
-        for lo in range(0, a.shape[1], step):
-            rows = (row, slice(lo, lo + step))
-            out[rows] = (a[rows].to(acc_dtype) * b[rows].to(acc_dtype)).sum(-1)
-    return out
 
 
 @dataclasses.dataclass
