@@ -51,8 +51,14 @@ def selected_attention_backward(q, k, v, selected_block_idx, q_pos, config, scal
     layout = piece_layout(q_pos, k.shape[0], config.select_block_size)
     stats = torch.stack([lse.float(), delta.float()])  # [2, Tq, H_q]: the kernels read both with one stride
     idx = used_slots_first(selected_block_idx.to(torch.int32)).contiguous()
-    return selected_backward(q.contiguous(), k.contiguous(), v.contiguous(), idx, layout, config, scale,
-                             grad_out.contiguous(), stats[0], stats[1])
+    return selected_backward(_dense_rows(q), k.contiguous(), v.contiguous(), idx, layout, config, scale,
+                             _dense_rows(grad_out), stats[0], stats[1])
+
+
+def _dense_rows(x):
+    """x itself when its last dim is dense (the kernels take the token and head strides, so a head slice
+    of a wider tensor needs no copy), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def window_attention(q, k, v, q_pos, k_start, config, scale):

@@ -96,3 +96,38 @@ def test_lse_is_differentiable():
                                         (qf, kf, vf))
         for g, w in zip(grads, ref_grads):
             assert _rel(g, w) < 2 * TOL
+
+
+def test_selected_backward_reads_head_slices_in_place():
+    """selected_attention_backward on q and dO that are head slices of wider tensors (what context
+    parallelism passes per KV-head group; read through their strides, not copied) gives the reference's
+    gradients."""
+    config = NSAConfig(compress_block_size=8, compress_stride=4, select_block_size=16, select_count=3,
+                       window_size=20) if not CUDA else NSAConfig()
+    doc_len, p0, num_q, dim = (64, 20, 40, 16) if not CUDA else (4096, 1000, 2048, 128)
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    hkv, group = 2, 2 if not CUDA else 16
+    q_all = torch.randn(num_q, 2 * hkv * group, dim, generator=gen, device=DEVICE).to(DTYPE)
+    grad_all = torch.randn(num_q, 2 * hkv * group, dim, generator=gen, device=DEVICE).to(DTYPE)
+    heads = slice(hkv * group, 2 * hkv * group)  # the second half of the heads: strided views
+    q, grad_out = q_all[:, heads], grad_all[:, heads]
+    assert not q.is_contiguous() and not grad_out.is_contiguous()
+    k = torch.randn(doc_len, hkv, dim, generator=gen, device=DEVICE).to(DTYPE)
+    v = torch.randn(doc_len, hkv, dim, generator=gen, device=DEVICE).to(DTYPE)
+    q_pos = torch.arange(p0, p0 + num_q, device=DEVICE)
+    scale = config.scale_for(dim)
+    num_blocks = R.num_selection_blocks(doc_len, config)
+    idx = torch.stack([torch.randperm(num_blocks, generator=torch.Generator().manual_seed(i))[:config.select_count]
+                       for i in range(num_q * hkv)]).view(num_q, hkv, -1).sort(-1).values.to(DEVICE)
+    idx = torch.minimum(idx, (q_pos // config.select_block_size)[:, None, None])  # only visible blocks
+    idx = torch.where(idx == idx.roll(1, -1), -1, idx)  # blocks clamped onto one are used once
+
+    out, lse = nsa_kernels.selected_attention(q, k, v, idx, q_pos, config, scale)
+    delta = (grad_out.float() * out.float()).sum(-1)
+    grads = nsa_kernels.selected_attention_backward(q, k, v, idx, q_pos, config, scale, grad_out, lse, delta)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref_out, _ = R.selected_attention(*leaves, idx, q_pos, config, scale)
+    ref_grads = torch.autograd.grad(ref_out, leaves, grad_out.double())
+    for name, got, want in zip("qkv", grads, ref_grads):
+        assert want.abs().max() > 0
+        assert _rel(got, want) < 2 * TOL, name
