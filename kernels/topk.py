@@ -144,7 +144,7 @@ def select_blocks(q, compressed_k, cmp_lse, cu_q, cu_cmp, config, scale, q_pos0=
     heads_per_chunk = min(triton.next_power_of_2(group), 16)
     params = launch_params("topk", tile_width(head_dim))
     block_t = max(16, params.pop("ROWS") // heads_per_chunk)  # tile rows: block_t tokens x heads_per_chunk heads
-    bs = max(16, triton.next_power_of_2(n))  # selection blocks per tile, also the width of the running top-n
+    bs = max(params.pop("BLOCKS"), triton.next_power_of_2(n))  # blocks per tile = width of the running top-n
     cmp_per_slc = config.select_block_size // config.compress_stride
     q_tiles = tiles(cu_q, block_t)
     if q_tiles[0].numel():

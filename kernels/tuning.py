@@ -4,7 +4,8 @@
 tile has `width` columns (kernels/qk_parts.py: tile_width; d_k = 192 is 128 + 64 = 192 columns, d_k =
 256 is 256). `benchmarks/tune_kernels.py` times alternatives on a GPU through `overrides(...)`; the
 defaults are its choices on an H100 (benchmarks/results/tune_kernels_*.md). The CPU interpreter
-(TRITON_INTERPRET=1) gets small tiles so that tests stay fast.
+(TRITON_INTERPRET=1) gets small tiles so that tests stay fast (and, for top-n, so that a short
+document already spans several tiles of selection blocks).
 
 Kernels: band_fwd / band_dq / band_dkdv (per kind: 'window' or 'compressed'), selected_fwd,
 selected_dq, selected_dkdv, topk.
@@ -26,7 +27,7 @@ _DEFAULTS: Dict[str, dict] = {
     "selected_fwd": dict(num_warps=2, num_stages=2),
     "selected_dq": dict(num_warps=2, num_stages=2),
     "selected_dkdv": dict(ROWS=64, num_warps=4, num_stages=3),
-    "topk": dict(ROWS=256, num_warps=4, num_stages=2),
+    "topk": dict(ROWS=256, BLOCKS=16, num_warps=4, num_stages=2),
 }
 
 # tiles of 129..192 columns (d_k = 192 = 128 + 64, the paper's shape), where they differ from the
@@ -38,7 +39,7 @@ _WIDE: Dict[str, dict] = {
     "band_dkdv/compressed": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
     "selected_fwd": dict(num_warps=4, num_stages=2),
     "selected_dkdv": dict(ROWS=128, num_warps=8, num_stages=2),
-    "topk": dict(ROWS=256, num_warps=8, num_stages=2),
+    "topk": dict(ROWS=256, BLOCKS=16, num_warps=8, num_stages=2),
 }
 
 # tiles wider than 192 columns (up to 256): smaller tiles, where they differ from _DEFAULTS
@@ -49,13 +50,13 @@ _WIDEST: Dict[str, dict] = {
     "selected_fwd": dict(num_warps=4, num_stages=2),
     "selected_dq": dict(num_warps=4, num_stages=2),
     "selected_dkdv": dict(ROWS=64, num_warps=4, num_stages=2),
-    "topk": dict(ROWS=128, num_warps=8, num_stages=2),
+    "topk": dict(ROWS=128, BLOCKS=16, num_warps=8, num_stages=2),
 }
 
 _INTERPRETER = {
     "band": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
     "selected_dkdv": dict(ROWS=64, num_warps=4, num_stages=1),
-    "topk": dict(ROWS=16, num_warps=4, num_stages=1),
+    "topk": dict(ROWS=16, BLOCKS=4, num_warps=4, num_stages=1),
 }
 
 _overrides: Dict[str, dict] = {}

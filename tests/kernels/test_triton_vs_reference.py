@@ -186,16 +186,23 @@ def _triton_with_intermediates(q, k, v, gates, cu, config, compressor):
                                 config.scale_for(q.shape[-1]), return_intermediates=True)
 
 
-# (H_q, H_kv, d_k): G = 1 and G > 1, d_k of one part and of two
-TOP_N_SHAPES = [(2, 2, 24), (4, 1, 48), (4, 2, 16)] if not CUDA else [(64, 4, 192), (16, 16, 192), (16, 4, 96)]
+# (H_q, H_kv, d_k, n): G = 1 and G > 1, d_k of one part and of two; n of the config, or n above 16 (the
+# running top-n is then wider than the kernel's default tile of 16 blocks)
+TOP_N_SHAPES = [(2, 2, 24, None), (4, 1, 48, None), (4, 2, 16, None), (2, 1, 16, 20)] if not CUDA else \
+    [(64, 4, 192, None), (16, 16, 192, None), (16, 4, 96, None), (64, 4, 128, 24)]
 
 
-@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim_qk", TOP_N_SHAPES)
-def test_top_n_matches_reference(num_q_heads, num_kv_heads, head_dim_qk):
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim_qk,select_count", TOP_N_SHAPES)
+def test_top_n_matches_reference(num_q_heads, num_kv_heads, head_dim_qk, select_count):
     """Scoring + top-n alone, on documents with many more blocks than n, so that the ranking decides
     (the whole-pipeline cases on CPU are too short for that)."""
+    config = TINY if not CUDA else PAPER
+    if select_count is not None:
+        config = dataclasses.replace(config, select_count=select_count)
     doc_lens = [150, 90] if not CUDA else [6000, 2100]  # CPU: up to 10 blocks of 16 tokens, n = 4
-    case = Case(doc_lens, num_q_heads, num_kv_heads, head_dim_qk, 16, TINY if not CUDA else PAPER,
+    if select_count is not None and not CUDA:
+        doc_lens = [520, 180]  # 33 blocks of 16 tokens, n = 20
+    case = Case(doc_lens, num_q_heads, num_kv_heads, head_dim_qk, 16, config,
                 torch.float32 if not CUDA else torch.bfloat16)
     q, k, v, _, cu, _ = _inputs(case, seed=head_dim_qk)
     config, scale = case.config, case.config.scale_for(head_dim_qk)
