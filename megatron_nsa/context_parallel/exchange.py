@@ -234,7 +234,9 @@ class _SelectionRun:
                                                          self.scale, grad_out, lse, delta)
 
 
-ROW_PART_ELEMENTS = 1 << 25  # elements of a [rows, H, d] part that temporaries of full rows are cut into
+# Values of a [rows, H_q, d_v] part of the local rows: bounds the float32 temporaries of delta here and, in
+# exchange_ring.py, of merging partial outputs (forward) and of the per-call gradients (backward).
+ROW_PART_ELEMENTS = 1 << 25
 
 
 def softmax_delta(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

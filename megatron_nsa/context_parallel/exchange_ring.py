@@ -323,10 +323,6 @@ class _RingRun:
         return [slice(lo, min(lo + step, count)) for lo in range(0, count, step)]
 
 
-# Values of a partial output [rows, H_q, d_v] per selected-attention call: bounds the float32
-# temporaries of merging (forward) and the per-call gradients (backward) at long context.
-
-
 def _query_rows(work: PieceWork, part: slice):
     """Index of a part's query rows in [B, 2c, ...] tensors."""
     return work.row, slice(work.rows.start + part.start, work.rows.start + part.stop)
