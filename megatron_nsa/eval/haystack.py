@@ -11,8 +11,8 @@ prediction (teacher forcing: one forward pass scores all of them).
 
 Two formats:
   retrieval  the synthetic task's records (megatron_nsa.eval.retrieval_task): filler = a task sequence
-             whose keys all differ from the needle's, needle = one definition `key value`, question
-             `key`, answer `value` (one token each)
+             whose keys all differ from the needle's (with the recipe's mean_gap between records),
+             needle = one definition `key value`, question `key`, answer `value` (one token each)
   text       filler = validation text of the model's corpus, needle `\\nThe secret code of kbfo is 4821.\\n`,
              question `\\nThe secret code of kbfo is `, answer `4821`
 """
@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 import numpy
 
 from .retrieval_task import (FIRST_KEY_ID, NEEDLE_STREAM, RECORD_LENGTH, RetrievalFormat, check_key_space,
-                             generate_records)
+                             generate_records, lay_out)
 
 FORMATS = ("retrieval", "text")
 TEXT_KEY_LETTERS, TEXT_VALUE_DIGITS = 4, 4  # the text fact: "The secret code of kbfo is 4821."
@@ -90,6 +90,9 @@ def retrieval_sample(length: int, depth: float, rng: numpy.random.Generator, fmt
     value = fmt.first_value_id + int(rng.integers(fmt.num_values))
     needle, question, answer = numpy.array([key, value]), numpy.array([key]), numpy.array([value])
     filler_length = length - len(needle) - len(question) - len(answer)
+    if fmt.mean_gap:  # records spaced by filler bytes, all whole: the needle goes before one, or at the end
+        filler, _, record_starts = lay_out(filler_length, rng, fmt, exclude_key=key)
+        return place_needle(filler, needle, question, answer, depth, numpy.append(record_starts, filler_length))
     records, _ = generate_records(-(-filler_length // RECORD_LENGTH), rng, fmt, exclude_key=key)
     filler = records.reshape(-1)[-filler_length:]  # the first record may start cut
     first_start = filler_length % RECORD_LENGTH  # offset of the first whole record

@@ -13,7 +13,9 @@ A sequence is a run of two-token records `key value`:
 
 After the first record each record is a query with probability `query_fraction`, asking for a key drawn
 uniformly from all keys defined so far, so that every distance from one record to the whole context is
-trained. The loss mask covers only the value tokens of queries (everything else is random). No markers
+trained. With `mean_gap` > 0 each record is followed by filler: a number of random byte tokens
+drawn uniformly from [0, 2 * mean_gap]. A sequence then holds fewer keys to tell apart while its
+distances stay as long (a record cut by the sequence's end is left out). The loss mask covers only the value tokens of queries (everything else is random). No markers
 tell definitions from queries: a model need not know, since a key it has not seen has no answer to learn.
 
 Sequences are a pure function of (seed, stream, index): training and validation use separate streams,
@@ -33,6 +35,7 @@ from megatron_nsa.training.tokenizer import BYTE_VOCAB_SIZE
 TRAIN_STREAM, VALID_STREAM, NEEDLE_STREAM = 0, 1, 2
 FIRST_KEY_ID = BYTE_VOCAB_SIZE  # after the byte tokenizer's 256 bytes, end-of-document and padding
 RECORD_LENGTH = 2  # key, value
+BYTE_RANGE = 256  # filler tokens between records are bytes 0..255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +43,7 @@ class RetrievalFormat:
     num_keys: int = 16384
     num_values: int = 256
     query_fraction: float = 0.25
+    mean_gap: int = 0  # filler tokens after each record: uniform in [0, 2 * mean_gap], random bytes
 
     @property
     def first_value_id(self) -> int:
@@ -58,7 +62,7 @@ class RetrievalFormat:
 
 def check_settings(settings) -> None:
     """ValueError naming the field, its value and what is allowed."""
-    for name, low, high in (("num_keys", 2, 1 << 20), ("num_values", 2, 1 << 16)):
+    for name, low, high in (("num_keys", 2, 1 << 20), ("num_values", 2, 1 << 16), ("mean_gap", 0, 1 << 16)):
         value = getattr(settings, name)
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise ValueError(f"retrieval.{name}={value!r} is not allowed: it must be an integer in [{low}, {high}]")
@@ -108,12 +112,34 @@ def generate_records(num_records: int, rng: numpy.random.Generator, fmt: Retriev
     return tokens, answer_mask
 
 
+def lay_out(num_tokens: int, rng: numpy.random.Generator, fmt: RetrievalFormat,
+            exclude_key: Optional[int] = None) -> Tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
+    """Exactly `num_tokens` tokens starting at a record: (tokens [num_tokens] int64, answer mask
+    [num_tokens] bool, record_starts [num_records] offsets). Without gaps the last record may be cut;
+    with gaps (fmt.mean_gap > 0) every record is whole and filler follows each one."""
+    if fmt.mean_gap == 0:
+        tokens, answer_mask = generate_records(keys_needed(num_tokens), rng, fmt, exclude_key)
+        record_starts = numpy.arange(0, num_tokens, RECORD_LENGTH)
+        return tokens.reshape(-1)[:num_tokens], answer_mask.reshape(-1)[:num_tokens], record_starts
+    gaps = rng.integers(0, 2 * fmt.mean_gap + 1, size=keys_needed(num_tokens))  # [max records]
+    record_ends = numpy.cumsum(RECORD_LENGTH + gaps) - gaps  # [max records] offset after each record's value
+    num_records = int(numpy.searchsorted(record_ends, num_tokens, side="right"))  # whole records that fit
+    records, record_mask = generate_records(max(num_records, 1), rng, fmt, exclude_key)
+    tokens = rng.integers(0, BYTE_RANGE, size=num_tokens)  # [num_tokens] filler bytes, records written over
+    answer_mask = numpy.zeros(num_tokens, dtype=bool)
+    record_starts = record_ends[:num_records] - RECORD_LENGTH
+    positions = record_starts[:, None] + numpy.arange(RECORD_LENGTH)  # [num_records, 2]
+    tokens[positions] = records[:num_records]
+    answer_mask[positions] = record_mask[:num_records]
+    return tokens, answer_mask, record_starts
+
+
 def generate_sequence(num_tokens: int, rng: numpy.random.Generator, fmt: RetrievalFormat,
                       exclude_key: Optional[int] = None) -> Tuple[numpy.ndarray, numpy.ndarray]:
-    """Exactly `num_tokens` tokens starting at a record (the last one may be cut):
+    """Exactly `num_tokens` tokens starting at a record (see lay_out):
     (tokens [num_tokens] int64, answer mask [num_tokens] bool)."""
-    tokens, answer_mask = generate_records(keys_needed(num_tokens), rng, fmt, exclude_key)
-    return tokens.reshape(-1)[:num_tokens], answer_mask.reshape(-1)[:num_tokens]
+    tokens, answer_mask, _ = lay_out(num_tokens, rng, fmt, exclude_key)
+    return tokens, answer_mask
 
 
 def sample_rng(seed: int, stream: int, index: int) -> numpy.random.Generator:

@@ -52,6 +52,26 @@ def test_retrieval_needle_is_a_definition_at_the_nearest_record_start(length, de
     assert sample.needle_start == 0 or not keys[sample.needle_start - 1]
 
 
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
+def test_retrieval_needle_with_gaps_sits_before_a_record(depth):
+    fmt = RetrievalFormat(num_keys=3000, num_values=100, mean_gap=12)
+    length = 2000
+    (sample,) = needle_samples("retrieval", length, depth, 1, seed=4, fmt=fmt)
+    tokens = sample.tokens
+    assert tokens.shape == (length,) and sample.answer_positions.tolist() == [length - 1]
+    key, value = tokens[sample.needle_start:sample.needle_start + 2]
+    assert FIRST_KEY_ID <= key < fmt.first_value_id <= value < fmt.vocab_size
+    assert numpy.flatnonzero(tokens == key).tolist() == [sample.needle_start, length - 2]
+    assert abs(sample.needle_start - depth * sample.filler_length) <= 2 * 12 + 2  # the nearest record start
+    filler = numpy.delete(tokens[:-2], [sample.needle_start, sample.needle_start + 1])
+    is_key = (filler >= FIRST_KEY_ID) & (filler < fmt.first_value_id)
+    assert length / (2 + 2 * 12) < is_key.sum() < length / (2 + 12 / 2)  # records spaced by filler
+    following = filler[numpy.flatnonzero(is_key) + 1]
+    assert (following >= fmt.first_value_id).all()  # every filler record is whole
+    at_needle = sample.needle_start
+    assert at_needle == 0 or at_needle == sample.filler_length or is_key[at_needle]  # a record follows it
+
+
 def test_samples_are_reproducible_and_differ_across_cells():
     first = needle_samples("retrieval", 300, 0.5, 3, seed=11, fmt=FMT)
     again = needle_samples("retrieval", 300, 0.5, 3, seed=11, fmt=FMT)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy
 import pytest
 
-from megatron_nsa.eval.retrieval_task import (FIRST_KEY_ID, RetrievalDataset, RetrievalFormat, TRAIN_STREAM,
-                                              VALID_STREAM, check_key_space, check_settings, generate_records,
-                                              generate_sequence, sample_rng)
+from megatron_nsa.eval.retrieval_task import (BYTE_RANGE, FIRST_KEY_ID, RECORD_LENGTH, RetrievalDataset,
+                                              RetrievalFormat, TRAIN_STREAM, VALID_STREAM, check_key_space,
+                                              check_settings, generate_records, generate_sequence, lay_out,
+                                              sample_rng)
 from megatron_nsa.training.config import RecipeError, load_recipe
 from megatron_nsa.training.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer, recipe_tokenizer
 
@@ -90,7 +91,7 @@ def test_too_small_a_key_range_is_a_clear_error():
 
 @pytest.mark.parametrize("field, value, allowed", [
     ("num_keys", 1, r"\[2, 1048576\]"), ("num_values", 2.5, r"\[2, 65536\]"), ("num_values", True, r"\[2, 65536\]"),
-    ("query_fraction", 1.0, r"\(0, 1\)"), ("query_fraction", 0, r"\(0, 1\)"),
+    ("query_fraction", 1.0, r"\(0, 1\)"), ("query_fraction", 0, r"\(0, 1\)"), ("mean_gap", -1, r"\[0, 65536\]"),
 ])
 def test_bad_settings_name_field_value_and_range(field, value, allowed):
     with pytest.raises(ValueError, match=rf"retrieval.{field}={value!r} is not allowed: .*{allowed}"):
@@ -115,3 +116,45 @@ def test_recipe_checks():
     with pytest.raises(RecipeError, match=r"retrieval.num_keys=4000 is too small for data.seq_length \(\+1 for the "
                                           r"labels\)=8193: .* raise retrieval.num_keys to at least 4097"):
         load_recipe(None, ["data.source=retrieval", "data.seq_length=8192", "retrieval.num_keys=4000"])
+
+
+@pytest.mark.parametrize("mean_gap", [1, 6, 40])
+def test_gaps_put_whole_records_between_filler_bytes(mean_gap):
+    fmt = RetrievalFormat(num_keys=2000, num_values=37, query_fraction=0.4, mean_gap=mean_gap)
+    num_tokens = 3001
+    tokens, answer_mask, record_starts = lay_out(num_tokens, sample_rng(2, TRAIN_STREAM, 0), fmt)
+    assert tokens.shape == answer_mask.shape == (num_tokens,)
+    is_key = (tokens >= FIRST_KEY_ID) & (tokens < fmt.first_value_id)
+    assert numpy.flatnonzero(is_key).tolist() == record_starts.tolist()  # every key starts a record, no other
+    assert (tokens[record_starts + 1] >= fmt.first_value_id).all() and record_starts[-1] + 2 <= num_tokens
+    record_tokens = numpy.zeros(num_tokens, dtype=bool)
+    record_tokens[numpy.concatenate([record_starts, record_starts + 1])] = True
+    assert ((tokens[~record_tokens] >= 0) & (tokens[~record_tokens] < BYTE_RANGE)).all()  # filler: bytes only
+    gaps = numpy.diff(numpy.append(record_starts, num_tokens)) - RECORD_LENGTH
+    assert gaps[:-1].min() >= 0 and gaps[:-1].max() <= 2 * mean_gap
+    assert abs(gaps[:-1].mean() - mean_gap) < 0.25 * mean_gap + 0.5
+    assert len(record_starts) < num_tokens / (RECORD_LENGTH + mean_gap) * 1.3
+    # queries answer the value their key was defined with; the mask marks exactly those values
+    defined = {}
+    for start in record_starts.tolist():
+        key, value = tokens[start], tokens[start + 1]
+        if answer_mask[start + 1]:
+            assert defined[key] == value
+        else:
+            assert key not in defined
+            defined[key] = value
+    assert answer_mask[record_starts + 1].sum() == answer_mask.sum() > 0
+    again = lay_out(num_tokens, sample_rng(2, TRAIN_STREAM, 0), fmt)
+    numpy.testing.assert_array_equal(tokens, again[0])
+
+
+def test_recipe_takes_mean_gap_and_datasets_use_it():
+    recipe = load_recipe(None, ["data.source=retrieval", "retrieval.num_keys=1000", "retrieval.mean_gap=9",
+                                "data.seq_length=512"])
+    fmt = RetrievalFormat.of(recipe.retrieval)
+    assert fmt.mean_gap == 9
+    item = RetrievalDataset(fmt, seq_length=512, num_samples=2, seed=1, stream=TRAIN_STREAM)[1]
+    is_key = (item["tokens"] >= FIRST_KEY_ID) & (item["tokens"] < fmt.first_value_id)
+    assert 512 / (RECORD_LENGTH + 2 * 9) < is_key.sum() < 512 / (RECORD_LENGTH + 9 / 2)
+    with pytest.raises(RecipeError, match="retrieval.mean_gap=-3 is not allowed"):
+        load_recipe(None, ["data.source=retrieval", "retrieval.mean_gap=-3"])
