@@ -15,8 +15,9 @@ After the first record each record is a query with probability `query_fraction`,
 uniformly from all keys defined so far, so that every distance from one record to the whole context is
 trained. With `mean_gap` > 0 each record is followed by filler: a number of random byte tokens
 drawn uniformly from [0, 2 * mean_gap]. A sequence then holds fewer keys to tell apart while its
-distances stay as long (a record cut by the sequence's end is left out). The loss mask covers only the value tokens of queries (everything else is random). No markers
-tell definitions from queries: a model need not know, since a key it has not seen has no answer to learn.
+distances stay as long (a record cut by the sequence's end is left out). The loss mask covers only the
+value tokens of queries (everything else is random). No markers tell definitions from queries: a model
+need not know, since a key it has not seen has no answer to learn.
 
 Sequences are a pure function of (seed, stream, index): training and validation use separate streams,
 so both models of a comparison see the same samples in the same order. numpy only (no megatron), so
