@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megatron_nsa import NSAConfig, nsa_attention  # noqa: E402
-from megatron_nsa.reference import compress_packed  # noqa: E402
+from megatron_nsa.compression import compress_documents  # noqa: E402
 
 SHAPES = {  # name: (H_q, H_kv, d_k, d_v)
     "main": (64, 4, 128, 128),
@@ -115,7 +115,7 @@ def nsa_stages(seq_len, shape, config):
     scale = config.scale_for(q.shape[-1])
     cu = torch.tensor([0, seq_len], device="cuda", dtype=torch.int32)
     docs = nsa_kernels.make_docs(cu, config.compress_block_size, config.compress_stride, config.select_block_size)
-    ck, cv = compress_packed(k, v, cu, config)
+    ck, cv = compress_documents(k, v, cu, config)
     layout = packed_layout(docs)
     cmp_out, cmp_lse = band_attention(q, ck, cv, cu, docs.cu_cmp, "compressed", config, scale)
     idx = select_blocks(q, ck, cmp_lse, cu, docs.cu_cmp, config, scale)
@@ -124,7 +124,7 @@ def nsa_stages(seq_len, shape, config):
     grad = torch.randn_like(cmp_out)
     with torch.no_grad():
         stages = {
-            "compression": time_ms(lambda: compress_packed(k, v, cu, config)),
+            "compression": time_ms(lambda: compress_documents(k, v, cu, config)),
             "compressed_attn": time_ms(lambda: band_attention(q, ck, cv, cu, docs.cu_cmp, "compressed", config, scale)),
             "scoring_topn": time_ms(lambda: select_blocks(q, ck, cmp_lse, cu, docs.cu_cmp, config, scale)),
             "selected_attn": time_ms(lambda: selected_attention(q, k, v, idx, layout, config, scale)),

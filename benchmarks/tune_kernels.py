@@ -20,7 +20,7 @@ import sys
 import torch
 
 from megatron_nsa import NSAConfig
-from megatron_nsa.reference import compress_packed
+from megatron_nsa.compression import compress_documents
 
 _band = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
          for m, n, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3),
@@ -66,7 +66,7 @@ def stage_functions(seq_len, hq, hkv, dk, dv, config):
     cu = torch.tensor([0, seq_len], device="cuda", dtype=torch.int32)
     docs = nsa_kernels.make_docs(cu, config.compress_block_size, config.compress_stride, config.select_block_size)
     with torch.no_grad():
-        ck, cv = compress_packed(k, v, cu, config)
+        ck, cv = compress_documents(k, v, cu, config)
     ck, cv = ck.requires_grad_(), cv.requires_grad_()
     layout = packed_layout(docs)
     with torch.no_grad():

@@ -6,8 +6,9 @@ to one head-dim vector.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
+import numpy
 import torch
 from torch import nn
 
@@ -100,3 +101,60 @@ class KVCompressor(nn.Module):
     def compress_v(self, windows: torch.Tensor) -> torch.Tensor:
         """windows [N, l, H, d_v] -> [N, H, d_v]"""
         return self.v_map(windows)
+
+
+
+def _blocks_by_offset(bounds: numpy.ndarray, block_size: int, stride: int):
+    """Compressed blocks of the documents [bounds[i], bounds[i+1]), grouped by their grid offset
+    (document start % stride). Yields (offset, grid_ids, local_ids): block b of a document starting at s
+    is window s // stride + b of the strided grid that starts at row `offset`; local_ids holds b."""
+    starts, lengths = bounds[:-1], numpy.diff(bounds)
+    counts = numpy.where(lengths >= block_size, (lengths - block_size) // stride + 1, 0)  # [N docs]
+    for offset in numpy.unique(starts[counts > 0] % stride):
+        docs = (starts % stride == offset) & (counts > 0)
+        doc_counts = counts[docs]
+        local_ids = numpy.arange(doc_counts.sum()) - numpy.repeat(numpy.cumsum(doc_counts) - doc_counts, doc_counts)
+        yield int(offset), numpy.repeat(starts[docs] // stride, doc_counts) + local_ids, local_ids
+
+
+def compress_documents(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, config,
+                       compressor: Optional[KVCompressor] = None,
+                       rope: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None):
+    """Compressed K/V of packed documents in a few batched calls, whatever the number of documents.
+
+    k [T, H_kv, d_k], v [T, H_kv, d_v] -> (compressed_k [N_cmp, H_kv, d_k], compressed_v [N_cmp, H_kv, d_v]),
+    each document's blocks in order: the values of compressing the documents one by one
+    (megatron_nsa.reference.compress_packed). Documents whose starts agree modulo the stride share one
+    strided view of the packed tensor (one group for a [B, T] batch when T is a multiple of the stride);
+    phi runs on that view's windows and each document block is picked from it once, so the backward
+    needs no atomics. `rope(x, positions)` rotates each compressed key at its block's last token position
+    within its document.
+    """
+    block_size, stride = config.compress_block_size, config.compress_stride
+    bounds = cu_seqlens.detach().to("cpu", torch.int64).numpy()
+    parts_k, parts_v, starts, local = [], [], [], []
+    for offset, grid_ids, local_ids in _blocks_by_offset(bounds, block_size, stride):
+        k_windows = block_windows(k[offset:], block_size, stride)  # [grid windows, l, H_kv, d_k]: a view
+        v_windows = block_windows(v[offset:], block_size, stride)
+        if compressor is None:
+            grid_k, grid_v = k_windows.mean(dim=1), v_windows.mean(dim=1)
+        else:
+            grid_k, grid_v = compressor.compress_k(k_windows), compressor.compress_v(v_windows)
+        picked = torch.from_numpy(grid_ids).to(k.device)
+        parts_k.append(grid_k.index_select(0, picked))
+        parts_v.append(grid_v.index_select(0, picked))
+        starts.append(offset + grid_ids * stride)
+        local.append(local_ids)
+    if not parts_k:
+        return k.new_zeros((0,) + tuple(k.shape[1:])), v.new_zeros((0,) + tuple(v.shape[1:]))
+    compressed_k, compressed_v = torch.cat(parts_k), torch.cat(parts_v)
+    local_ids = numpy.concatenate(local)
+    if len(parts_k) > 1:  # back to document order, which is the order of the blocks' first rows
+        order = numpy.argsort(numpy.concatenate(starts), kind="stable")
+        local_ids = local_ids[order]
+        order = torch.from_numpy(order).to(k.device)
+        compressed_k, compressed_v = compressed_k.index_select(0, order), compressed_v.index_select(0, order)
+    if rope is not None:
+        positions = torch.from_numpy(local_ids * stride + block_size - 1).to(k.device)
+        compressed_k = rope(compressed_k, positions)
+    return compressed_k, compressed_v

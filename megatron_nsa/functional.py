@@ -7,7 +7,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .config import NSAConfig
-from .reference import RopeFn, compress_packed, nsa_reference
+from .compression import compress_documents
+from .reference import RopeFn, nsa_reference
 
 BACKENDS = ("torch", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -31,7 +32,8 @@ def triton_backend_available() -> bool:
 
 
 def _nsa_triton(q, ks, vs, gates, config: NSAConfig, cu_seqlens, compressor, compressed_rope):
-    """The Triton path: batch rows become packed documents; compression runs in PyTorch."""
+    """The Triton path: batch rows become packed documents; compression runs in PyTorch
+    (batched over the documents: megatron_nsa.compression.compress_documents)."""
     from nsa_kernels import make_docs, nsa_core
 
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -43,7 +45,7 @@ def _nsa_triton(q, ks, vs, gates, config: NSAConfig, cu_seqlens, compressor, com
         cu_seqlens = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seq_len
     packed = lambda t: t.reshape(batch * seq_len, *t.shape[2:])  # noqa: E731
     docs = make_docs(cu_seqlens, config.compress_block_size, config.compress_stride, config.select_block_size)
-    compressed_kv = compress_packed(packed(ks[0]), packed(vs[0]), cu_seqlens, config, compressor, compressed_rope)
+    compressed_kv = compress_documents(packed(ks[0]), packed(vs[0]), cu_seqlens, config, compressor, compressed_rope)
     out = nsa_core(packed(q), (packed(ks[1]), packed(vs[1])), (packed(ks[2]), packed(vs[2])), compressed_kv,
                    packed(gates), docs, config, config.scale_for(q.shape[-1]))
     return out.view(batch, seq_len, num_q_heads, -1)

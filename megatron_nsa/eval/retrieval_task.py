@@ -13,9 +13,10 @@ A sequence is a run of two-token records `key value`:
 
 After the first record each record is a query with probability `query_fraction`, asking for a key drawn
 uniformly from all keys defined so far, so that every distance from one record to the whole context is
-trained. With `mean_gap` > 0 each record is followed by filler: a number of random byte tokens
-drawn uniformly from [0, 2 * mean_gap]. A sequence then holds fewer keys to tell apart while its
-distances stay as long (a record cut by the sequence's end is left out). The loss mask covers only the
+trained. With `mean_gap` > 0 each definition is followed by filler: a number of random byte tokens
+drawn uniformly from [0, 2 * mean_gap]; queries follow one another without filler. A sequence then holds
+fewer keys to tell apart while its distances stay as long, and with a high `query_fraction` it still asks
+many questions (a record cut by the sequence's end is left out). The loss mask covers only the
 value tokens of queries (everything else is random). No markers tell definitions from queries: a model
 need not know, since a key it has not seen has no answer to learn.
 
@@ -44,7 +45,7 @@ class RetrievalFormat:
     num_keys: int = 16384
     num_values: int = 256
     query_fraction: float = 0.25
-    mean_gap: int = 0  # filler tokens after each record: uniform in [0, 2 * mean_gap], random bytes
+    mean_gap: int = 0  # filler tokens after each definition: uniform in [0, 2 * mean_gap], random bytes
 
     @property
     def first_value_id(self) -> int:
@@ -87,14 +88,23 @@ def check_key_space(fmt: RetrievalFormat, num_tokens: int, what: str) -> None:
                          f"retrieval.num_keys to at least {needed}")
 
 
-def generate_records(num_records: int, rng: numpy.random.Generator, fmt: RetrievalFormat,
-                     exclude_key: Optional[int] = None) -> Tuple[numpy.ndarray, numpy.ndarray]:
-    """`num_records` records -> (tokens [num_records, 2] int64, answer mask of the same shape).
-
-    Record 0 is always a definition; `exclude_key` (a key token id) is never defined nor queried.
-    """
+def draw_queries(num_records: int, rng: numpy.random.Generator, fmt: RetrievalFormat) -> numpy.ndarray:
+    """Which records are queries: [num_records] bool, each with probability query_fraction but record 0."""
     is_query = rng.random(num_records) < fmt.query_fraction
     is_query[0] = False
+    return is_query
+
+
+def generate_records(num_records: int, rng: numpy.random.Generator, fmt: RetrievalFormat,
+                     exclude_key: Optional[int] = None,
+                     is_query: Optional[numpy.ndarray] = None) -> Tuple[numpy.ndarray, numpy.ndarray]:
+    """`num_records` records -> (tokens [num_records, 2] int64, answer mask of the same shape).
+
+    Record 0 is always a definition; `exclude_key` (a key token id) is never defined nor queried;
+    `is_query` ([num_records] bool from draw_queries) fixes which records are queries (default: drawn here).
+    """
+    if is_query is None:
+        is_query = draw_queries(num_records, rng, fmt)
     defined_so_far = numpy.cumsum(~is_query)  # [num_records] definitions up to and including each record
     num_definitions = int(defined_so_far[-1])
     available = fmt.num_keys - (exclude_key is not None)
@@ -117,15 +127,17 @@ def lay_out(num_tokens: int, rng: numpy.random.Generator, fmt: RetrievalFormat,
             exclude_key: Optional[int] = None) -> Tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
     """Exactly `num_tokens` tokens starting at a record: (tokens [num_tokens] int64, answer mask
     [num_tokens] bool, record_starts [num_records] offsets). Without gaps the last record may be cut;
-    with gaps (fmt.mean_gap > 0) every record is whole and filler follows each one."""
+    with gaps (fmt.mean_gap > 0) every record is whole and filler follows each definition."""
     if fmt.mean_gap == 0:
         tokens, answer_mask = generate_records(keys_needed(num_tokens), rng, fmt, exclude_key)
         record_starts = numpy.arange(0, num_tokens, RECORD_LENGTH)
         return tokens.reshape(-1)[:num_tokens], answer_mask.reshape(-1)[:num_tokens], record_starts
-    gaps = rng.integers(0, 2 * fmt.mean_gap + 1, size=keys_needed(num_tokens))  # [max records]
+    is_query = draw_queries(keys_needed(num_tokens), rng, fmt)  # [max records]
+    gaps = numpy.where(is_query, 0, rng.integers(0, 2 * fmt.mean_gap + 1, size=is_query.size))  # [max records]
     record_ends = numpy.cumsum(RECORD_LENGTH + gaps) - gaps  # [max records] offset after each record's value
     num_records = int(numpy.searchsorted(record_ends, num_tokens, side="right"))  # whole records that fit
-    records, record_mask = generate_records(max(num_records, 1), rng, fmt, exclude_key)
+    drawn = max(num_records, 1)
+    records, record_mask = generate_records(drawn, rng, fmt, exclude_key, is_query[:drawn])
     tokens = rng.integers(0, BYTE_RANGE, size=num_tokens)  # [num_tokens] filler bytes, records written over
     answer_mask = numpy.zeros(num_tokens, dtype=bool)
     record_starts = record_ends[:num_records] - RECORD_LENGTH

@@ -118,9 +118,9 @@ def test_recipe_checks():
         load_recipe(None, ["data.source=retrieval", "data.seq_length=8192", "retrieval.num_keys=4000"])
 
 
-@pytest.mark.parametrize("mean_gap", [1, 6, 40])
-def test_gaps_put_whole_records_between_filler_bytes(mean_gap):
-    fmt = RetrievalFormat(num_keys=2000, num_values=37, query_fraction=0.4, mean_gap=mean_gap)
+@pytest.mark.parametrize("mean_gap,query_fraction", [(1, 0.4), (6, 0.4), (40, 0.4), (40, 0.9)])
+def test_gaps_put_whole_records_between_filler_bytes(mean_gap, query_fraction):
+    fmt = RetrievalFormat(num_keys=2000, num_values=37, query_fraction=query_fraction, mean_gap=mean_gap)
     num_tokens = 3001
     tokens, answer_mask, record_starts = lay_out(num_tokens, sample_rng(2, TRAIN_STREAM, 0), fmt)
     assert tokens.shape == answer_mask.shape == (num_tokens,)
@@ -130,10 +130,15 @@ def test_gaps_put_whole_records_between_filler_bytes(mean_gap):
     record_tokens = numpy.zeros(num_tokens, dtype=bool)
     record_tokens[numpy.concatenate([record_starts, record_starts + 1])] = True
     assert ((tokens[~record_tokens] >= 0) & (tokens[~record_tokens] < BYTE_RANGE)).all()  # filler: bytes only
-    gaps = numpy.diff(numpy.append(record_starts, num_tokens)) - RECORD_LENGTH
-    assert gaps[:-1].min() >= 0 and gaps[:-1].max() <= 2 * mean_gap
-    assert abs(gaps[:-1].mean() - mean_gap) < 0.25 * mean_gap + 0.5
-    assert len(record_starts) < num_tokens / (RECORD_LENGTH + mean_gap) * 1.3
+    gaps = numpy.diff(numpy.append(record_starts, num_tokens)) - RECORD_LENGTH  # filler after each record
+    is_query = answer_mask[record_starts + 1]
+    assert (gaps[:-1][is_query[:-1]] == 0).all()  # queries follow one another
+    definition_gaps = gaps[:-1][~is_query[:-1]]  # filler after each definition
+    assert definition_gaps.min() >= 0 and definition_gaps.max() <= 2 * mean_gap
+    assert abs(definition_gaps.mean() - mean_gap) < 0.25 * mean_gap + 0.5
+    expected_records = num_tokens / (RECORD_LENGTH + (1 - query_fraction) * mean_gap)
+    assert 0.7 * expected_records < len(record_starts) < 1.3 * expected_records
+    assert abs(is_query.mean() - query_fraction) < 0.1
     # queries answer the value their key was defined with; the mask marks exactly those values
     defined = {}
     for start in record_starts.tolist():
