@@ -140,9 +140,11 @@ def compress_documents(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tenso
             grid_k, grid_v = k_windows.mean(dim=1), v_windows.mean(dim=1)
         else:
             grid_k, grid_v = compressor.compress_k(k_windows), compressor.compress_v(v_windows)
-        picked = torch.from_numpy(grid_ids).to(k.device)
-        parts_k.append(grid_k.index_select(0, picked))
-        parts_v.append(grid_v.index_select(0, picked))
+        if len(grid_ids) < grid_k.shape[0]:  # some windows straddle documents: keep the documents' own
+            picked = torch.from_numpy(grid_ids).to(k.device)
+            grid_k, grid_v = grid_k.index_select(0, picked), grid_v.index_select(0, picked)
+        parts_k.append(grid_k)
+        parts_v.append(grid_v)
         starts.append(offset + grid_ids * stride)
         local.append(local_ids)
     if not parts_k:

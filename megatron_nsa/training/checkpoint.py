@@ -13,7 +13,8 @@ so a crash at any point leaves the previous checkpoint as the newest complete on
 
 On CUDA the shards are megatron.core.dist_checkpointing (torch_dist) state, which can be reloaded under
 another parallel layout; on CPU (where that writer needs CUDA) every rank saves its own state dicts
-and the layout must match on resume.
+and the layout must match on resume. That writer reports results through a multiprocessing server that
+SIGTERM must not kill (see start_writer_results_server).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from typing import List, Optional
 
 import numpy
@@ -85,6 +87,28 @@ def list_checkpoints(directory: str) -> List[str]:
     return sorted(names, key=_step_of)
 
 
+def start_writer_results_server() -> None:
+    """Start dist_checkpointing's write-results server now, deaf to SIGTERM.
+
+    megatron.core's torch_dist writer sends its results through a multiprocessing Manager that it spawns
+    at the first save. SLURM preemption and `timeout` send SIGTERM to every process of the job, that
+    server included: it dies, and the save that the SIGTERM asks for fails (EOFError), so the run stops
+    without its last checkpoint. An ignored signal stays ignored across exec, so the server spawned here
+    ignores SIGTERM; the trainer's own handler is back once it runs (a SIGTERM inside that instant is lost).
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    start = getattr(filesystem_async, "get_write_results_queue", None) or \
+        getattr(filesystem_async, "_get_write_results_queue", None)  # megatron-core >= 0.17 / 0.16
+    if start is None:
+        return
+    handler = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        start()
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+
+
 class Checkpointer:
     """Saves and restores one training run's state in recipe.checkpoint.dir."""
 
@@ -97,6 +121,8 @@ class Checkpointer:
         self.model = core_model
         self.optimizer = optimizer
         self.scheduler = scheduler
+        if self.format == "dist_checkpointing":
+            start_writer_results_server()
 
     @property
     def format(self) -> str:
