@@ -11,7 +11,7 @@ prediction (teacher forcing: one forward pass scores all of them).
 
 Two formats:
   retrieval  the synthetic task's records (megatron_nsa.eval.retrieval_task): filler = a task sequence
-             whose keys all differ from the needle's (with the recipe's mean_gap between records),
+             whose keys all differ from the needle's (with the recipe's mean_gap after definitions),
              needle = one definition `key value`, question `key`, answer `value` (one token each)
   text       filler = validation text of the model's corpus, needle `\\nThe secret code of kbfo is 4821.\\n`,
              question `\\nThe secret code of kbfo is `, answer `4821`

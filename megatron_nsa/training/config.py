@@ -96,7 +96,7 @@ class RetrievalSection:
     num_keys: int = 16384  # key token ids [258, 258 + num_keys): one fresh key per definition
     num_values: int = 256  # value token ids right after the keys
     query_fraction: float = 0.25  # share of records that query an earlier key (the loss is on their values)
-    mean_gap: int = 0  # random byte tokens after each record, uniform in [0, 2 * mean_gap]: fewer keys per sequence
+    mean_gap: int = 0  # random byte tokens after each definition, uniform in [0, 2 * mean_gap]: fewer keys per sequence
 
 
 @dataclasses.dataclass
