@@ -16,6 +16,11 @@ Each experiment trains configs/small_{lm,retrieval}_8k.yaml twice, NSA first, th
   4. Both final checkpoints are evaluated in this process (megatron_nsa.eval): validation loss on the same
      batches (lm), needle accuracy over depths x lengths (retrieval) and the answer-token loss.
 
+--stages runs a length curriculum first, e.g. `--stages 128:200 512:150,retrieval.mean_gap=4`: each
+stage (LENGTH:STEPS[,section.key=value...]) trains that many steps at LENGTH tokens with the batch scaled
+to the same tokens per step, and the next stage (the last one at --seq-length) resumes its checkpoint.
+Both models run the same stages; the learning rate decays over all of them.
+
 The budget counts from each run's first completed step (start-up and kernel compilation excluded).
 --deadline-s bounds the whole script: the dense run's budget shrinks to leave time for evaluation.
 Writes under OUT/<experiment>/: {nsa,dense}/train.log, metrics.jsonl, checkpoints (removed at the end
@@ -60,6 +65,7 @@ TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads
         "training.micro_batch_size=2", "training.global_batch_size=4", "training.eval_steps=1", "optimizer.lr=3e-3",
         "training.device=cpu"]
 TINY_RETRIEVAL = ["retrieval.num_keys=256", "retrieval.num_values=64"]  # enough keys for 256-token needles
+STAGE_KEYS = ("data.seq_length", "training.global_batch_size", "training.micro_batch_size")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-reserve-s", type=float, default=None,
                         help="seconds the deadline keeps for evaluating both models (default 45 lm, 100 retrieval)")
     parser.add_argument("--cache-dir", default=None, help="data.cache_dir for the corpus (default: the recipe's)")
+    parser.add_argument("--stages", nargs="+", default=[], metavar="LENGTH:STEPS[,section.key=value...]",
+                        help="length curriculum before the --seq-length training: each stage trains STEPS steps at "
+                             "LENGTH tokens (a divisor of --seq-length; same tokens per step) with its overrides")
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="toy sizes on CPU, fixed steps: checks the logic")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides for both models")
@@ -100,7 +109,40 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--steps {args.steps} is not allowed: 'auto' or an integer >= 2")
     if args.experiment == "retrieval" and len(args.samples) not in (1, len(args.eval_lengths)):
         parser.error(f"--samples takes one count or one per --eval-lengths ({len(args.eval_lengths)})")
+    try:
+        args.stages = [parse_stage(text, args.seq_length) for text in args.stages]
+    except ValueError as err:
+        parser.error(str(err))
     return args
+
+
+def parse_stage(text: str, seq_length: int) -> dict:
+    """'LENGTH:STEPS[,section.key=value...]' -> {length, steps, overrides}; ValueError naming what is wrong."""
+    head, *overrides = text.split(",")
+    fields = head.split(":")
+    if len(fields) != 2 or not all(f.isdigit() for f in fields):
+        raise ValueError(f"--stages {text!r} is not allowed: write LENGTH:STEPS[,section.key=value...], "
+                         "e.g. 512:150,retrieval.mean_gap=4")
+    length, steps = int(fields[0]), int(fields[1])
+    if not 0 < length < seq_length or seq_length % length:
+        raise ValueError(f"--stages {text!r}: length {length} is not allowed: it must be smaller than --seq-length "
+                         f"{seq_length} and divide it (the batch grows by --seq-length / length)")
+    if steps < 1:
+        raise ValueError(f"--stages {text!r}: steps {steps} is not allowed: at least 1")
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if "=" not in override or key in STAGE_KEYS:
+            raise ValueError(f"--stages {text!r}: override {override!r} is not allowed: give section.key=value, "
+                             f"other than {', '.join(STAGE_KEYS)} (the stage sets those)")
+    return {"length": length, "steps": steps, "overrides": overrides}
+
+
+def stage_overrides(stage: dict, settings) -> List[str]:
+    """Length and batch of a stage: the recipe's tokens per step (global and micro batch scaled alike)."""
+    ratio = settings.data.seq_length // stage["length"]
+    return [f"data.seq_length={stage['length']}",
+            f"training.global_batch_size={settings.training.global_batch_size * ratio}",
+            f"training.micro_batch_size={settings.training.micro_batch_size * ratio}", *stage["overrides"]]
 
 
 class Clock:
@@ -182,21 +224,53 @@ def train(name: str, workdir: str, recipe: str, overrides: List[str], budget_s: 
     }
 
 
-def plan_steps(args, recipe: str, common: List[str], workdir: str, clock: Clock) -> Dict[str, float]:
+def plan_steps(args, recipe: str, common: List[str], workdir: str, clock: Clock,
+               stage_steps: int, num_stages: int) -> Dict[str, float]:
     """--steps auto: time CALIBRATION_STEPS NSA steps; plan the steps that fill the NSA budget: --time-budget-s,
     or less when the deadline cannot take two such runs (dense assumed as slow as NSA), each with
-    RUN_OVERHEAD_S of start-up and saving, plus the evaluation reserve."""
+    RUN_OVERHEAD_S of start-up and saving, plus both models' warm-up stages (stage_steps steps in
+    num_stages processes each, at the calibrated step time: a stage has the same tokens per step) and the
+    evaluation reserve."""
     if args.steps != "auto":
         return {"steps": int(args.steps), "calibration_step_s": None, "nsa_budget_s": args.time_budget_s}
     run = train("calibration", workdir, recipe, common + [
         "model.attention=nsa", f"training.train_steps={CALIBRATION_STEPS}", "optimizer.warmup_steps=1",
         "training.eval_interval=0", "checkpoint.dir=null"], budget_s=120)
-    budget = min(args.time_budget_s, (clock.left() - args.eval_reserve_s - 2 * RUN_OVERHEAD_S) / 2)
+    stages_s = stage_steps * run["median_step_s"] + num_stages * RUN_OVERHEAD_S  # per model
+    budget = min(args.time_budget_s, (clock.left() - args.eval_reserve_s - 2 * RUN_OVERHEAD_S - 2 * stages_s) / 2)
     if budget < args.time_budget_s:
         print(f"[plan] --deadline-s {args.deadline_s:.0f}: NSA budget lowered to {budget:.0f} s", flush=True)
     steps = max(10, int(0.97 * budget / run["median_step_s"]))
-    print(f"[plan] NSA step {run['median_step_s']:.3f} s -> {steps} steps in {budget:.0f} s", flush=True)
+    print(f"[plan] NSA step {run['median_step_s']:.3f} s -> {steps} steps in {budget:.0f} s"
+          + (f" after {stage_steps} warm-up steps (about {stages_s:.0f} s)" if num_stages else ""), flush=True)
     return {"steps": steps, "calibration_step_s": run["median_step_s"], "nsa_budget_s": budget}
+
+
+def train_stages(name: str, workdir: str, recipe: str, stage_runs: List[List[str]], fixed: List[str]) -> List[dict]:
+    """The warm-up stages of one model, each resuming the previous one's checkpoint: stage_runs holds each
+    stage's overrides (length, batch, its own settings, schedule); fixed the model's and checkpoint's."""
+    runs = []
+    for number, overrides in enumerate(stage_runs, 1):
+        resume = "checkpoint.resume=true" if number > 1 else "checkpoint.resume=false"
+        run = train(f"{name} stage {number}", os.path.join(workdir, f"stage_{number}"), recipe,
+                    overrides + fixed + [resume], budget_s=float("inf"))
+        if run["error"]:
+            raise RuntimeError(f"[{name}] warm-up stage {number} failed: {run['error']}")
+        runs.append(run)
+    return runs
+
+
+def merge_stages(stage_runs: List[dict], run: dict) -> dict:
+    """One model's record over its warm-up stages and its main run: curves joined (global step numbers),
+    peak memory over all; steps, times and throughput stay the main run's."""
+    merged = dict(run)
+    for key in ("train_loss", "validation_loss"):
+        merged[key] = [point for stage in stage_runs for point in stage[key]] + run[key]
+    merged["peak_memory_gib"] = max([r["peak_memory_gib"] for r in stage_runs + [run] if r["peak_memory_gib"]],
+                                    default=None)
+    merged["stages"] = [{"steps": r["steps"], "wall_s": r["wall_s"], "validation_loss": r["validation_loss"][-1:]}
+                        for r in stage_runs]
+    return merged
 
 
 def schedule_overrides(steps_planned: int, steps_to_run: int, tiny: bool) -> List[str]:
@@ -253,28 +327,41 @@ def main(argv=None) -> int:
     common = [*tiny, f"data.seq_length={args.seq_length}", *args.overrides]
     if args.cache_dir:
         common.append(f"data.cache_dir={os.path.abspath(args.cache_dir)}")
-    try:  # before any training: the recipe, and the needle lengths against the key range
+    try:  # before any training: the recipe of every stage, and the needle lengths against the key range
         settings = load_recipe(os.path.join(REPO, recipe), common)
+        stage_common = [common + stage_overrides(stage, settings) for stage in args.stages]
+        for overrides in stage_common:
+            load_recipe(os.path.join(REPO, recipe), overrides)
         if args.experiment == "retrieval":
             check_grid_lengths(args.eval_lengths, "retrieval", RetrievalFormat.of(settings.retrieval))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     batch = settings.training.global_batch_size
+    stage_steps = sum(stage["steps"] for stage in args.stages)
     summary = {"experiment": args.experiment, "recipe": recipe, "overrides": common, "seq_length": args.seq_length,
                "global_batch_size": batch, "time_budget_s": args.time_budget_s, "tiny": args.tiny,
-               "environment": device_description(args.tiny), "models": {}}
+               "stages": args.stages, "environment": device_description(args.tiny), "models": {}}
     summary_path = os.path.join(out, "summary.json")
 
     def save():
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=1)
 
-    summary.update(plan_steps(args, recipe, common, os.path.join(out, "calibration"), clock))
-    planned = summary["steps"]
+    summary.update(plan_steps(args, recipe, common, os.path.join(out, "calibration"), clock, stage_steps,
+                              len(args.stages)))
+    planned = stage_steps + summary["steps"]  # global step numbers: the warm-up stages come first
     save()
     steps_to_run = planned
     for name in ("nsa", "dense"):
+        workdir = os.path.join(out, name)
+        fixed = [f"model.attention={name}", f"checkpoint.dir={os.path.join(workdir, 'checkpoints')}",
+                 "checkpoint.save_interval=0", "checkpoint.keep_last=1"]
+        done, stage_runs = 0, []
+        for stage, overrides in zip(args.stages, stage_common):
+            done += stage["steps"]
+            stage_runs.append(overrides + schedule_overrides(planned, done, args.tiny))
+        stage_results = train_stages(name, workdir, recipe, stage_runs, fixed)
         budget = summary["nsa_budget_s"]
         if name == "dense":
             steps_to_run = summary["models"]["nsa"]["steps"]
@@ -282,11 +369,9 @@ def main(argv=None) -> int:
             overhead = 1.3 * (nsa["wall_s"] - (nsa["train_s"] or 0.0))  # start-up, compilation, saving
             # equal tokens first: dense may take up to 1.5x NSA's budget if the deadline allows
             budget = max(10.0, min(1.5 * budget, clock.left() - overhead - args.eval_reserve_s))
-        workdir = os.path.join(out, name)
-        overrides = common + schedule_overrides(planned, steps_to_run, args.tiny) + [
-            f"model.attention={name}", f"checkpoint.dir={os.path.join(workdir, 'checkpoints')}",
-            "checkpoint.save_interval=0", "checkpoint.keep_last=1", "checkpoint.resume=false"]
-        run = train(name, workdir, recipe, overrides, budget)
+        overrides = common + schedule_overrides(planned, steps_to_run, args.tiny) + fixed + [
+            f"checkpoint.resume={'true' if args.stages else 'false'}"]
+        run = merge_stages(stage_results, train(name, workdir, recipe, overrides, budget))
         run["tokens"] = run["steps"] * batch * args.seq_length
         summary["models"][name] = run
         save()

@@ -102,6 +102,13 @@ def write_report(summary: dict, out_dir: str, device_slug: Optional[str] = None)
         model_table(summary),
         "",
     ]
+    if summary.get("stages"):
+        described = ", ".join(f"{stage['length']:,} tokens x {stage['steps']} steps"
+                              + (f" (`{' '.join(stage['overrides'])}`)" if stage["overrides"] else "")
+                              for stage in summary["stages"])
+        parts += [f"Both models first trained the same length curriculum, each stage resuming the previous one's "
+                  f"checkpoint with the same tokens per step: {described}; then {seq:,} tokens. Steps, tokens and "
+                  f"curves count the stages; the planned steps above do not.", ""]
     if not summary.get("equal_tokens", True):
         parts += ["**The two models did not train the same number of tokens** (the dense run hit its time budget); "
                   "compare the curves at equal steps below.", ""]

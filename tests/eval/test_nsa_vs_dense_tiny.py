@@ -51,3 +51,49 @@ def test_needle_lengths_past_the_key_range_fail_before_training(tmp_path):
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert "retrieval.num_keys=256 is too small for the needle length (--lengths)=1024" in done.stderr
     assert not (tmp_path / "retrieval" / "calibration").exists()  # nothing was trained
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MEGATRON_NSA_EXPERIMENT_TESTS") != "1",
+                    reason="~1.5 min of training processes; set MEGATRON_NSA_EXPERIMENT_TESTS=1 to run it")
+def test_tiny_experiment_with_a_length_curriculum(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    command = [sys.executable, str(REPO / "benchmarks" / "nsa_vs_dense.py"), "--experiment", "retrieval", "--tiny",
+               "--out", str(tmp_path), "--steps", "5", "--stages", "32:3", "64:2,retrieval.mean_gap=2"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "retrieval"
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("nsa", "dense"):
+        run = summary["models"][name]
+        assert run["steps"] == 3 + 2 + 5 and [s["steps"] for s in run["stages"]] == [3, 5]
+        assert [point[0] for point in run["validation_loss"]][-1] == 10 and run["final"]["step"] == 10
+        assert "resumed from" not in (out / name / "stage_1" / "train.log").read_text()
+        assert "checkpoints/step_00000003 at step 3" in (out / name / "stage_2" / "train.log").read_text()
+        assert "checkpoints/step_00000005 at step 5" in (out / name / "train.log").read_text()
+        stage_2 = (out / name / "stage_2" / "metrics.jsonl").read_text()
+        assert '"tokens_per_second"' in stage_2
+    stage_2_log = (out / "nsa" / "stage_2" / "train.log").read_text()
+    assert "data.seq_length=64" in done.stdout and "training.global_batch_size=8" in done.stdout
+    assert "retrieval.mean_gap=2" in done.stdout and "steps 3..5" in stage_2_log
+    report = (out / "nsa_vs_dense_retrieval_cpu.md").read_text()
+    assert "32 tokens x 3 steps, 64 tokens x 2 steps (`retrieval.mean_gap=2`)" in report
+
+
+@pytest.mark.parametrize("stage,message", [
+    ("100:5", "length 100 is not allowed: it must be smaller than --seq-length 128 and divide it"),
+    ("128:5", "length 128 is not allowed"),
+    ("32", "is not allowed: write LENGTH:STEPS"),
+    ("32:0", "steps 0 is not allowed"),
+    ("32:5,data.seq_length=16", "override 'data.seq_length=16' is not allowed"),
+    ("32:5,retrieval.mean_gap", "override 'retrieval.mean_gap' is not allowed"),
+    ("32:5,retrieval.mean_gap=-1", "retrieval.mean_gap=-1 is not allowed"),
+])
+def test_bad_stages_fail_before_training(tmp_path, stage, message):
+    command = [sys.executable, str(REPO / "benchmarks" / "nsa_vs_dense.py"), "--experiment", "retrieval", "--tiny",
+               "--out", str(tmp_path), "--stages", stage]
+    done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert message in done.stderr
+    assert not (tmp_path / "retrieval" / "calibration").exists()  # nothing was trained
