@@ -92,7 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=None, help="data.cache_dir for the corpus (default: the recipe's)")
     parser.add_argument("--stages", nargs="+", default=[], metavar="LENGTH:STEPS[,section.key=value...]",
                         help="length curriculum before the --seq-length training: each stage trains STEPS steps at "
-                             "LENGTH tokens (a divisor of --seq-length; same tokens per step) with its overrides")
+                             "LENGTH tokens (a divisor of --seq-length; same tokens per step) with its overrides; "
+                             "it takes every word after it, so give the recipe overrides before it")
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="toy sizes on CPU, fixed steps: checks the logic")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides for both models")
