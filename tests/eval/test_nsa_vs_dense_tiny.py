@@ -15,17 +15,24 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+experiment_run = pytest.mark.skipif(os.environ.get("MEGATRON_NSA_EXPERIMENT_TESTS") != "1",
+                                    reason="1-2 min of training; set MEGATRON_NSA_EXPERIMENT_TESTS=1 to run it")
+
+
+def run_tiny(tmp_path, *arguments: str) -> subprocess.CompletedProcess:
+    """The driver's --tiny retrieval experiment, which must succeed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    command = [sys.executable, str(REPO / "benchmarks" / "nsa_vs_dense.py"), "--experiment", "retrieval", "--tiny",
+               "--out", str(tmp_path), *arguments]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("MEGATRON_NSA_EXPERIMENT_TESTS") != "1",
-                    reason="~1 min of training processes; set MEGATRON_NSA_EXPERIMENT_TESTS=1 to run it")
+@experiment_run
 def test_tiny_retrieval_experiment(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    command = [sys.executable, str(REPO / "benchmarks" / "nsa_vs_dense.py"), "--experiment", "retrieval", "--tiny",
-               "--out", str(tmp_path), "--steps", "auto", "--time-budget-s", "3"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_tiny(tmp_path, "--steps", "auto", "--time-budget-s", "3")
     summary = json.loads((tmp_path / "retrieval" / "summary.json").read_text())
     nsa, dense = summary["models"]["nsa"], summary["models"]["dense"]
     assert summary["calibration_step_s"] > 0 and summary["steps"] >= 10
@@ -54,14 +61,9 @@ def test_needle_lengths_past_the_key_range_fail_before_training(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("MEGATRON_NSA_EXPERIMENT_TESTS") != "1",
-                    reason="~1.5 min of training processes; set MEGATRON_NSA_EXPERIMENT_TESTS=1 to run it")
+@experiment_run
 def test_tiny_experiment_with_a_length_curriculum(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    command = [sys.executable, str(REPO / "benchmarks" / "nsa_vs_dense.py"), "--experiment", "retrieval", "--tiny",
-               "--out", str(tmp_path), "--steps", "5", "--stages", "32:3", "64:2,retrieval.mean_gap=2"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_tiny(tmp_path, "--steps", "5", "--stages", "32:3", "64:2,retrieval.mean_gap=2")
     out = tmp_path / "retrieval"
     summary = json.loads((out / "summary.json").read_text())
     for name in ("nsa", "dense"):
