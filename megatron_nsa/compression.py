@@ -103,7 +103,6 @@ class KVCompressor(nn.Module):
         return self.v_map(windows)
 
 
-
 def _blocks_by_offset(bounds: numpy.ndarray, block_size: int, stride: int):
     """Compressed blocks of the documents [bounds[i], bounds[i+1]), grouped by their grid offset
     (document start % stride). Yields (offset, grid_ids, local_ids): block b of a document starting at s

@@ -99,7 +99,7 @@ def start_writer_results_server() -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     start = getattr(filesystem_async, "get_write_results_queue", None) or \
-        getattr(filesystem_async, "_get_write_results_queue", None)  # megatron-core >= 0.17 / 0.16
+        getattr(filesystem_async, "_get_write_results_queue", None)  # megatron-core 0.19 / 0.16
     if start is None:
         return
     handler = signal.signal(signal.SIGTERM, signal.SIG_IGN)
