@@ -1,8 +1,13 @@
 """Selected-block attention, group-centric (NSA paper, section 3.4).
 
-Forward and dQ: one program per (query token, KV head) loads the G query heads of the group
-together and streams the token's selected K/V blocks (l' tokens each), causal inside the block
-that holds the token.
+Forward and dQ: one program per (tile of query tokens, KV head) loads the G query heads of the
+group for each of the tile's tokens together and streams the union of the tokens' selected K/V
+blocks (l' tokens each), each block once; a row sees a block's keys when its token picked the block,
+causal inside the block that holds the token. A tile has one token when G >= 16 (the paper's
+group-centric kernel); for smaller groups it has ROWS // G tokens (launch parameter ROWS, 16 by
+default), so that the matrix units get full tiles instead of G rows padded to 16, and a block that
+neighbouring tokens share (the forced initial and local blocks at least) is read once for them all.
+The union of each tile is built on the host side (`tile_block_union`).
 
 dK/dV: no atomics. The selection is inverted on the host side into, per (KV head, block), the
 sorted list of query tokens that picked it; long lists are cut into pieces of at most
@@ -29,46 +34,88 @@ PIECE = 512
 
 
 @triton.jit
-def _used_slots(IDX_ROW, N_SELECT: tl.constexpr, N_SELECT_P2: tl.constexpr):
-    """Number of used slots of one (token, KV head): the used ones come first, then -1s, so the
-    loops over slots stop there (a context-parallel piece may leave most slots unused)."""
-    slots = tl.arange(0, N_SELECT_P2)
-    ids = tl.load(IDX_ROW + slots, mask=slots < N_SELECT, other=-1)
+def _used_slots(ROW, N: tl.constexpr, N_P2: tl.constexpr):
+    """Number of used slots of a list whose used entries come first, then -1s, so that loops over
+    the slots stop there (a context-parallel piece may leave most slots unused)."""
+    slots = tl.arange(0, N_P2)
+    ids = tl.load(ROW + slots, mask=slots < N, other=-1)
     return tl.sum((ids >= 0).to(tl.int32), 0)
 
 
 @triton.jit
+def _tile_rows(tile, kv_head, num_rows, RowPos, G: tl.constexpr, GP: tl.constexpr, TOKENS: tl.constexpr):
+    """The rows of one program: TOKENS consecutive query tokens x the G heads of a KV group (row r is
+    token r // GP, head r % GP). Returns (token [R] int64, head [R], row_ok [R], position [R], -1 where
+    not row_ok)."""
+    offs_r = tl.arange(0, TOKENS * GP)
+    token = tile.to(tl.int64) * TOKENS + offs_r // GP
+    row_ok = (token < num_rows) & (offs_r % GP < G)
+    head = kv_head * G + offs_r % GP
+    t = tl.load(RowPos + token, mask=row_ok, other=-1)
+    return token, head, row_ok, t
+
+
+@triton.jit
+def _token_block_ids(IDX, RowSlcStart, token, row_ok, kv_head, sit, sih,
+                     N_SELECT: tl.constexpr, N_SELECT_P2: tl.constexpr):
+    """[R, N_SELECT_P2] global block ids each row's token selected (-1: unused slot or dead row)."""
+    slots = tl.arange(0, N_SELECT_P2)
+    ids = tl.load(IDX + token[:, None] * sit + kv_head * sih + slots[None, :],
+                  mask=row_ok[:, None] & (slots[None, :] < N_SELECT), other=-1)
+    first = tl.load(RowSlcStart + token, mask=row_ok, other=0)
+    return tl.where(ids >= 0, ids + first[:, None], -1)
+
+
+@triton.jit
+def _union_block(TILE_BLOCKS, BlockDocs, slot, num_blocks, token_block_ids, t, row_ok,
+                 SLC_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS: tl.constexpr):
+    """One block of the program's union: (key rows [BLOCK_N] int64, key_ok [BLOCK_N], visible [R, BLOCK_N]).
+    A row sees a key when its token selected the block and the key is not after the token."""
+    block = tl.load(TILE_BLOCKS + slot)  # global block id
+    doc = tl.load(BlockDocs + block)
+    local_block = tl.load(BlockDocs + num_blocks + block)
+    doc_end = tl.load(BlockDocs + 2 * num_blocks + block)
+    offs_n = tl.arange(0, BLOCK_N)
+    pos = local_block * SLC_BLOCK + offs_n
+    krow = (doc + pos).to(tl.int64)
+    key_ok = (offs_n < SLC_BLOCK) & (krow < doc_end)
+    visible = key_ok[None, :] & (pos[None, :] <= t[:, None]) & row_ok[:, None]
+    if TOKENS > 1:  # one token's union is its own selection
+        picked = tl.sum((token_block_ids == block).to(tl.int32), 1) > 0
+        visible = visible & picked[:, None]
+    return krow, key_ok, visible
+
+
+@triton.jit
 def _selected_fwd(
-    Q, K, V, O, LSE, IDX, RowPos, RowKeyStart,
-    sqt, sqh, skt, skh, svt, svh, sot, soh, slt, slh, sit, sih,
-    qk_scale,
-    G: tl.constexpr, GP: tl.constexpr, N_SELECT: tl.constexpr, N_SELECT_P2: tl.constexpr, SLC_BLOCK: tl.constexpr,
+    Q, K, V, O, LSE, IDX, TILE_BLOCKS, RowPos, RowSlcStart, BlockDocs,
+    sqt, sqh, skt, skh, svt, svh, sot, soh, slt, slh, sit, sih, stt, sth,
+    qk_scale, num_rows, num_blocks,
+    G: tl.constexpr, GP: tl.constexpr, TOKENS: tl.constexpr, N_SELECT: tl.constexpr, N_SELECT_P2: tl.constexpr,
+    N_UNION: tl.constexpr, N_UNION_P2: tl.constexpr, SLC_BLOCK: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    t = tl.load(RowPos + row)  # the query's position in its document
-    doc = tl.load(RowKeyStart + row)  # key row of that document's first token
-    offs_g = tl.arange(0, GP)
-    g_ok = offs_g < G
-    heads = kv_head * G + offs_g
+    token, heads, row_ok, t = _tile_rows(tile, kv_head, num_rows, RowPos, G, GP, TOKENS)
+    token_block_ids = 0
+    if TOKENS > 1:
+        token_block_ids = _token_block_ids(IDX, RowSlcStart, token, row_ok, kv_head, sit, sih, N_SELECT, N_SELECT_P2)
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_n = tl.arange(0, BLOCK_N)
-    q_a, q_b = load_qk(Q + row * sqt + heads * sqh, g_ok, DK, DK_A, DK_B)
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, BLOCK_DV], tl.float32)
-    for slot in range(0, _used_slots(IDX + row * sit + kv_head * sih, N_SELECT, N_SELECT_P2)):
-        block = tl.load(IDX + row * sit + kv_head * sih + slot)
-        pos = block * SLC_BLOCK + offs_n
-        key_ok = (offs_n < SLC_BLOCK) & (pos >= 0) & (pos <= t)
-        krow = (doc + pos).to(tl.int64)
+    q_a, q_b = load_qk(Q + token * sqt + heads * sqh, row_ok, DK, DK_A, DK_B)
+    m_i = tl.full([TOKENS * GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([TOKENS * GP], tl.float32)
+    acc = tl.zeros([TOKENS * GP, BLOCK_DV], tl.float32)
+    union = TILE_BLOCKS + tile.to(tl.int64) * stt + kv_head * sth
+    for slot in range(0, _used_slots(union, N_UNION, N_UNION_P2)):
+        krow, key_ok, visible = _union_block(union, BlockDocs, slot, num_blocks, token_block_ids, t, row_ok,
+                                             SLC_BLOCK, BLOCK_N, TOKENS)
         k_a, k_b = load_qk(K + krow * skt + kv_head * skh, key_ok, DK, DK_A, DK_B)
         v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
                     mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
-        s = tl.where(key_ok[None, :], s, float("-inf"))
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: no NaN
         p = tl.exp2(s - m_ref[:, None])
@@ -77,49 +124,47 @@ def _selected_fwd(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no visible key gives 0 (and lse -inf)
-    tl.store(O + row * sot + heads[:, None] * soh + offs_dv[None, :], out.to(O.dtype.element_ty),
-             mask=g_ok[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSE + row * slt + heads * slh, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=g_ok)
+    tl.store(O + token[:, None] * sot + heads[:, None] * soh + offs_dv[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + token * slt + heads * slh, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
 
 
 @triton.jit
 def _selected_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, IDX, RowPos, RowKeyStart,
-    sqt, sqh, skt, skh, svt, svh, sdot, sdoh, slt, slh, sit, sih, sdqt, sdqh,
-    qk_scale, sm_scale,
-    G: tl.constexpr, GP: tl.constexpr, N_SELECT: tl.constexpr, N_SELECT_P2: tl.constexpr, SLC_BLOCK: tl.constexpr,
+    Q, K, V, DO, LSE, DELTA, DQ, IDX, TILE_BLOCKS, RowPos, RowSlcStart, BlockDocs,
+    sqt, sqh, skt, skh, svt, svh, sdot, sdoh, slt, slh, sit, sih, stt, sth, sdqt, sdqh,
+    qk_scale, sm_scale, num_rows, num_blocks,
+    G: tl.constexpr, GP: tl.constexpr, TOKENS: tl.constexpr, N_SELECT: tl.constexpr, N_SELECT_P2: tl.constexpr,
+    N_UNION: tl.constexpr, N_UNION_P2: tl.constexpr, SLC_BLOCK: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    t = tl.load(RowPos + row)  # the query's position in its document
-    doc = tl.load(RowKeyStart + row)  # key row of that document's first token
-    offs_g = tl.arange(0, GP)
-    g_ok = offs_g < G
-    heads = kv_head * G + offs_g
+    token, heads, row_ok, t = _tile_rows(tile, kv_head, num_rows, RowPos, G, GP, TOKENS)
+    token_block_ids = 0
+    if TOKENS > 1:
+        token_block_ids = _token_block_ids(IDX, RowSlcStart, token, row_ok, kv_head, sit, sih, N_SELECT, N_SELECT_P2)
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_n = tl.arange(0, BLOCK_N)
-    q_a, q_b = load_qk(Q + row * sqt + heads * sqh, g_ok, DK, DK_A, DK_B)
-    do = tl.load(DO + row * sdot + heads[:, None] * sdoh + offs_dv[None, :],
-                 mask=g_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse2 = tl.load(LSE + row * slt + heads * slh, mask=g_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + row * slt + heads * slh, mask=g_ok, other=0.0)
-    dq_a, dq_b = zeros_qk(GP, DK_A, DK_B)
-    for slot in range(0, _used_slots(IDX + row * sit + kv_head * sih, N_SELECT, N_SELECT_P2)):
-        block = tl.load(IDX + row * sit + kv_head * sih + slot)
-        pos = block * SLC_BLOCK + offs_n
-        key_ok = (offs_n < SLC_BLOCK) & (pos >= 0) & (pos <= t)
-        krow = (doc + pos).to(tl.int64)
+    q_a, q_b = load_qk(Q + token * sqt + heads * sqh, row_ok, DK, DK_A, DK_B)
+    do = tl.load(DO + token[:, None] * sdot + heads[:, None] * sdoh + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse2 = tl.load(LSE + token * slt + heads * slh, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + token * slt + heads * slh, mask=row_ok, other=0.0)
+    dq_a, dq_b = zeros_qk(TOKENS * GP, DK_A, DK_B)
+    union = TILE_BLOCKS + tile.to(tl.int64) * stt + kv_head * sth
+    for slot in range(0, _used_slots(union, N_UNION, N_UNION_P2)):
+        krow, key_ok, visible = _union_block(union, BlockDocs, slot, num_blocks, token_block_ids, t, row_ok,
+                                             SLC_BLOCK, BLOCK_N, TOKENS)
         k_a, k_b = load_qk(K + krow * skt + kv_head * skh, key_ok, DK, DK_A, DK_B)
         v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
                     mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
-        p = tl.where(key_ok[None, :] & g_ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
+        p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq_a, dq_b = acc_qk(dq_a, dq_b, ds.to(k_a.dtype), k_a, k_b, DK_B)
-    store_qk(DQ + row * sdqt + heads * sdqh, dq_a * sm_scale, dq_b * sm_scale, g_ok, DK, DK_A, DK_B)
+    store_qk(DQ + token * sdqt + heads * sdqh, dq_a * sm_scale, dq_b * sm_scale, row_ok, DK, DK_A, DK_B)
 
 
 @triton.jit
@@ -247,14 +292,12 @@ def _invert_selection(selected_block_idx, row_slc_start, num_blocks: int):
 class SelectionLayout:
     """Where each query sits and where its keys are, for the selected branch.
 
-    row_pos [Tq]: position of each query in its document; row_key_start [Tq]: key row of its
-    document's first token; row_slc_start [Tq]: global id of its document's first selection block;
-    block_docs [3, num_blocks] int64: per global block, its document's first key row, its id in the
-    document, the document's end row.
+    row_pos [Tq]: position of each query in its document; row_slc_start [Tq]: global id of its
+    document's first selection block; block_docs [3, num_blocks] int64: per global block, its
+    document's first key row, its id in the document, the document's end row.
     """
 
     row_pos: torch.Tensor
-    row_key_start: torch.Tensor
     row_slc_start: torch.Tensor
     block_docs: torch.Tensor
 
@@ -272,7 +315,7 @@ def packed_layout(docs) -> SelectionLayout:
     local = torch.arange(doc_of_block.numel(), device=cu.device) - cu_slc[:-1][doc_of_block]
     block_docs = torch.stack([cu[:-1][doc_of_block], local, cu[1:][doc_of_block]]).contiguous()
     rows = torch.arange(docs.row_doc_start.numel(), device=cu.device, dtype=torch.int32)
-    return SelectionLayout(rows - docs.row_doc_start, docs.row_doc_start, docs.row_slc_start, block_docs)
+    return SelectionLayout(rows - docs.row_doc_start, docs.row_slc_start, block_docs)
 
 
 def piece_layout(q_pos: torch.Tensor, num_keys: int, select_block_size: int) -> SelectionLayout:
@@ -283,7 +326,7 @@ def piece_layout(q_pos: torch.Tensor, num_keys: int, select_block_size: int) -> 
     block_docs = torch.stack([torch.zeros(num_blocks, dtype=torch.int64, device=device),
                               torch.arange(num_blocks, device=device),
                               torch.full((num_blocks,), num_keys, dtype=torch.int64, device=device)]).contiguous()
-    return SelectionLayout(q_pos.to(torch.int32).contiguous(), zeros, zeros, block_docs)
+    return SelectionLayout(q_pos.to(torch.int32).contiguous(), zeros, block_docs)
 
 
 def _dims(q, v, select_block_size):
@@ -299,6 +342,44 @@ def _launch(kernel: str, q, v) -> dict:
     return launch_params(kernel, tile_width(q.shape[2], v.shape[2]))
 
 
+def tokens_per_tile(group: int, rows: int) -> int:
+    """Query tokens per program of the forward / dQ kernels: as many as fill `rows` rows with the
+    G heads of a group (padded to a power of two), at least one."""
+    return max(1, rows // triton.next_power_of_2(group))
+
+
+def tile_block_union(selected_block_idx: torch.Tensor, row_slc_start: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[ceil(T / tokens), H_kv, tokens * n] int32: per tile of `tokens` consecutive query rows and KV
+    head, the global ids of the blocks the tile's rows selected, each once, then -1 (ascending when
+    tokens > 1; a one-token tile keeps its row's slot order)."""
+    idx = selected_block_idx.to(torch.int64)  # [T, H_kv, n]
+    num_rows, num_kv_heads, n = idx.shape
+    global_ids = torch.where(idx >= 0, idx + row_slc_start.to(torch.int64)[:, None, None], -1)
+    if tokens == 1:
+        return global_ids.to(torch.int32)
+    unused = torch.iinfo(torch.int64).max  # sorts after every block id
+    global_ids = torch.where(global_ids >= 0, global_ids, unused)
+    pad_rows = -num_rows % tokens
+    global_ids = torch.cat([global_ids, global_ids.new_full((pad_rows, num_kv_heads, n), unused)])
+    per_tile = global_ids.view(-1, tokens, num_kv_heads, n).transpose(1, 2).reshape(-1, num_kv_heads, tokens * n)
+    per_tile = per_tile.sort(-1).values
+    repeat = torch.zeros_like(per_tile, dtype=torch.bool)
+    repeat[..., 1:] = per_tile[..., 1:] == per_tile[..., :-1]
+    per_tile = torch.where(repeat, unused, per_tile).sort(-1).values
+    return torch.where(per_tile == unused, -1, per_tile).to(torch.int32)
+
+
+def _tiled_launch(kernel: str, q, v, group: int, config) -> tuple:
+    """(launch parameters without ROWS, the tile's constexprs, tokens per tile)."""
+    params = _launch(kernel, q, v)
+    tokens = tokens_per_tile(group, params.pop("ROWS"))
+    n = config.select_count
+    tiling = dict(G=group, GP=triton.next_power_of_2(group), TOKENS=tokens, N_SELECT=n,
+                  N_SELECT_P2=triton.next_power_of_2(n), N_UNION=tokens * n,
+                  N_UNION_P2=triton.next_power_of_2(tokens * n))
+    return params, tiling, tokens
+
+
 class SelectedAttention(torch.autograd.Function):
     """q [T, H_q, d_k]; k, v [T, H_kv, d]; selected_block_idx [T, H_kv, n] (block ids within each document,
     per row the used slots first, then -1: top-n's order; used_slots_first() makes any selection so)."""
@@ -310,36 +391,38 @@ class SelectedAttention(torch.autograd.Function):
         group = num_q_heads // num_kv_heads
         out = torch.empty(q.shape[0], num_q_heads, v.shape[2], device=q.device, dtype=q.dtype)
         lse = torch.empty(q.shape[0], num_q_heads, device=q.device, dtype=torch.float32)
+        params, tiling, tokens = _tiled_launch("selected_fwd", q, v, group, config)
+        union = tile_block_union(selected_block_idx, layout.row_slc_start, tokens)
         if q.shape[0]:
-            _selected_fwd[(q.shape[0], num_kv_heads)](
-                q, k, v, out, lse, selected_block_idx, layout.row_pos, layout.row_key_start,
+            _selected_fwd[(union.shape[0], num_kv_heads)](
+                q, k, v, out, lse, selected_block_idx, union, layout.row_pos, layout.row_slc_start, layout.block_docs,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-                selected_block_idx.stride(0), selected_block_idx.stride(1),
-                scale * LOG2E, G=group, GP=max(16, triton.next_power_of_2(group)),
-                N_SELECT=config.select_count, N_SELECT_P2=triton.next_power_of_2(config.select_count),
-                **_launch("selected_fwd", q, v), **dims,
+                selected_block_idx.stride(0), selected_block_idx.stride(1), union.stride(0), union.stride(1),
+                scale * LOG2E, q.shape[0], layout.num_blocks, **tiling, **params, **dims,
             )
-        ctx.save_for_backward(q, k, v, out, lse, selected_block_idx)
-        ctx.layout, ctx.config, ctx.scale = layout, config, scale
+        ctx.save_for_backward(q, k, v, out, lse, selected_block_idx, union)
+        ctx.layout, ctx.config, ctx.scale, ctx.tokens = layout, config, scale, tokens
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, selected_block_idx = ctx.saved_tensors
+        q, k, v, out, lse, selected_block_idx, union = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         delta = row_dot(grad_out, out)  # [T, H_q]
         if grad_lse is not None:  # d lse / d s = p, so a gradient on lse shifts delta
             delta = delta - grad_lse
         dq, dk, dv = selected_backward(q, k, v, selected_block_idx, ctx.layout, ctx.config, ctx.scale,
-                                       grad_out, lse, delta)
+                                       grad_out, lse, delta, union=(ctx.tokens, union))
         return dq, dk, dv, None, None, None, None
 
 
-def selected_backward(q, k, v, selected_block_idx, layout: SelectionLayout, config, scale, grad_out, lse, delta):
+def selected_backward(q, k, v, selected_block_idx, layout: SelectionLayout, config, scale, grad_out, lse, delta,
+                      union=None):
     """(dQ, dK, dV) of selected attention given dO [T, H_q, d_v], the softmax's lse [T, H_q] and
     delta = rowsum(dO * O) - dlse [T, H_q] (float32). With the lse and delta of a softmax that also
-    spans keys elsewhere, these are this block set's share of that attention's gradients."""
+    spans keys elsewhere, these are this block set's share of that attention's gradients.
+    `union`: optional (tokens, tile_block_union(...)) the forward built, reused when dQ tiles as many tokens."""
     dims, num_q_heads = _dims(q, v, config.select_block_size)
     num_kv_heads = k.shape[1]
     group = num_q_heads // num_kv_heads
@@ -348,14 +431,18 @@ def selected_backward(q, k, v, selected_block_idx, layout: SelectionLayout, conf
     dv = torch.zeros_like(v)
     if q.shape[0] == 0:
         return dq, dk, dv
-    _selected_bwd_dq[(q.shape[0], num_kv_heads)](
-        q, k, v, grad_out, lse, delta, dq, selected_block_idx, layout.row_pos, layout.row_key_start,
+    params, tiling, tokens = _tiled_launch("selected_dq", q, v, group, config)
+    if union is None or union[0] != tokens:
+        union = (tokens, tile_block_union(selected_block_idx, layout.row_slc_start, tokens))
+    union = union[1]
+    _selected_bwd_dq[(union.shape[0], num_kv_heads)](
+        q, k, v, grad_out, lse, delta, dq, selected_block_idx, union, layout.row_pos, layout.row_slc_start,
+        layout.block_docs,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
-        selected_block_idx.stride(0), selected_block_idx.stride(1), dq.stride(0), dq.stride(1),
-        scale * LOG2E, scale, G=group, GP=max(16, triton.next_power_of_2(group)),
-        N_SELECT=config.select_count, N_SELECT_P2=triton.next_power_of_2(config.select_count),
-        **_launch("selected_dq", q, v), **dims,
+        selected_block_idx.stride(0), selected_block_idx.stride(1), union.stride(0), union.stride(1),
+        dq.stride(0), dq.stride(1),
+        scale * LOG2E, scale, q.shape[0], layout.num_blocks, **tiling, **params, **dims,
     )
     num_blocks = layout.num_blocks
     group_pad = triton.next_power_of_2(group)

@@ -24,8 +24,8 @@ _DEFAULTS: Dict[str, dict] = {
     "band_dq/compressed": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     "band_dkdv/window": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
     "band_dkdv/compressed": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    "selected_fwd": dict(num_warps=2, num_stages=2),
-    "selected_dq": dict(num_warps=2, num_stages=2),
+    "selected_fwd": dict(ROWS=16, num_warps=2, num_stages=2),
+    "selected_dq": dict(ROWS=16, num_warps=2, num_stages=2),
     "selected_dkdv": dict(ROWS=64, num_warps=4, num_stages=3),
     "topk": dict(ROWS=256, BLOCKS=16, num_warps=4, num_stages=2),
 }
@@ -37,7 +37,7 @@ _WIDE: Dict[str, dict] = {
     "band_fwd/window": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
     "band_dkdv/window": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
     "band_dkdv/compressed": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    "selected_fwd": dict(num_warps=4, num_stages=2),
+    "selected_fwd": dict(ROWS=16, num_warps=4, num_stages=2),
     "selected_dkdv": dict(ROWS=128, num_warps=8, num_stages=2),
     "topk": dict(ROWS=256, BLOCKS=16, num_warps=8, num_stages=2),
 }
@@ -47,14 +47,16 @@ _SMALL_BAND_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
 _WIDEST: Dict[str, dict] = {
     "band_fwd/window": _SMALL_BAND_TILES, "band_fwd/compressed": _SMALL_BAND_TILES,
     "band_dq/window": _SMALL_BAND_TILES, "band_dq/compressed": _SMALL_BAND_TILES,
-    "selected_fwd": dict(num_warps=4, num_stages=2),
-    "selected_dq": dict(num_warps=4, num_stages=2),
+    "selected_fwd": dict(ROWS=16, num_warps=4, num_stages=2),
+    "selected_dq": dict(ROWS=16, num_warps=4, num_stages=2),
     "selected_dkdv": dict(ROWS=64, num_warps=4, num_stages=2),
     "topk": dict(ROWS=128, BLOCKS=16, num_warps=8, num_stages=2),
 }
 
 _INTERPRETER = {
     "band": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
+    "selected_fwd": dict(ROWS=16, num_warps=4, num_stages=1),
+    "selected_dq": dict(ROWS=16, num_warps=4, num_stages=1),
     "selected_dkdv": dict(ROWS=64, num_warps=4, num_stages=1),
     "topk": dict(ROWS=16, BLOCKS=4, num_warps=4, num_stages=1),
 }
