@@ -114,9 +114,10 @@ def nsa_stages(seq_len, shape, config):
     q, k, v, gates = q[0], k[0], v[0], gates[0]
     scale = config.scale_for(q.shape[-1])
     cu = torch.tensor([0, seq_len], device="cuda", dtype=torch.int32)
-    docs = nsa_kernels.make_docs(cu, config.compress_block_size, config.compress_stride, config.select_block_size)
+    docs = nsa_kernels.make_docs(cu, seq_len, config.compress_block_size, config.compress_stride,
+                                 config.select_block_size)
     ck, cv = compress_documents(k, v, cu, config)
-    layout = packed_layout(docs)
+    layout = packed_layout(docs, config.select_block_size)
     cmp_out, cmp_lse = band_attention(q, ck, cv, cu, docs.cu_cmp, "compressed", config, scale)
     idx = select_blocks(q, ck, cmp_lse, cu, docs.cu_cmp, config, scale)
     slc_out, _ = selected_attention(q, k, v, idx, layout, config, scale)

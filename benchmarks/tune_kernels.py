@@ -65,11 +65,12 @@ def stage_functions(seq_len, hq, hkv, dk, dv, config):
     q, k, v = mk(seq_len, hq, dk), mk(seq_len, hkv, dk), mk(seq_len, hkv, dv)
     scale = config.scale_for(dk)
     cu = torch.tensor([0, seq_len], device="cuda", dtype=torch.int32)
-    docs = nsa_kernels.make_docs(cu, config.compress_block_size, config.compress_stride, config.select_block_size)
+    docs = nsa_kernels.make_docs(cu, seq_len, config.compress_block_size, config.compress_stride,
+                                 config.select_block_size)
     with torch.no_grad():
         ck, cv = compress_documents(k, v, cu, config)
     ck, cv = ck.requires_grad_(), cv.requires_grad_()
-    layout = packed_layout(docs)
+    layout = packed_layout(docs, config.select_block_size)
     with torch.no_grad():
         _, cmp_lse = band_attention(q, ck, cv, cu, docs.cu_cmp, "compressed", config, scale)
         idx = select_blocks(q, ck, cmp_lse, cu, docs.cu_cmp, config, scale)

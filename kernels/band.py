@@ -154,6 +154,8 @@ def _band_fwd(
     kv_head = head // G
     start = tl.load(TileStart + tile)
     end = tl.load(TileEnd + tile)
+    if end <= start:  # a padding tile (layout.tiles)
+        return
     seg = tl.load(TileSeg + tile)
     q_doc = tl.load(CuQ + seg)
     k_doc = tl.load(CuK + seg)
@@ -208,6 +210,8 @@ def _band_bwd_dq(
     kv_head = head // G
     start = tl.load(TileStart + tile)
     end = tl.load(TileEnd + tile)
+    if end <= start:  # a padding tile (layout.tiles)
+        return
     seg = tl.load(TileSeg + tile)
     q_doc = tl.load(CuQ + seg)
     k_doc = tl.load(CuK + seg)
@@ -303,6 +307,8 @@ def _band_bwd_dkdv(
         g_hi = G
     k_start = tl.load(TileStart + tile)
     k_end = tl.load(TileEnd + tile)
+    if k_end <= k_start:  # a padding tile (layout.tiles)
+        return
     seg = tl.load(TileSeg + tile)
     q_doc = tl.load(CuQ + seg)
     q_len = tl.load(CuQ + seg + 1) - q_doc
@@ -373,7 +379,7 @@ class BandAttention(torch.autograd.Function):
         blocks = _blocks("band_fwd", kind, q.shape[2], v.shape[2])
         out = torch.empty(q.shape[0], num_q_heads, v.shape[2], device=q.device, dtype=q.dtype)
         lse = torch.empty(q.shape[0], num_q_heads, device=q.device, dtype=torch.float32)
-        q_tiles = tiles(cu_q, blocks["BLOCK_M"])
+        q_tiles = tiles(cu_q, blocks["BLOCK_M"], q.shape[0])
         if q_tiles[0].numel():
             _band_fwd[(num_q_heads, q_tiles[0].numel())](
                 q, k, v, out, lse, *q_tiles, cu_q, cu_k, q_pos0, k_first,
@@ -400,7 +406,7 @@ class BandAttention(torch.autograd.Function):
         group = num_q_heads // num_kv_heads
         dq = torch.empty_like(q)
         common = dict(G=group, KEY_STRIDE=stride_, KEY_OFFSET=offset_, WINDOW=window, DK=q.shape[2], DV=v.shape[2])
-        q_tiles = tiles(cu_q, blocks["BLOCK_M"])
+        q_tiles = tiles(cu_q, blocks["BLOCK_M"], q.shape[0])
         if q_tiles[0].numel():
             _band_bwd_dq[(num_q_heads, q_tiles[0].numel())](
                 q, k, v, grad_out, lse, delta, dq, *q_tiles, cu_q, cu_k, q_pos0, k_first,
@@ -415,7 +421,7 @@ class BandAttention(torch.autograd.Function):
         heads_out = num_q_heads if split else num_kv_heads
         dk = torch.empty(k.shape[0], heads_out, k.shape[2], device=k.device, dtype=torch.float32 if split else k.dtype)
         dv = torch.empty(v.shape[0], heads_out, v.shape[2], device=v.device, dtype=torch.float32 if split else v.dtype)
-        k_tiles = tiles(cu_k, kv_blocks["BLOCK_N"])
+        k_tiles = tiles(cu_k, kv_blocks["BLOCK_N"], k.shape[0])
         if k_tiles[0].numel():
             _band_bwd_dkdv[(heads_out, k_tiles[0].numel())](
                 q, k, v, grad_out, lse, delta, dk, dv, *k_tiles, cu_q, cu_k, q_pos0, k_first,

@@ -15,11 +15,16 @@ from .selected import selected_attention as _selected_attention
 from .topk import select_blocks as _select_blocks
 
 
+def _host_ints(values, device) -> torch.Tensor:
+    """A few host ints as an int32 tensor on `device`; non_blocking, so nothing waits for the GPU."""
+    return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+
+
 def _segment(q, q_pos, num_keys):
     """cu for the queries, cu for the keys, and the first query position (int32 tensors)."""
     device = q.device
-    cu_q = torch.tensor([0, q.shape[0]], device=device, dtype=torch.int32)
-    cu_k = torch.tensor([0, num_keys], device=device, dtype=torch.int32)
+    cu_q = _host_ints([0, q.shape[0]], device)
+    cu_k = _host_ints([0, num_keys], device)
     q_pos0 = q_pos[:1].to(torch.int32) if q_pos.numel() else torch.zeros(1, device=device, dtype=torch.int32)
     return cu_q, cu_k, q_pos0
 
@@ -64,7 +69,7 @@ def _dense_rows(x):
 def window_attention(q, k, v, q_pos, k_start, config, scale):
     """Keys at positions k_start..k_start+Tk-1."""
     cu_q, cu_k, q_pos0 = _segment(q, q_pos, k.shape[0])
-    k_first = torch.tensor([k_start], device=q.device, dtype=torch.int32)
+    k_first = _host_ints([k_start], q.device)
     return band_attention(q, k, v, cu_q, cu_k, "window", config, scale, q_pos0=q_pos0, k_first=k_first)
 
 

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .band import LOG2E
-from .layout import row_dot
+from .layout import max_pieces, row_dot, segment_of
 from .qk_parts import acc_qk, dot_qk, load_qk, qk_parts, store_qk, tile_width, zeros_qk
 from .tuning import launch_params
 
@@ -185,6 +185,8 @@ def _selected_bwd_dkdv_pieces(
     local_block = tl.load(BlockDocStart + num_blocks + block)
     first = tl.load(PieceStart + piece)
     last = tl.load(PieceEnd + piece)
+    if last <= first:  # a padding piece (_invert_selection): not summed
+        return
     offs_n = tl.arange(0, BLOCK_N)
     offs_dv = tl.arange(0, BLOCK_DV)
     pos = local_block * SLC_BLOCK + offs_n
@@ -261,31 +263,33 @@ def used_slots_first(selected_block_idx: torch.Tensor) -> torch.Tensor:
 
 
 def _invert_selection(selected_block_idx, row_slc_start, num_blocks: int):
-    """Per (KV head, global block): the sorted query rows that selected it, cut into pieces.
+    """Per (KV head, global block): the sorted query rows that selected it, cut into pieces. Sizes are
+    host-known upper bounds, so nothing waits for the GPU: pieces past the real ones are empty.
 
     Returns query_list [E], piece_key/start/end [P], pieces_of_key [H_kv*num_blocks + 1] (int32/int64).
     """
     tokens, num_kv_heads, n = selected_block_idx.shape
     device = selected_block_idx.device
-    idx = selected_block_idx.to(torch.int64)
-    used = idx >= 0
-    head = torch.arange(num_kv_heads, device=device)[None, :, None].expand_as(idx)
-    row = torch.arange(tokens, device=device)[:, None, None].expand_as(idx)
-    key = head * num_blocks + row_slc_start.to(torch.int64)[:, None, None] + idx
-    key, row = key[used], row[used]
-    # sort by (key, row): rows are ascending already within a key after a stable sort on key
-    order = torch.sort(key, stable=True).indices
-    key, query_list = key[order], row[order].to(torch.int32)
     num_keys = num_kv_heads * num_blocks
-    counts = torch.bincount(key, minlength=num_keys)
-    key_start = torch.cumsum(counts, 0) - counts
+    idx = selected_block_idx.to(torch.int64)
+    head = torch.arange(num_kv_heads, device=device)[None, :, None]
+    key = torch.where(idx >= 0, head * num_blocks + row_slc_start.to(torch.int64)[:, None, None] + idx, num_keys)
+    row = torch.arange(tokens, device=device)[:, None, None].expand_as(idx)
+    # sort by (key, row): rows are ascending already within a key after a stable sort on key; unused
+    # slots (key num_keys) sort last
+    key, order = torch.sort(key.flatten(), stable=True)
+    query_list = row.flatten()[order].to(torch.int32)
+    key_ids = torch.arange(num_keys, device=device)
+    key_start = torch.searchsorted(key, key_ids)
+    counts = torch.searchsorted(key, key_ids, right=True) - key_start
     pieces_per_key = torch.div(counts + PIECE - 1, PIECE, rounding_mode="floor")
     pieces_of_key = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), torch.cumsum(pieces_per_key, 0)])
-    piece_key = torch.repeat_interleave(torch.arange(num_keys, device=device), pieces_per_key)
-    piece_local = torch.arange(piece_key.numel(), device=device) - pieces_of_key[:-1][piece_key]
-    piece_start = key_start[piece_key] + piece_local * PIECE
-    piece_end = torch.minimum(piece_start + PIECE, key_start[piece_key] + counts[piece_key])
-    return query_list, piece_key, piece_start, piece_end, pieces_of_key
+    piece_ids = torch.arange(max_pieces(key.numel(), num_keys, PIECE), device=device)
+    piece_key = segment_of(pieces_of_key, piece_ids).clamp(max=max(num_keys - 1, 0))
+    real = piece_ids < pieces_of_key[-1]
+    piece_start = key_start[piece_key] + (piece_ids - pieces_of_key[:-1][piece_key]) * PIECE
+    piece_end = torch.where(real, torch.minimum(piece_start + PIECE, key_start[piece_key] + counts[piece_key]), 0)
+    return query_list, piece_key, torch.where(real, piece_start, 0), piece_end, pieces_of_key
 
 
 @dataclasses.dataclass
@@ -306,15 +310,18 @@ class SelectionLayout:
         return self.block_docs.shape[1]
 
 
-def packed_layout(docs) -> SelectionLayout:
-    """Queries and keys are the same packed documents."""
+def packed_layout(docs, slc_block: int) -> SelectionLayout:
+    """Queries and keys are the same packed documents, in selection blocks of slc_block tokens."""
     cu_slc = docs.cu_slc.to(torch.int64)
     cu = docs.cu_seqlens.to(torch.int64)
-    blocks_per_doc = cu_slc[1:] - cu_slc[:-1]
-    doc_of_block = torch.repeat_interleave(torch.arange(blocks_per_doc.numel(), device=cu.device), blocks_per_doc)
-    local = torch.arange(doc_of_block.numel(), device=cu.device) - cu_slc[:-1][doc_of_block]
-    block_docs = torch.stack([cu[:-1][doc_of_block], local, cu[1:][doc_of_block]]).contiguous()
-    rows = torch.arange(docs.row_doc_start.numel(), device=cu.device, dtype=torch.int32)
+    num_rows, num_docs = docs.row_doc_start.numel(), cu.numel() - 1
+    block_ids = torch.arange(max_pieces(num_rows, num_docs, slc_block), device=cu.device)  # a host-known bound
+    doc_of_block = segment_of(cu_slc, block_ids).clamp(max=num_docs - 1)
+    real = block_ids < cu_slc[-1]  # ids past the real blocks: no keys (document end 0)
+    block_docs = torch.stack([torch.where(real, cu[:-1][doc_of_block], 0),
+                              torch.where(real, block_ids - cu_slc[:-1][doc_of_block], 0),
+                              torch.where(real, cu[1:][doc_of_block], 0)]).contiguous()
+    rows = torch.arange(num_rows, device=cu.device, dtype=torch.int32)
     return SelectionLayout(rows - docs.row_doc_start, docs.row_slc_start, block_docs)
 
 

@@ -51,6 +51,8 @@ def _topk_kernel(
     kv_head = tl.program_id(1)
     start = tl.load(TileStart + tile)
     end = tl.load(TileEnd + tile)
+    if end <= start:  # a padding tile (layout.tiles)
+        return
     seg = tl.load(TileSeg + tile)
     q_doc = tl.load(CuQ + seg)
     c_doc = tl.load(CuC + seg)
@@ -146,7 +148,7 @@ def select_blocks(q, compressed_k, cmp_lse, cu_q, cu_cmp, config, scale, q_pos0=
     block_t = max(16, params.pop("ROWS") // heads_per_chunk)  # tile rows: block_t tokens x heads_per_chunk heads
     bs = max(params.pop("BLOCKS"), triton.next_power_of_2(n))  # blocks per tile = width of the running top-n
     cmp_per_slc = config.select_block_size // config.compress_stride
-    q_tiles = tiles(cu_q, block_t)
+    q_tiles = tiles(cu_q, block_t, q.shape[0])
     if q_tiles[0].numel():
         _topk_kernel[(q_tiles[0].numel(), num_kv_heads)](
             q, compressed_k, cmp_lse, idx, *q_tiles, cu_q, cu_cmp, q_pos0,

@@ -116,9 +116,16 @@ def _blocks_by_offset(bounds: numpy.ndarray, block_size: int, stride: int):
         yield int(offset), numpy.repeat(starts[docs] // stride, doc_counts) + local_ids, local_ids
 
 
+def _upload(array: numpy.ndarray, device: torch.device) -> torch.Tensor:
+    """A host index array on `device`. non_blocking: the copy is staged at once and nothing waits for
+    the kernels already queued."""
+    return torch.from_numpy(array).to(device, non_blocking=True)
+
+
 def compress_documents(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, config,
                        compressor: Optional[KVCompressor] = None,
-                       rope: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None):
+                       rope: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+                       bounds: Optional[numpy.ndarray] = None):
     """Compressed K/V of packed documents in a few batched calls, whatever the number of documents.
 
     k [T, H_kv, d_k], v [T, H_kv, d_v] -> (compressed_k [N_cmp, H_kv, d_k], compressed_v [N_cmp, H_kv, d_v]),
@@ -127,10 +134,13 @@ def compress_documents(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tenso
     strided view of the packed tensor (one group for a [B, T] batch when T is a multiple of the stride);
     phi runs on that view's windows and each document block is picked from it once, so the backward
     needs no atomics. `rope(x, positions)` rotates each compressed key at its block's last token position
-    within its document.
+    within its document. `bounds`: cu_seqlens on the host when the caller has them (saves a copy that
+    waits for the GPU).
     """
     block_size, stride = config.compress_block_size, config.compress_stride
-    bounds = cu_seqlens.detach().to("cpu", torch.int64).numpy()
+    if bounds is None:
+        bounds = cu_seqlens.detach().to("cpu", torch.int64).numpy()
+    bounds = numpy.asarray(bounds, dtype=numpy.int64)
     parts_k, parts_v, starts, local = [], [], [], []
     for offset, grid_ids, local_ids in _blocks_by_offset(bounds, block_size, stride):
         k_windows = block_windows(k[offset:], block_size, stride)  # [grid windows, l, H_kv, d_k]: a view
@@ -140,7 +150,7 @@ def compress_documents(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tenso
         else:
             grid_k, grid_v = compressor.compress_k(k_windows), compressor.compress_v(v_windows)
         if len(grid_ids) < grid_k.shape[0]:  # some windows straddle documents: keep the documents' own
-            picked = torch.from_numpy(grid_ids).to(k.device)
+            picked = _upload(grid_ids, k.device)
             grid_k, grid_v = grid_k.index_select(0, picked), grid_v.index_select(0, picked)
         parts_k.append(grid_k)
         parts_v.append(grid_v)
@@ -153,9 +163,9 @@ def compress_documents(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tenso
     if len(parts_k) > 1:  # back to document order, which is the order of the blocks' first rows
         order = numpy.argsort(numpy.concatenate(starts), kind="stable")
         local_ids = local_ids[order]
-        order = torch.from_numpy(order).to(k.device)
+        order = _upload(order, k.device)
         compressed_k, compressed_v = compressed_k.index_select(0, order), compressed_v.index_select(0, order)
     if rope is not None:
-        positions = torch.from_numpy(local_ids * stride + block_size - 1).to(k.device)
+        positions = _upload(local_ids * stride + block_size - 1, k.device)
         compressed_k = rope(compressed_k, positions)
     return compressed_k, compressed_v

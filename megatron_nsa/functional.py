@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence, Tuple, Union
 
+import numpy
 import torch
 
 from .config import NSAConfig
@@ -31,9 +32,10 @@ def triton_backend_available() -> bool:
     return True
 
 
-def _nsa_triton(q, ks, vs, gates, config: NSAConfig, cu_seqlens, compressor, compressed_rope):
+def _nsa_triton(q, ks, vs, gates, config: NSAConfig, cu_seqlens, bounds, compressor, compressed_rope):
     """The Triton path: batch rows become packed documents; compression runs in PyTorch
-    (batched over the documents: megatron_nsa.compression.compress_documents)."""
+    (batched over the documents: megatron_nsa.compression.compress_documents). `bounds`: cu_seqlens on
+    the host (None without cu_seqlens). Nothing here waits for the GPU: sizes come from the host."""
     from nsa_kernels import make_docs, nsa_core
 
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -43,9 +45,12 @@ def _nsa_triton(q, ks, vs, gates, config: NSAConfig, cu_seqlens, compressor, com
     batch, seq_len, num_q_heads = q.shape[:3]
     if cu_seqlens is None:
         cu_seqlens = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seq_len
+        bounds = numpy.arange(batch + 1) * seq_len
     packed = lambda t: t.reshape(batch * seq_len, *t.shape[2:])  # noqa: E731
-    docs = make_docs(cu_seqlens, config.compress_block_size, config.compress_stride, config.select_block_size)
-    compressed_kv = compress_documents(packed(ks[0]), packed(vs[0]), cu_seqlens, config, compressor, compressed_rope)
+    docs = make_docs(cu_seqlens, batch * seq_len, config.compress_block_size, config.compress_stride,
+                     config.select_block_size)
+    compressed_kv = compress_documents(packed(ks[0]), packed(vs[0]), cu_seqlens, config, compressor, compressed_rope,
+                                       bounds)
     out = nsa_core(packed(q), (packed(ks[1]), packed(vs[1])), (packed(ks[2]), packed(vs[2])), compressed_kv,
                    packed(gates), docs, config, config.scale_for(q.shape[-1]))
     return out.view(batch, seq_len, num_q_heads, -1)
@@ -69,7 +74,8 @@ def _branch_tensors(name: str, value: KV, separate: bool) -> Tuple[torch.Tensor,
 
 
 def check_inputs(q, ks, vs, gates, cu_seqlens, config: NSAConfig):
-    """Shape, dtype and device checks; errors name the tensor."""
+    """Shape, dtype and device checks; errors name the tensor. Returns cu_seqlens on the host (a list),
+    or None without cu_seqlens."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"q must be a 4-D tensor [B, T, H_q, d_k], got {getattr(q, 'shape', type(q))}")
     if q.dtype not in _FLOAT_DTYPES:
@@ -105,11 +111,13 @@ def check_inputs(q, ks, vs, gates, cu_seqlens, config: NSAConfig):
         )
     if gates.shape[2:] != (num_q_heads, 3):
         raise ValueError(f"gates must be [B, T, H_q, 3] = {(batch, seq_len, num_q_heads, 3)}, got {tuple(gates.shape)}")
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, batch, seq_len, q.device)
+    if cu_seqlens is None:
+        return None
+    return check_cu_seqlens(cu_seqlens, batch, seq_len, q.device)
 
 
-def check_cu_seqlens(cu_seqlens, batch: int, seq_len: int, device) -> None:
+def check_cu_seqlens(cu_seqlens, batch: int, seq_len: int, device) -> list:
+    """Checks document boundaries and returns them as a host list (one copy from the device)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(
             "cu_seqlens must be a 1-D tensor of document boundaries [0, ..., T] with at least 2 entries, "
@@ -126,6 +134,7 @@ def check_cu_seqlens(cu_seqlens, batch: int, seq_len: int, device) -> None:
         raise ValueError(f"cu_seqlens must start at 0 and end at T={seq_len}, got {bounds[0]} .. {bounds[-1]}")
     if any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
         raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+    return bounds
 
 
 def nsa_attention(
@@ -165,11 +174,11 @@ def nsa_attention(
         raise ValueError(f"backend={backend!r} is not allowed; choose one of {BACKENDS} or None")
     ks = _branch_tensors("k", k, config.separate_kv)
     vs = _branch_tensors("v", v, config.separate_kv)
-    check_inputs(q, ks, vs, gates, cu_seqlens, config)
+    bounds = check_inputs(q, ks, vs, gates, cu_seqlens, config)
     backend = backend or default_backend(q.device)
     if backend == "triton":
         if not triton_backend_available():
             raise RuntimeError("backend='triton' needs the nsa_kernels package and triton; install them or use 'torch'")
-        return _nsa_triton(q, ks, vs, gates, config, cu_seqlens, compressor, compressed_rope)
+        return _nsa_triton(q, ks, vs, gates, config, cu_seqlens, bounds, compressor, compressed_rope)
     kv = [(kb, vb) for kb, vb in zip(ks, vs)]
     return nsa_reference(q, *kv, gates, config, cu_seqlens, compressor, compressed_rope)

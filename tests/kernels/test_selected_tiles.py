@@ -67,7 +67,7 @@ def _reference(q, k, v, idx, doc_lens, config, scale):
 def test_tile_block_union_is_each_tiles_distinct_blocks():
     gen = torch.Generator().manual_seed(0)
     idx = _selection(DOC_LENS, 2, CONFIG, gen)
-    docs = nsa_kernels.make_docs(_cu(DOC_LENS), CONFIG.compress_block_size, CONFIG.compress_stride,
+    docs = nsa_kernels.make_docs(_cu(DOC_LENS), sum(DOC_LENS), CONFIG.compress_block_size, CONFIG.compress_stride,
                                  CONFIG.select_block_size)
     global_ids = torch.where(idx >= 0, idx + docs.row_slc_start.long()[:, None, None], -1)
     for tokens in (1, 3, 4, 16):
@@ -96,11 +96,12 @@ def test_tiled_selected_attention_matches_reference(num_q_heads, num_kv_heads, r
     q, k, v = mk(total, num_q_heads, HEAD_DIM), mk(total, num_kv_heads, HEAD_DIM), mk(total, num_kv_heads, HEAD_DIM)
     idx = _selection(DOC_LENS, num_kv_heads, CONFIG, gen)
     scale = CONFIG.scale_for(HEAD_DIM)
-    docs = nsa_kernels.make_docs(_cu(DOC_LENS), CONFIG.compress_block_size, CONFIG.compress_stride,
+    docs = nsa_kernels.make_docs(_cu(DOC_LENS), sum(DOC_LENS), CONFIG.compress_block_size, CONFIG.compress_stride,
                                  CONFIG.select_block_size)
     assert tokens_per_tile(group, rows) == max(1, rows // (1 << (group - 1).bit_length()))
     with overrides("selected_fwd", ROWS=rows), overrides("selected_dq", ROWS=rows):
-        out, lse = selected_attention(q, k, v, idx.to(torch.int32), packed_layout(docs), CONFIG, scale)
+        layout = packed_layout(docs, CONFIG.select_block_size)
+        out, lse = selected_attention(q, k, v, idx.to(torch.int32), layout, CONFIG, scale)
         grad_out = torch.randn(out.shape, generator=gen).to(DEVICE, DTYPE)
         grads = torch.autograd.grad(out, (q, k, v), grad_out)
     up = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -123,13 +124,13 @@ def test_tiled_outputs_are_fully_written(monkeypatch):
     mk = lambda *s: torch.randn(*s, generator=gen).to(DEVICE, DTYPE).requires_grad_()  # noqa: E731
     q, k, v = mk(total, 4, HEAD_DIM), mk(total, 2, HEAD_DIM), mk(total, 2, HEAD_DIM)
     idx = _selection(DOC_LENS, 2, CONFIG, gen).to(torch.int32)
-    docs = nsa_kernels.make_docs(_cu(DOC_LENS), CONFIG.compress_block_size, CONFIG.compress_stride,
+    docs = nsa_kernels.make_docs(_cu(DOC_LENS), sum(DOC_LENS), CONFIG.compress_block_size, CONFIG.compress_stride,
                                  CONFIG.select_block_size)
     scale = CONFIG.scale_for(HEAD_DIM)
     grad_out = torch.randn(total, 4, HEAD_DIM, generator=gen).to(DEVICE, DTYPE)
 
     def run():
-        out, lse = selected_attention(q, k, v, idx, packed_layout(docs), CONFIG, scale)
+        out, lse = selected_attention(q, k, v, idx, packed_layout(docs, CONFIG.select_block_size), CONFIG, scale)
         return (out.detach(), lse) + torch.autograd.grad(out, (q, k, v), grad_out)
 
     clean = run()

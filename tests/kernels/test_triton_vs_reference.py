@@ -180,7 +180,8 @@ def test_triton_matches_reference(case):
 
 
 def _triton_with_intermediates(q, k, v, gates, cu, config, compressor):
-    docs = nsa_kernels.make_docs(cu, config.compress_block_size, config.compress_stride, config.select_block_size)
+    docs = nsa_kernels.make_docs(cu, q.shape[1], config.compress_block_size, config.compress_stride,
+                                 config.select_block_size)
     compressed = R.compress_packed(k[0], v[0], cu, config, compressor)
     return nsa_kernels.nsa_core(q[0], (k[0], v[0]), (k[0], v[0]), compressed, gates[0], docs, config,
                                 config.scale_for(q.shape[-1]), return_intermediates=True)
@@ -206,7 +207,8 @@ def test_top_n_matches_reference(num_q_heads, num_kv_heads, head_dim_qk, select_
                 torch.float32 if not CUDA else torch.bfloat16)
     q, k, v, _, cu, _ = _inputs(case, seed=head_dim_qk)
     config, scale = case.config, case.config.scale_for(head_dim_qk)
-    docs = nsa_kernels.make_docs(cu, config.compress_block_size, config.compress_stride, config.select_block_size)
+    docs = nsa_kernels.make_docs(cu, q.shape[1], config.compress_block_size, config.compress_stride,
+                                 config.select_block_size)
     with torch.no_grad():
         compressed_k, compressed_v = R.compress_packed(k[0], v[0], cu, config)
         _, cmp_lse = band_attention(q[0], compressed_k, compressed_v, cu, docs.cu_cmp, "compressed", config, scale)
