@@ -137,6 +137,8 @@ class NSASelfAttention(Attention):
                 from .context_parallel.rope import cp_rotary
 
                 rotary = cp_rotary(rotary, seq_len, cu_seqlens, self.pg_collection.cp)
+            else:  # token and compressed-key positions are below seq_len: check the table once, on the host
+                rotary = rotary.covering(seq_len)
             q = rotary(q, positions)
             rotated = rotary(k[1], positions)
             k = (k[0], rotated, rotated if k[2] is k[1] else rotary(k[2], positions))

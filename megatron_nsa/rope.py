@@ -47,7 +47,8 @@ class Rotary:
     Calling `rotary(x, positions)` matches megatron_nsa.reference.RopeFn.
     """
 
-    def __init__(self, rot_dim: int, base: Optional[float] = None, table: Optional[torch.Tensor] = None):
+    def __init__(self, rot_dim: int, base: Optional[float] = None, table: Optional[torch.Tensor] = None,
+                 covered_positions: int = 0):
         if (base is None) == (table is None):
             raise ValueError("Rotary needs exactly one of base= or table=")
         if rot_dim < 2 or rot_dim % 2:
@@ -55,6 +56,7 @@ class Rotary:
         self.rot_dim = rot_dim
         self.base = base
         self.table = table
+        self.covered_positions = covered_positions  # callers promise positions below this (0: no promise)
 
     @classmethod
     def from_base(cls, base: float, rot_dim: int) -> "Rotary":
@@ -70,11 +72,22 @@ class Rotary:
             raise ValueError(f"rotary table must be [S, 1, 1, r] or [S, r], got {tuple(table.shape)}")
         return cls(table.shape[-1], table=table)
 
+    def covering(self, num_positions: int) -> "Rotary":
+        """This rotary for positions 0..num_positions-1 only, checked against the table once, here on the
+        host: its calls skip the per-call range check, a read of the positions' maximum that waits for
+        the GPU. Positions beyond it are the caller's error (an index error on the device)."""
+        if self.table is not None and num_positions > self.table.shape[0]:
+            raise ValueError(
+                f"positions 0..{num_positions - 1} need a rotary table of at least {num_positions} rows; "
+                f"it has {self.table.shape[0]}"
+            )
+        return Rotary(self.rot_dim, base=self.base, table=self.table, covered_positions=num_positions)
+
     def angles(self, positions: torch.Tensor) -> torch.Tensor:
         """positions [N] (int) -> angles [N, rot_dim] float32."""
         if self.table is None:
             return rotary_angles(positions, self.rot_dim, self.base)
-        if positions.numel() and int(positions.max()) >= self.table.shape[0]:
+        if not self.covered_positions and positions.numel() and int(positions.max()) >= self.table.shape[0]:
             raise ValueError(
                 f"position {int(positions.max())} is beyond the rotary table of {self.table.shape[0]} positions"
             )
