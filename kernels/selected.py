@@ -4,8 +4,8 @@ Forward and dQ: one program per (tile of query tokens, KV head) loads the G quer
 group for each of the tile's tokens together and streams the union of the tokens' selected K/V
 blocks (l' tokens each), each block once; a row sees a block's keys when its token picked the block,
 causal inside the block that holds the token. A tile has one token when G >= 16 (the paper's
-group-centric kernel); for smaller groups it has ROWS // G tokens (launch parameter ROWS, 16 by
-default), so that the matrix units get full tiles instead of G rows padded to 16, and a block that
+group-centric kernel); for smaller groups it has ROWS // G tokens (G rounded up to a power of two;
+launch parameter ROWS, 16 by default), so that the matrix units get full tiles instead of G rows padded to 16, and a block that
 neighbouring tokens share (the forced initial and local blocks at least) is read once for them all.
 The union of each tile is built on the host side (`tile_block_union`).
 
@@ -45,8 +45,8 @@ def _used_slots(ROW, N: tl.constexpr, N_P2: tl.constexpr):
 @triton.jit
 def _tile_rows(tile, kv_head, num_rows, RowPos, G: tl.constexpr, GP: tl.constexpr, TOKENS: tl.constexpr):
     """The rows of one program: TOKENS consecutive query tokens x the G heads of a KV group (row r is
-    token r // GP, head r % GP). Returns (token [R] int64, head [R], row_ok [R], position [R], -1 where
-    not row_ok)."""
+    token r // GP, head r % GP). Returns (token [R] int64, head [R], row_ok [R], position [R]: -1 where
+    a row is not ok)."""
     offs_r = tl.arange(0, TOKENS * GP)
     token = tile.to(tl.int64) * TOKENS + offs_r // GP
     row_ok = (token < num_rows) & (offs_r % GP < G)
