@@ -67,28 +67,34 @@ def _token_block_ids(IDX, RowSlcStart, token, row_ok, kv_head, sit, sih,
 
 
 @triton.jit
-def _union_block(TILE_BLOCKS, BlockDocs, slot, num_blocks, token_block_ids, t, row_ok,
+def _union_block(UNION, slot, BlockDocs, num_blocks, doc_start, token_block_ids, t, row_ok,
                  SLC_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS: tl.constexpr):
     """One block of the program's union: (key rows [BLOCK_N] int64, key_ok [BLOCK_N], visible [R, BLOCK_N]).
-    A row sees a key when its token selected the block and the key is not after the token."""
-    block = tl.load(TILE_BLOCKS + slot)  # global block id
-    doc = tl.load(BlockDocs + block)
-    local_block = tl.load(BlockDocs + num_blocks + block)
-    doc_end = tl.load(BlockDocs + 2 * num_blocks + block)
+    A row sees a key when its token selected the block and the key is not after the token. One token:
+    UNION holds its block ids within its document, whose first key row is doc_start. Several tokens:
+    global block ids, placed through BlockDocs."""
+    block = tl.load(UNION + slot)
     offs_n = tl.arange(0, BLOCK_N)
-    pos = local_block * SLC_BLOCK + offs_n
-    krow = (doc + pos).to(tl.int64)
-    key_ok = (offs_n < SLC_BLOCK) & (krow < doc_end)
-    visible = key_ok[None, :] & (pos[None, :] <= t[:, None]) & row_ok[:, None]
-    if TOKENS > 1:  # one token's union is its own selection
+    if TOKENS == 1:
+        pos = block * SLC_BLOCK + offs_n
+        krow = (doc_start + pos).to(tl.int64)
+        key_ok = (offs_n < SLC_BLOCK) & (pos <= tl.max(t, 0))
+        visible = key_ok[None, :] & row_ok[:, None]
+    else:
+        doc = tl.load(BlockDocs + block)
+        local_block = tl.load(BlockDocs + num_blocks + block)
+        doc_end = tl.load(BlockDocs + 2 * num_blocks + block)
+        pos = local_block * SLC_BLOCK + offs_n
+        krow = (doc + pos).to(tl.int64)
+        key_ok = (offs_n < SLC_BLOCK) & (krow < doc_end)
         picked = tl.sum((token_block_ids == block).to(tl.int32), 1) > 0
-        visible = visible & picked[:, None]
+        visible = key_ok[None, :] & (pos[None, :] <= t[:, None]) & row_ok[:, None] & picked[:, None]
     return krow, key_ok, visible
 
 
 @triton.jit
 def _selected_fwd(
-    Q, K, V, O, LSE, IDX, TILE_BLOCKS, RowPos, RowSlcStart, BlockDocs,
+    Q, K, V, O, LSE, IDX, TILE_BLOCKS, RowPos, RowKeyStart, RowSlcStart, BlockDocs,
     sqt, sqh, skt, skh, svt, svh, sot, soh, slt, slh, sit, sih, stt, sth,
     qk_scale, num_rows, num_blocks,
     G: tl.constexpr, GP: tl.constexpr, TOKENS: tl.constexpr, N_SELECT: tl.constexpr, N_SELECT_P2: tl.constexpr,
@@ -99,8 +105,11 @@ def _selected_fwd(
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     token, heads, row_ok, t = _tile_rows(tile, kv_head, num_rows, RowPos, G, GP, TOKENS)
-    token_block_ids = 0
-    if TOKENS > 1:
+    doc_start = 0  # one token: the key row of its document's first token
+    token_block_ids = 0  # several tokens: the global block ids each row's token picked
+    if TOKENS == 1:
+        doc_start = tl.load(RowKeyStart + tile)
+    else:
         token_block_ids = _token_block_ids(IDX, RowSlcStart, token, row_ok, kv_head, sit, sih, N_SELECT, N_SELECT_P2)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_a, q_b = load_qk(Q + token * sqt + heads * sqh, row_ok, DK, DK_A, DK_B)
@@ -109,8 +118,8 @@ def _selected_fwd(
     acc = tl.zeros([TOKENS * GP, BLOCK_DV], tl.float32)
     union = TILE_BLOCKS + tile.to(tl.int64) * stt + kv_head * sth
     for slot in range(0, _used_slots(union, N_UNION, N_UNION_P2)):
-        krow, key_ok, visible = _union_block(union, BlockDocs, slot, num_blocks, token_block_ids, t, row_ok,
-                                             SLC_BLOCK, BLOCK_N, TOKENS)
+        krow, key_ok, visible = _union_block(union, slot, BlockDocs, num_blocks, doc_start, token_block_ids, t,
+                                             row_ok, SLC_BLOCK, BLOCK_N, TOKENS)
         k_a, k_b = load_qk(K + krow * skt + kv_head * skh, key_ok, DK, DK_A, DK_B)
         v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
                     mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
@@ -131,7 +140,7 @@ def _selected_fwd(
 
 @triton.jit
 def _selected_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, IDX, TILE_BLOCKS, RowPos, RowSlcStart, BlockDocs,
+    Q, K, V, DO, LSE, DELTA, DQ, IDX, TILE_BLOCKS, RowPos, RowKeyStart, RowSlcStart, BlockDocs,
     sqt, sqh, skt, skh, svt, svh, sdot, sdoh, slt, slh, sit, sih, stt, sth, sdqt, sdqh,
     qk_scale, sm_scale, num_rows, num_blocks,
     G: tl.constexpr, GP: tl.constexpr, TOKENS: tl.constexpr, N_SELECT: tl.constexpr, N_SELECT_P2: tl.constexpr,
@@ -142,8 +151,11 @@ def _selected_bwd_dq(
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     token, heads, row_ok, t = _tile_rows(tile, kv_head, num_rows, RowPos, G, GP, TOKENS)
-    token_block_ids = 0
-    if TOKENS > 1:
+    doc_start = 0  # one token: the key row of its document's first token
+    token_block_ids = 0  # several tokens: the global block ids each row's token picked
+    if TOKENS == 1:
+        doc_start = tl.load(RowKeyStart + tile)
+    else:
         token_block_ids = _token_block_ids(IDX, RowSlcStart, token, row_ok, kv_head, sit, sih, N_SELECT, N_SELECT_P2)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_a, q_b = load_qk(Q + token * sqt + heads * sqh, row_ok, DK, DK_A, DK_B)
@@ -154,8 +166,8 @@ def _selected_bwd_dq(
     dq_a, dq_b = zeros_qk(TOKENS * GP, DK_A, DK_B)
     union = TILE_BLOCKS + tile.to(tl.int64) * stt + kv_head * sth
     for slot in range(0, _used_slots(union, N_UNION, N_UNION_P2)):
-        krow, key_ok, visible = _union_block(union, BlockDocs, slot, num_blocks, token_block_ids, t, row_ok,
-                                             SLC_BLOCK, BLOCK_N, TOKENS)
+        krow, key_ok, visible = _union_block(union, slot, BlockDocs, num_blocks, doc_start, token_block_ids, t,
+                                             row_ok, SLC_BLOCK, BLOCK_N, TOKENS)
         k_a, k_b = load_qk(K + krow * skt + kv_head * skh, key_ok, DK, DK_A, DK_B)
         v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
                     mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
@@ -296,12 +308,14 @@ def _invert_selection(selected_block_idx, row_slc_start, num_blocks: int):
 class SelectionLayout:
     """Where each query sits and where its keys are, for the selected branch.
 
-    row_pos [Tq]: position of each query in its document; row_slc_start [Tq]: global id of its
-    document's first selection block; block_docs [3, num_blocks] int64: per global block, its
-    document's first key row, its id in the document, the document's end row.
+    row_pos [Tq]: position of each query in its document; row_key_start [Tq]: key row of its
+    document's first token; row_slc_start [Tq]: global id of its document's first selection block;
+    block_docs [3, num_blocks] int64: per global block, its document's first key row, its id in the
+    document, the document's end row.
     """
 
     row_pos: torch.Tensor
+    row_key_start: torch.Tensor
     row_slc_start: torch.Tensor
     block_docs: torch.Tensor
 
@@ -322,7 +336,7 @@ def packed_layout(docs, slc_block: int) -> SelectionLayout:
                               torch.where(real, block_ids - cu_slc[:-1][doc_of_block], 0),
                               torch.where(real, cu[1:][doc_of_block], 0)]).contiguous()
     rows = torch.arange(num_rows, device=cu.device, dtype=torch.int32)
-    return SelectionLayout(rows - docs.row_doc_start, docs.row_slc_start, block_docs)
+    return SelectionLayout(rows - docs.row_doc_start, docs.row_doc_start, docs.row_slc_start, block_docs)
 
 
 def piece_layout(q_pos: torch.Tensor, num_keys: int, select_block_size: int) -> SelectionLayout:
@@ -333,7 +347,7 @@ def piece_layout(q_pos: torch.Tensor, num_keys: int, select_block_size: int) -> 
     block_docs = torch.stack([torch.zeros(num_blocks, dtype=torch.int64, device=device),
                               torch.arange(num_blocks, device=device),
                               torch.full((num_blocks,), num_keys, dtype=torch.int64, device=device)]).contiguous()
-    return SelectionLayout(q_pos.to(torch.int32).contiguous(), zeros, block_docs)
+    return SelectionLayout(q_pos.to(torch.int32).contiguous(), zeros, zeros, block_docs)
 
 
 def _dims(q, v, select_block_size):
@@ -357,13 +371,13 @@ def tokens_per_tile(group: int, rows: int) -> int:
 
 def tile_block_union(selected_block_idx: torch.Tensor, row_slc_start: torch.Tensor, tokens: int) -> torch.Tensor:
     """[ceil(T / tokens), H_kv, tokens * n] int32: per tile of `tokens` consecutive query rows and KV
-    head, the global ids of the blocks the tile's rows selected, each once, then -1 (ascending when
-    tokens > 1; a one-token tile keeps its row's slot order)."""
+    head, the global ids of the blocks the tile's rows selected, each once and ascending, then -1. A
+    one-token tile is its row's selection as it is (block ids within the document, used slots first)."""
+    if tokens == 1:
+        return selected_block_idx.to(torch.int32)
     idx = selected_block_idx.to(torch.int64)  # [T, H_kv, n]
     num_rows, num_kv_heads, n = idx.shape
     global_ids = torch.where(idx >= 0, idx + row_slc_start.to(torch.int64)[:, None, None], -1)
-    if tokens == 1:
-        return global_ids.to(torch.int32)
     unused = torch.iinfo(torch.int64).max  # sorts after every block id
     global_ids = torch.where(global_ids >= 0, global_ids, unused)
     pad_rows = -num_rows % tokens
@@ -402,7 +416,8 @@ class SelectedAttention(torch.autograd.Function):
         union = tile_block_union(selected_block_idx, layout.row_slc_start, tokens)
         if q.shape[0]:
             _selected_fwd[(union.shape[0], num_kv_heads)](
-                q, k, v, out, lse, selected_block_idx, union, layout.row_pos, layout.row_slc_start, layout.block_docs,
+                q, k, v, out, lse, selected_block_idx, union, layout.row_pos, layout.row_key_start, layout.row_slc_start,
+                layout.block_docs,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
                 selected_block_idx.stride(0), selected_block_idx.stride(1), union.stride(0), union.stride(1),
@@ -443,8 +458,8 @@ def selected_backward(q, k, v, selected_block_idx, layout: SelectionLayout, conf
         union = (tokens, tile_block_union(selected_block_idx, layout.row_slc_start, tokens))
     union = union[1]
     _selected_bwd_dq[(union.shape[0], num_kv_heads)](
-        q, k, v, grad_out, lse, delta, dq, selected_block_idx, union, layout.row_pos, layout.row_slc_start,
-        layout.block_docs,
+        q, k, v, grad_out, lse, delta, dq, selected_block_idx, union, layout.row_pos, layout.row_key_start,
+        layout.row_slc_start, layout.block_docs,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
         selected_block_idx.stride(0), selected_block_idx.stride(1), union.stride(0), union.stride(1),

@@ -8,7 +8,8 @@ defaults are its choices on an H100 (benchmarks/results/tune_kernels_*.md). The 
 document already spans several tiles of selection blocks).
 
 Kernels: band_fwd / band_dq / band_dkdv (per kind: 'window' or 'compressed'), selected_fwd,
-selected_dq, selected_dkdv, topk.
+selected_dq, selected_dkdv, topk. ROWS of selected_fwd / selected_dq: query rows per program (tokens x
+the G heads of a group; one token when G >= ROWS); of selected_dkdv and topk: rows per query tile.
 """
 from __future__ import annotations
 
