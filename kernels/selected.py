@@ -56,14 +56,23 @@ def _tile_rows(tile, kv_head, num_rows, RowPos, G: tl.constexpr, GP: tl.constexp
 
 
 @triton.jit
-def _token_block_ids(IDX, RowSlcStart, token, row_ok, kv_head, sit, sih,
-                     N_SELECT: tl.constexpr, N_SELECT_P2: tl.constexpr):
-    """[R, N_SELECT_P2] global block ids each row's token selected (-1: unused slot or dead row)."""
-    slots = tl.arange(0, N_SELECT_P2)
-    ids = tl.load(IDX + token[:, None] * sit + kv_head * sih + slots[None, :],
-                  mask=row_ok[:, None] & (slots[None, :] < N_SELECT), other=-1)
-    first = tl.load(RowSlcStart + token, mask=row_ok, other=0)
-    return tl.where(ids >= 0, ids + first[:, None], -1)
+def _tile_selection(IDX, TILE_BLOCKS, RowKeyStart, RowSlcStart, tile, kv_head, token, row_ok, sit, sih, stt, sth,
+                    TOKENS: tl.constexpr, N_SELECT: tl.constexpr, N_SELECT_P2: tl.constexpr):
+    """What a program needs to walk its blocks: (its union's pointer, and for one token the key row of
+    its document's first token, for several the [R, N_SELECT_P2] global block ids each row's token
+    picked (-1: unused slot or dead row))."""
+    union = TILE_BLOCKS + tile.to(tl.int64) * stt + kv_head * sth
+    doc_start = 0
+    token_block_ids = 0
+    if TOKENS == 1:
+        doc_start = tl.load(RowKeyStart + tile)
+    else:
+        slots = tl.arange(0, N_SELECT_P2)
+        ids = tl.load(IDX + token[:, None] * sit + kv_head * sih + slots[None, :],
+                      mask=row_ok[:, None] & (slots[None, :] < N_SELECT), other=-1)
+        first = tl.load(RowSlcStart + token, mask=row_ok, other=0)
+        token_block_ids = tl.where(ids >= 0, ids + first[:, None], -1)
+    return union, doc_start, token_block_ids
 
 
 @triton.jit
@@ -105,18 +114,14 @@ def _selected_fwd(
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     token, heads, row_ok, t = _tile_rows(tile, kv_head, num_rows, RowPos, G, GP, TOKENS)
-    doc_start = 0  # one token: the key row of its document's first token
-    token_block_ids = 0  # several tokens: the global block ids each row's token picked
-    if TOKENS == 1:
-        doc_start = tl.load(RowKeyStart + tile)
-    else:
-        token_block_ids = _token_block_ids(IDX, RowSlcStart, token, row_ok, kv_head, sit, sih, N_SELECT, N_SELECT_P2)
+    union, doc_start, token_block_ids = _tile_selection(IDX, TILE_BLOCKS, RowKeyStart, RowSlcStart, tile, kv_head,
+                                                        token, row_ok, sit, sih, stt, sth, TOKENS, N_SELECT,
+                                                        N_SELECT_P2)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_a, q_b = load_qk(Q + token * sqt + heads * sqh, row_ok, DK, DK_A, DK_B)
     m_i = tl.full([TOKENS * GP], float("-inf"), tl.float32)
     l_i = tl.zeros([TOKENS * GP], tl.float32)
     acc = tl.zeros([TOKENS * GP, BLOCK_DV], tl.float32)
-    union = TILE_BLOCKS + tile.to(tl.int64) * stt + kv_head * sth
     for slot in range(0, _used_slots(union, N_UNION, N_UNION_P2)):
         krow, key_ok, visible = _union_block(union, slot, BlockDocs, num_blocks, doc_start, token_block_ids, t,
                                              row_ok, SLC_BLOCK, BLOCK_N, TOKENS)
@@ -151,12 +156,9 @@ def _selected_bwd_dq(
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     token, heads, row_ok, t = _tile_rows(tile, kv_head, num_rows, RowPos, G, GP, TOKENS)
-    doc_start = 0  # one token: the key row of its document's first token
-    token_block_ids = 0  # several tokens: the global block ids each row's token picked
-    if TOKENS == 1:
-        doc_start = tl.load(RowKeyStart + tile)
-    else:
-        token_block_ids = _token_block_ids(IDX, RowSlcStart, token, row_ok, kv_head, sit, sih, N_SELECT, N_SELECT_P2)
+    union, doc_start, token_block_ids = _tile_selection(IDX, TILE_BLOCKS, RowKeyStart, RowSlcStart, tile, kv_head,
+                                                        token, row_ok, sit, sih, stt, sth, TOKENS, N_SELECT,
+                                                        N_SELECT_P2)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_a, q_b = load_qk(Q + token * sqt + heads * sqh, row_ok, DK, DK_A, DK_B)
     do = tl.load(DO + token[:, None] * sdot + heads[:, None] * sdoh + offs_dv[None, :],
@@ -164,7 +166,6 @@ def _selected_bwd_dq(
     lse2 = tl.load(LSE + token * slt + heads * slh, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + token * slt + heads * slh, mask=row_ok, other=0.0)
     dq_a, dq_b = zeros_qk(TOKENS * GP, DK_A, DK_B)
-    union = TILE_BLOCKS + tile.to(tl.int64) * stt + kv_head * sth
     for slot in range(0, _used_slots(union, N_UNION, N_UNION_P2)):
         krow, key_ok, visible = _union_block(union, slot, BlockDocs, num_blocks, doc_start, token_block_ids, t,
                                              row_ok, SLC_BLOCK, BLOCK_N, TOKENS)
