@@ -5,8 +5,9 @@ group for each of the tile's tokens together and streams the union of the tokens
 blocks (l' tokens each), each block once; a row sees a block's keys when its token picked the block,
 causal inside the block that holds the token. A tile has one token when G >= 16 (the paper's
 group-centric kernel); for smaller groups it has ROWS // G tokens (G rounded up to a power of two;
-launch parameter ROWS, 16 by default), so that the matrix units get full tiles instead of G rows padded to 16, and a block that
-neighbouring tokens share (the forced initial and local blocks at least) is read once for them all.
+launch parameter ROWS, 16 by default), so that the matrix units get full tiles instead of G rows
+padded to 16, and a block that neighbouring tokens share (the forced initial and local blocks at
+least) is read once for them all.
 The union of each tile is built on the host side (`tile_block_union`).
 
 dK/dV: no atomics. The selection is inverted on the host side into, per (KV head, block), the
@@ -378,9 +379,8 @@ def tile_block_union(selected_block_idx: torch.Tensor, row_slc_start: torch.Tens
         return selected_block_idx.to(torch.int32)
     idx = selected_block_idx.to(torch.int64)  # [T, H_kv, n]
     num_rows, num_kv_heads, n = idx.shape
-    global_ids = torch.where(idx >= 0, idx + row_slc_start.to(torch.int64)[:, None, None], -1)
     unused = torch.iinfo(torch.int64).max  # sorts after every block id
-    global_ids = torch.where(global_ids >= 0, global_ids, unused)
+    global_ids = torch.where(idx >= 0, idx + row_slc_start.to(torch.int64)[:, None, None], unused)
     pad_rows = -num_rows % tokens
     global_ids = torch.cat([global_ids, global_ids.new_full((pad_rows, num_kv_heads, n), unused)])
     per_tile = global_ids.view(-1, tokens, num_kv_heads, n).transpose(1, 2).reshape(-1, num_kv_heads, tokens * n)
@@ -417,8 +417,8 @@ class SelectedAttention(torch.autograd.Function):
         union = tile_block_union(selected_block_idx, layout.row_slc_start, tokens)
         if q.shape[0]:
             _selected_fwd[(union.shape[0], num_kv_heads)](
-                q, k, v, out, lse, selected_block_idx, union, layout.row_pos, layout.row_key_start, layout.row_slc_start,
-                layout.block_docs,
+                q, k, v, out, lse, selected_block_idx, union, layout.row_pos, layout.row_key_start,
+                layout.row_slc_start, layout.block_docs,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
                 selected_block_idx.stride(0), selected_block_idx.stride(1), union.stride(0), union.stride(1),
@@ -436,16 +436,17 @@ class SelectedAttention(torch.autograd.Function):
         if grad_lse is not None:  # d lse / d s = p, so a gradient on lse shifts delta
             delta = delta - grad_lse
         dq, dk, dv = selected_backward(q, k, v, selected_block_idx, ctx.layout, ctx.config, ctx.scale,
-                                       grad_out, lse, delta, union=(ctx.tokens, union))
+                                       grad_out, lse, delta, forward_union=(ctx.tokens, union))
         return dq, dk, dv, None, None, None, None
 
 
 def selected_backward(q, k, v, selected_block_idx, layout: SelectionLayout, config, scale, grad_out, lse, delta,
-                      union=None):
+                      forward_union=None):
     """(dQ, dK, dV) of selected attention given dO [T, H_q, d_v], the softmax's lse [T, H_q] and
     delta = rowsum(dO * O) - dlse [T, H_q] (float32). With the lse and delta of a softmax that also
     spans keys elsewhere, these are this block set's share of that attention's gradients.
-    `union`: optional (tokens, tile_block_union(...)) the forward built, reused when dQ tiles as many tokens."""
+    `forward_union`: optional (tokens, tile_block_union(...)) the forward built, reused when dQ tiles as
+    many tokens."""
     dims, num_q_heads = _dims(q, v, config.select_block_size)
     num_kv_heads = k.shape[1]
     group = num_q_heads // num_kv_heads
@@ -455,9 +456,10 @@ def selected_backward(q, k, v, selected_block_idx, layout: SelectionLayout, conf
     if q.shape[0] == 0:
         return dq, dk, dv
     params, tiling, tokens = _tiled_launch("selected_dq", q, v, group, config)
-    if union is None or union[0] != tokens:
-        union = (tokens, tile_block_union(selected_block_idx, layout.row_slc_start, tokens))
-    union = union[1]
+    if forward_union is not None and forward_union[0] == tokens:
+        union = forward_union[1]
+    else:
+        union = tile_block_union(selected_block_idx, layout.row_slc_start, tokens)
     _selected_bwd_dq[(union.shape[0], num_kv_heads)](
         q, k, v, grad_out, lse, delta, dq, selected_block_idx, union, layout.row_pos, layout.row_key_start,
         layout.row_slc_start, layout.block_docs,
