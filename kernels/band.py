@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import row_dot, tiles
+from .delta import row_dot
+from .layout import tiles
 from .qk_parts import acc_qk, dot_qk, load_qk, qk_parts, store_qk, tile_width, zeros_qk
 from .tuning import launch_params
 

@@ -79,12 +79,3 @@ def tiles(cu_rows: torch.Tensor, block: int, num_rows: int):
     start = torch.where(real, cu[:-1][segment] + (tile_ids - cu_tiles[:-1][segment]) * block, num_rows)
     end = torch.where(real, torch.minimum(start + block, cu[1:][segment]), num_rows)
     return start.to(torch.int32), end.to(torch.int32), segment.to(torch.int32)
-
-
-def row_dot(a: torch.Tensor, b: torch.Tensor, rows_per_chunk: int = 1 << 14) -> torch.Tensor:
-    """sum(a * b, -1) in float32 for [T, H, D] tensors, in row chunks (no full-size fp32 temporary)."""
-    out = torch.empty(a.shape[:-1], device=a.device, dtype=torch.float32)
-    for start in range(0, a.shape[0], rows_per_chunk):
-        rows = slice(start, start + rows_per_chunk)
-        out[rows] = (a[rows].float() * b[rows].float()).sum(-1)
-    return out

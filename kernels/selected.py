@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from .band import LOG2E
-from .layout import max_pieces, row_dot, segment_of
+from .delta import row_dot
+from .layout import max_pieces, segment_of
 from .qk_parts import acc_qk, dot_qk, load_qk, qk_parts, store_qk, tile_width, zeros_qk
 from .tuning import launch_params
 
