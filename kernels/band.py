@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .delta import row_dot
-from .layout import tiles
+from .layout import as_segments
 from .qk_parts import acc_qk, dot_qk, load_qk, qk_parts, store_qk, tile_width, zeros_qk
 from .tuning import launch_params
 
@@ -374,13 +374,14 @@ class BandAttention(torch.autograd.Function):
     """q [T, H_q, d_k] packed with cu_q; k [Tk, H_kv, d_k], v [Tk, H_kv, d_v] packed with cu_k."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, q_pos0, k_first, kind, config, scale):
+    def forward(ctx, q, k, v, q_segments, k_segments, q_pos0, k_first, kind, config, scale):
+        cu_q, cu_k = q_segments.cu, k_segments.cu
         num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
         stride_, offset_, window = _geometry(kind, config)
         blocks = _blocks("band_fwd", kind, q.shape[2], v.shape[2])
         out = torch.empty(q.shape[0], num_q_heads, v.shape[2], device=q.device, dtype=q.dtype)
         lse = torch.empty(q.shape[0], num_q_heads, device=q.device, dtype=torch.float32)
-        q_tiles = tiles(cu_q, blocks["BLOCK_M"], q.shape[0])
+        q_tiles = q_segments.tiles(blocks["BLOCK_M"], q.shape[0])
         if q_tiles[0].numel():
             _band_fwd[(num_q_heads, q_tiles[0].numel())](
                 q, k, v, out, lse, *q_tiles, cu_q, cu_k, q_pos0, k_first,
@@ -389,13 +390,16 @@ class BandAttention(torch.autograd.Function):
                 scale * LOG2E, G=num_q_heads // num_kv_heads, KEY_STRIDE=stride_, KEY_OFFSET=offset_,
                 WINDOW=window, DK=q.shape[2], DV=v.shape[2], **blocks,
             )
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, q_pos0, k_first)
+        ctx.save_for_backward(q, k, v, out, lse, q_pos0, k_first)
+        ctx.segments = q_segments, k_segments
         ctx.geometry, ctx.kind, ctx.scale = (stride_, offset_, window), kind, scale
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, cu_q, cu_k, q_pos0, k_first = ctx.saved_tensors
+        q, k, v, out, lse, q_pos0, k_first = ctx.saved_tensors
+        q_segments, k_segments = ctx.segments
+        cu_q, cu_k = q_segments.cu, k_segments.cu
         stride_, offset_, window = ctx.geometry
         kind, scale = ctx.kind, ctx.scale
         blocks = _blocks("band_dq", kind, q.shape[2], v.shape[2])
@@ -407,7 +411,7 @@ class BandAttention(torch.autograd.Function):
         group = num_q_heads // num_kv_heads
         dq = torch.empty_like(q)
         common = dict(G=group, KEY_STRIDE=stride_, KEY_OFFSET=offset_, WINDOW=window, DK=q.shape[2], DV=v.shape[2])
-        q_tiles = tiles(cu_q, blocks["BLOCK_M"], q.shape[0])
+        q_tiles = q_segments.tiles(blocks["BLOCK_M"], q.shape[0])
         if q_tiles[0].numel():
             _band_bwd_dq[(num_q_heads, q_tiles[0].numel())](
                 q, k, v, grad_out, lse, delta, dq, *q_tiles, cu_q, cu_k, q_pos0, k_first,
@@ -422,7 +426,7 @@ class BandAttention(torch.autograd.Function):
         heads_out = num_q_heads if split else num_kv_heads
         dk = torch.empty(k.shape[0], heads_out, k.shape[2], device=k.device, dtype=torch.float32 if split else k.dtype)
         dv = torch.empty(v.shape[0], heads_out, v.shape[2], device=v.device, dtype=torch.float32 if split else v.dtype)
-        k_tiles = tiles(cu_k, kv_blocks["BLOCK_N"], k.shape[0])
+        k_tiles = k_segments.tiles(kv_blocks["BLOCK_N"], k.shape[0])
         if k_tiles[0].numel():
             _band_bwd_dkdv[(heads_out, k_tiles[0].numel())](
                 q, k, v, grad_out, lse, delta, dk, dv, *k_tiles, cu_q, cu_k, q_pos0, k_first,
@@ -441,10 +445,12 @@ def band_attention(q, k, v, cu_q, cu_k, kind: str, config, scale: float, q_pos0=
     """Window (kind='window') or compressed (kind='compressed') attention. Returns (out [T, H_q, d_v], lse [T, H_q]).
 
     Segment i: queries cu_q[i]..cu_q[i+1] at positions q_pos0[i].., keys cu_k[i]..cu_k[i+1] with key
-    indices k_first[i].. (both default 0: whole documents).
+    indices k_first[i].. (both default 0: whole documents). cu_q / cu_k: int32 tensors, or
+    layout.Segments that also hold them on the host.
     """
-    zeros = torch.zeros(cu_q.numel() - 1, device=q.device, dtype=torch.int32)
+    q_segments, k_segments = as_segments(cu_q), as_segments(cu_k)
+    zeros = torch.zeros(q_segments.cu.numel() - 1, device=q.device, dtype=torch.int32)
     q_pos0 = zeros if q_pos0 is None else q_pos0
     k_first = zeros if k_first is None else k_first
-    return BandAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, q_pos0, k_first,
-                               kind, config, scale)
+    return BandAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), q_segments, k_segments, q_pos0,
+                               k_first, kind, config, scale)

@@ -10,6 +10,7 @@ import torch
 
 from .band import band_attention
 from .combine import gated_combine
+from .layout import Segments
 from .selected import piece_layout, selected_backward, used_slots_first
 from .selected import selected_attention as _selected_attention
 from .topk import select_blocks as _select_blocks
@@ -21,10 +22,11 @@ def _host_ints(values, device) -> torch.Tensor:
 
 
 def _segment(q, q_pos, num_keys):
-    """cu for the queries, cu for the keys, and the first query position (int32 tensors)."""
+    """Segments of the queries and of the keys (one each, known on the host too), and the first query
+    position (int32 tensor)."""
     device = q.device
-    cu_q = _host_ints([0, q.shape[0]], device)
-    cu_k = _host_ints([0, num_keys], device)
+    cu_q = Segments(_host_ints([0, q.shape[0]], device), (0, q.shape[0]))
+    cu_k = Segments(_host_ints([0, num_keys], device), (0, num_keys))
     q_pos0 = q_pos[:1].to(torch.int32) if q_pos.numel() else torch.zeros(1, device=device, dtype=torch.int32)
     return cu_q, cu_k, q_pos0
 

@@ -16,12 +16,13 @@ def nsa_core(q, kv_slc, kv_win, compressed_kv, gates, docs: Docs, config, scale:
 
     Returns out [T, H_q, d_v] (and a dict of per-branch results when asked).
     """
-    cu = docs.cu_seqlens
-    cmp_out, cmp_lse = band_attention(q, *compressed_kv, cu, docs.cu_cmp, "compressed", config, scale)
-    selected_block_idx = select_blocks(q.detach(), compressed_kv[0].detach(), cmp_lse, cu, docs.cu_cmp, config, scale)
+    tokens, compressed = docs.token_segments, docs.cmp_segments
+    cmp_out, cmp_lse = band_attention(q, *compressed_kv, tokens, compressed, "compressed", config, scale)
+    selected_block_idx = select_blocks(q.detach(), compressed_kv[0].detach(), cmp_lse, tokens, compressed, config,
+                                       scale)
     slc_layout = packed_layout(docs, config.select_block_size)
     slc_out, slc_lse = selected_attention(q, *kv_slc, selected_block_idx, slc_layout, config, scale)
-    win_out, win_lse = band_attention(q, *kv_win, cu, cu, "window", config, scale)
+    win_out, win_lse = band_attention(q, *kv_win, tokens, tokens, "window", config, scale)
     out = gated_combine(gates, cmp_out, slc_out, win_out)
     if not return_intermediates:
         return out

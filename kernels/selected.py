@@ -21,7 +21,9 @@ not a power of two (kernels/qk_parts.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import numpy
 import torch
 import triton
 import triton.language as tl
@@ -328,7 +330,11 @@ class SelectionLayout:
 
 
 def packed_layout(docs, slc_block: int) -> SelectionLayout:
-    """Queries and keys are the same packed documents, in selection blocks of slc_block tokens."""
+    """Queries and keys are the same packed documents, in selection blocks of slc_block tokens. Built on
+    the host (cached per layout) when docs hold their bounds there, else on the device."""
+    if docs.host_cu is not None:
+        row_pos, block_docs = _host_packed_layout(docs.host_cu, slc_block, docs.cu_seqlens.device)
+        return SelectionLayout(row_pos, docs.row_doc_start, docs.row_slc_start, block_docs)
     cu_slc = docs.cu_slc.to(torch.int64)
     cu = docs.cu_seqlens.to(torch.int64)
     num_rows, num_docs = docs.row_doc_start.numel(), cu.numel() - 1
@@ -340,6 +346,24 @@ def packed_layout(docs, slc_block: int) -> SelectionLayout:
                               torch.where(real, cu[1:][doc_of_block], 0)]).contiguous()
     rows = torch.arange(num_rows, device=cu.device, dtype=torch.int32)
     return SelectionLayout(rows - docs.row_doc_start, docs.row_doc_start, docs.row_slc_start, block_docs)
+
+
+@functools.lru_cache(maxsize=64)
+def _host_packed_layout(host_cu: tuple, slc_block: int, device):
+    """(row_pos [T] int32, block_docs [3, num_blocks] int64) of packed_layout, from bounds on the host."""
+    cu = numpy.asarray(host_cu, dtype=numpy.int64)
+    lens = numpy.diff(cu)
+    blocks_per_doc = -(-lens // slc_block)
+    doc_of_block = numpy.repeat(numpy.arange(len(lens)), blocks_per_doc)
+    first_block = numpy.concatenate([[0], numpy.cumsum(blocks_per_doc)])[:-1]
+    num_real = len(doc_of_block)
+    block_docs = numpy.zeros((3, max_pieces(int(cu[-1]), len(lens), slc_block)), dtype=numpy.int64)
+    block_docs[0, :num_real] = cu[:-1][doc_of_block]
+    block_docs[1, :num_real] = numpy.arange(num_real) - first_block[doc_of_block]
+    block_docs[2, :num_real] = cu[1:][doc_of_block]
+    row_pos = (numpy.arange(cu[-1]) - numpy.repeat(cu[:-1], lens)).astype(numpy.int32)
+    upload = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
+    return upload(row_pos), upload(block_docs)
 
 
 def piece_layout(q_pos: torch.Tensor, num_keys: int, select_block_size: int) -> SelectionLayout:

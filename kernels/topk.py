@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .band import LOG2E
-from .layout import tiles
+from .layout import as_segments
 from .qk_parts import dot_qk, load_qk, qk_parts, tile_width
 from .tuning import launch_params
 
@@ -135,8 +135,11 @@ def select_blocks(q, compressed_k, cmp_lse, cu_q, cu_cmp, config, scale, q_pos0=
     """selected_block_idx [T, H_kv, n] int32 (ascending, -1 padded) for packed q [T, H_q, d_k].
 
     Segment i: queries cu_q[i]..cu_q[i+1] at positions q_pos0[i].. (default 0), compressed keys
-    cu_cmp[i]..cu_cmp[i+1] from the start of their document.
+    cu_cmp[i]..cu_cmp[i+1] from the start of their document. cu_q / cu_cmp: int32 tensors, or
+    layout.Segments that also hold them on the host.
     """
+    q_segments = as_segments(cu_q)
+    cu_q, cu_cmp = q_segments.cu, as_segments(cu_cmp).cu
     if q_pos0 is None:
         q_pos0 = torch.zeros(cu_q.numel() - 1, device=q.device, dtype=torch.int32)
     num_q_heads, num_kv_heads, head_dim = q.shape[1], compressed_k.shape[1], q.shape[2]
@@ -148,7 +151,7 @@ def select_blocks(q, compressed_k, cmp_lse, cu_q, cu_cmp, config, scale, q_pos0=
     block_t = max(16, params.pop("ROWS") // heads_per_chunk)  # tile rows: block_t tokens x heads_per_chunk heads
     bs = max(params.pop("BLOCKS"), triton.next_power_of_2(n))  # blocks per tile = width of the running top-n
     cmp_per_slc = config.select_block_size // config.compress_stride
-    q_tiles = tiles(cu_q, block_t, q.shape[0])
+    q_tiles = q_segments.tiles(block_t, q.shape[0])
     if q_tiles[0].numel():
         _topk_kernel[(q_tiles[0].numel(), num_kv_heads)](
             q, compressed_k, cmp_lse, idx, *q_tiles, cu_q, cu_cmp, q_pos0,

@@ -48,7 +48,7 @@ def _nsa_triton(q, ks, vs, gates, config: NSAConfig, cu_seqlens, bounds, compres
         bounds = numpy.arange(batch + 1) * seq_len
     packed = lambda t: t.reshape(batch * seq_len, *t.shape[2:])  # noqa: E731
     docs = make_docs(cu_seqlens, batch * seq_len, config.compress_block_size, config.compress_stride,
-                     config.select_block_size)
+                     config.select_block_size, bounds)
     compressed_kv = compress_documents(packed(ks[0]), packed(vs[0]), cu_seqlens, config, compressor, compressed_rope,
                                        bounds)
     out = nsa_core(packed(q), (packed(ks[1]), packed(vs[1])), (packed(ks[2]), packed(vs[2])), compressed_kv,

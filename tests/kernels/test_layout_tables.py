@@ -6,12 +6,18 @@ import torch
 
 pytest.importorskip("nsa_kernels")
 from nsa_kernels import selected as S  # noqa: E402
-from nsa_kernels.layout import make_docs, max_pieces, tiles  # noqa: E402
+from nsa_kernels.layout import Segments, make_docs, max_pieces, tiles  # noqa: E402
+
+LAYOUTS = [[37, 0, 5, 30], [64, 64], [1], [0, 3, 0], [200], [0]]
+
+
+def _cu(lens):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
 
 
 @pytest.mark.parametrize("lens,block", [([37, 0, 5, 30], 16), ([64, 64], 16), ([1], 8), ([0, 0], 4), ([100], 7)])
 def test_tiles_cover_each_segment_once_then_pad(lens, block):
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    cu = _cu(lens)
     num_rows = sum(lens)
     start, end, segment = tiles(cu, block, num_rows)
     assert start.numel() == max_pieces(num_rows, len(lens), block) >= sum(-(-n // block) for n in lens)
@@ -59,3 +65,40 @@ def test_inverted_selection_lists_each_blocks_queries_in_pieces(monkeypatch):
         assert got == want
     padding = range(pieces_of_key[-1].item(), piece_key.numel())
     assert all(piece_end[p] <= piece_start[p] for p in padding)
+
+
+@pytest.mark.parametrize("lens", LAYOUTS)
+@pytest.mark.parametrize("block", [4, 7, 16])
+def test_host_built_tiles_equal_the_device_ones(lens, block):
+    cu = _cu(lens)
+    host = Segments(cu, tuple(cu.tolist())).tiles(block, sum(lens))
+    for got, want in zip(host, tiles(cu, block, sum(lens))):
+        assert got.dtype == want.dtype == torch.int32 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("lens", LAYOUTS)
+def test_host_built_docs_and_selection_layout_equal_the_device_ones(lens):
+    cu = _cu(lens)
+    device_docs = make_docs(cu, sum(lens), 8, 4, 16)
+    host_docs = make_docs(cu, sum(lens), 8, 4, 16, bounds=cu.tolist())
+    for field in ("cu_seqlens", "cu_cmp", "cu_slc", "row_doc_start", "row_cmp_start", "row_slc_start"):
+        got, want = getattr(host_docs, field), getattr(device_docs, field)
+        assert got.dtype == want.dtype and torch.equal(got, want), field
+    assert host_docs.host_cmp == tuple(device_docs.cu_cmp.tolist())
+    host_layout, device_layout = S.packed_layout(host_docs, 16), S.packed_layout(device_docs, 16)
+    for field in ("row_pos", "row_key_start", "row_slc_start", "block_docs"):
+        got, want = getattr(host_layout, field), getattr(device_layout, field)
+        assert got.dtype == want.dtype and torch.equal(got, want), field
+
+
+def test_host_layouts_are_built_once_per_layout():
+    cu = _cu([40, 24])
+    first, again = make_docs(cu, 64, 8, 4, 16, bounds=[0, 40, 64]), make_docs(cu, 64, 8, 4, 16, bounds=(0, 40, 64))
+    assert again is first
+    assert Segments(cu, (0, 40, 64)).tiles(16, 64)[0] is first.token_segments.tiles(16, 64)[0]
+    assert make_docs(cu, 64, 8, 4, 32, bounds=[0, 40, 64]) is not first
+
+
+def test_host_bounds_must_cover_the_rows():
+    with pytest.raises(ValueError, match="bounds end at 60 but there are num_rows=64"):
+        make_docs(_cu([40, 24]), 64, 8, 4, 16, bounds=[0, 40, 60])
