@@ -74,7 +74,7 @@ def _branch_tensors(name: str, value: KV, separate: bool) -> Tuple[torch.Tensor,
 
 
 def check_inputs(q, ks, vs, gates, cu_seqlens, config: NSAConfig):
-    """Shape, dtype and device checks; errors name the tensor. Returns cu_seqlens on the host (a list),
+    """Shape, dtype and device checks; errors name the tensor. Returns cu_seqlens on the host (a tuple),
     or None without cu_seqlens."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"q must be a 4-D tensor [B, T, H_q, d_k], got {getattr(q, 'shape', type(q))}")
@@ -116,8 +116,9 @@ def check_inputs(q, ks, vs, gates, cu_seqlens, config: NSAConfig):
     return check_cu_seqlens(cu_seqlens, batch, seq_len, q.device)
 
 
-def check_cu_seqlens(cu_seqlens, batch: int, seq_len: int, device) -> list:
-    """Checks document boundaries and returns them as a host list (one copy from the device)."""
+def check_cu_seqlens(cu_seqlens, batch: int, seq_len: int, device) -> tuple:
+    """Checks document boundaries and returns them on the host. They are copied from the device once
+    per tensor: every layer of a step passes the same cu_seqlens, so only the first one waits."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(
             "cu_seqlens must be a 1-D tensor of document boundaries [0, ..., T] with at least 2 entries, "
@@ -129,11 +130,15 @@ def check_cu_seqlens(cu_seqlens, batch: int, seq_len: int, device) -> list:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
     if batch != 1:
         raise ValueError(f"packed documents (cu_seqlens) need batch size 1, got B={batch}")
-    bounds = cu_seqlens.tolist()
+    cached = getattr(cu_seqlens, "_nsa_host_bounds", None)
+    if cached is not None and cached[0] == cu_seqlens._version and cached[1][-1] == seq_len:
+        return cached[1]
+    bounds = tuple(cu_seqlens.tolist())
     if bounds[0] != 0 or bounds[-1] != seq_len:
         raise ValueError(f"cu_seqlens must start at 0 and end at T={seq_len}, got {bounds[0]} .. {bounds[-1]}")
     if any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {list(bounds)}")
+    cu_seqlens._nsa_host_bounds = (cu_seqlens._version, bounds)  # read again after an in-place change
     return bounds
 
 

@@ -122,8 +122,7 @@ def nsa_attention_cp(
     if local_len % 2 != 0:
         raise ValueError(f"q has {local_len} local tokens; the load-balanced layout gives each rank 2 equal chunks")
     layout = LoadBalancedLayout(local_len * cp_size, cp_size, config)
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, batch, layout.seq_len, q.device)
+    bounds = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch, layout.seq_len, q.device)
     branches = resolve_branches(backend, q.device)
 
     in_dtype = q.dtype
@@ -131,7 +130,7 @@ def nsa_attention_cp(
     q, gates = q.to(compute), gates.to(compute)
     (k_cmp, k_slc, k_win), (v_cmp, v_slc, v_win) = [[t.to(compute) for t in group] for group in (ks, vs)]
     scale = config.scale_for(q.shape[-1])
-    plan = build_plan(layout, rank, batch, cu_seqlens, config)
+    plan = build_plan(layout, rank, batch, bounds, config)
     chunk_len = plan.chunk_len
 
     # 1. halos (one exchange for every tensor that needs one)

@@ -8,7 +8,7 @@ document). A compressed block belongs to the rank holding its last token.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -92,13 +92,13 @@ class CPPlan:
         return num_selection_blocks(segment.doc_len, config)
 
 
-def build_plan(layout: LoadBalancedLayout, rank: int, batch: int, cu_seqlens: Optional[torch.Tensor],
+def build_plan(layout: LoadBalancedLayout, rank: int, batch: int, bounds: Optional[Sequence[int]],
                config) -> CPPlan:
-    """The plan of CP rank `rank` for B rows of S tokens; cu_seqlens are global document bounds (B == 1)."""
-    if cu_seqlens is None:
+    """The plan of CP rank `rank` for B rows of S tokens; bounds: global document bounds on the host
+    (cu_seqlens as ints, B == 1), or None for one document per row."""
+    if bounds is None:
         docs = [(0, layout.seq_len)]
     else:
-        bounds = cu_seqlens.tolist()
         docs = [(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
     cmp_offsets, total = [], 0
     for start, end in docs:

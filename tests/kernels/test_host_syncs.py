@@ -1,5 +1,5 @@
-"""The Triton path of nsa_attention never makes the host wait for the GPU on a [B, T] batch, and only once
-(the cu_seqlens check) on packed documents: its table sizes come from host-known shapes, not from
+"""The Triton path of nsa_attention never makes the host wait for the GPU on a [B, T] batch, and on packed
+documents only once per cu_seqlens tensor (its check): table sizes come from host-known shapes, not from
 device values. A wait per layer would stop the host from queueing kernels ahead of the GPU.
 
 On a GPU this counts the warnings of torch.cuda.set_sync_debug_mode("warn"), one per synchronizing
@@ -130,17 +130,40 @@ def test_batch_never_waits_for_the_gpu(watch_waits):
     assert not calls, "\n".join(calls)
 
 
-def test_packed_documents_wait_once_for_the_boundary_check(watch_waits):
+def test_packed_documents_wait_once_per_cu_seqlens_tensor(watch_waits):
+    """The boundary check reads cu_seqlens once; later layers passing the same tensor do not wait, a new
+    tensor or an in-place change is read again."""
     lens = [3001, 95, 1000] if CUDA else [37, 5, 30]
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32).to(DEVICE)
+    make_cu = lambda: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32).to(DEVICE)  # noqa: E731
     inputs = _inputs(1, sum(lens))
     if CUDA:
-        _forward_backward(*inputs, cu_seqlens=cu)
+        _forward_backward(*inputs, cu_seqlens=make_cu())
+    cu = make_cu()
     with watch_waits() as calls:
-        _forward_backward(*inputs, cu_seqlens=cu)
+        for _layer in range(3):
+            _forward_backward(*inputs, cu_seqlens=cu)
     assert len(calls) == 1, calls
     if not CUDA:
         assert calls[0].startswith("Tensor.tolist at megatron_nsa/functional.py"), calls
+    fresh = make_cu()
+    with watch_waits() as calls:
+        _forward_backward(*inputs, cu_seqlens=fresh)
+        cu[1:-1] += 1  # documents of 38, 5, 29 tokens: read again
+        _forward_backward(*inputs, cu_seqlens=cu)
+    assert len(calls) == 2, calls
+
+
+def test_cu_seqlens_changed_in_place_is_checked_again():
+    from megatron_nsa.functional import check_cu_seqlens
+    cu = torch.tensor([0, 30, 72], dtype=torch.int32)
+    assert check_cu_seqlens(cu, 1, 72, cu.device) == (0, 30, 72)
+    cu[1] = 80
+    with pytest.raises(ValueError, match="non-decreasing"):
+        check_cu_seqlens(cu, 1, 72, cu.device)
+    checked = torch.tensor([0, 30, 72], dtype=torch.int32)
+    check_cu_seqlens(checked, 1, 72, checked.device)
+    with pytest.raises(ValueError, match="end at T=60"):  # read before: still checked against this T
+        check_cu_seqlens(checked, 1, 60, checked.device)
 
 
 def test_the_recorder_sees_waits_in_project_code(monkeypatch):
