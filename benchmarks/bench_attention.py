@@ -1,7 +1,7 @@
 """NSA (Triton) against dense attention (torch SDPA: cuDNN and FlashAttention-2 backends), one GPU, one run.
 
     python benchmarks/bench_attention.py                 # the default sweep, writes benchmarks/results/
-    python benchmarks/bench_attention.py --seqlens 8192 --shapes main --quick
+    python benchmarks/bench_attention.py --seqlens 8192 --nsa-only-seqlens "" --shapes main
 
 Causal dense attention with K/V expanded for GQA; batch 1, bf16. NSA: l/d/l'/n/w = 32/16/64/16/512,
 mean compression, all stages included. Per NSA stage (forward): compression, compressed attention,

@@ -13,7 +13,7 @@ import numpy
 import torch
 
 # layouts (documents, tile tables) built on the host are cached per layout: every layer of a step shares one
-_HOST_CACHE_SIZE = 64
+HOST_CACHE_SIZE = 64
 
 
 def num_compressed(seq_lens: torch.Tensor, block: int, stride: int) -> torch.Tensor:
@@ -131,7 +131,7 @@ def _upload(rows: Sequence[numpy.ndarray], device) -> list:
     return list(torch.split(table, [len(r) for r in rows]))
 
 
-@functools.lru_cache(maxsize=_HOST_CACHE_SIZE)
+@functools.lru_cache(maxsize=HOST_CACHE_SIZE)
 def _host_docs(host_cu: tuple, num_rows: int, cmp_block: int, cmp_stride: int, slc_block: int, device) -> Docs:
     cu = numpy.asarray(host_cu, dtype=numpy.int64)
     if cu[-1] != num_rows:
@@ -160,6 +160,6 @@ def host_tiles(host_cu: Sequence[int], block: int, num_rows: int):
     return pad(start, num_rows), pad(end, num_rows), pad(segment, max(num_segments - 1, 0))
 
 
-@functools.lru_cache(maxsize=_HOST_CACHE_SIZE)
+@functools.lru_cache(maxsize=HOST_CACHE_SIZE)
 def _host_tiles(host_cu: tuple, block: int, num_rows: int, device):
     return tuple(_upload(host_tiles(host_cu, block, num_rows), device))
