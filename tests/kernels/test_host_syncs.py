@@ -3,8 +3,9 @@ documents only once per cu_seqlens tensor (its check): table sizes come from hos
 device values. A wait per layer would stop the host from queueing kernels ahead of the GPU.
 
 On a GPU this counts the warnings of torch.cuda.set_sync_debug_mode("warn"), one per synchronizing
-call (after a first call that compiles the kernels). On CPU, where nothing synchronizes, it records the calls that would (reads of device values,
-copies to the host, and ops whose output size depends on device values) made from this project's code.
+call (after a first call that compiles the kernels). On CPU, where nothing synchronizes, it records the
+calls that would (reads of device values, copies to the host, and ops whose output size depends on
+device values) made from this project's code.
 """
 import collections
 import contextlib
@@ -134,7 +135,8 @@ def test_packed_documents_wait_once_per_cu_seqlens_tensor(watch_waits):
     """The boundary check reads cu_seqlens once; later layers passing the same tensor do not wait, a new
     tensor or an in-place change is read again."""
     lens = [3001, 95, 1000] if CUDA else [37, 5, 30]
-    make_cu = lambda: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32).to(DEVICE)  # noqa: E731
+    bounds = [0] + torch.tensor(lens).cumsum(0).tolist()
+    make_cu = lambda: torch.tensor(bounds, dtype=torch.int32).to(DEVICE)  # noqa: E731
     inputs = _inputs(1, sum(lens))
     if CUDA:
         _forward_backward(*inputs, cu_seqlens=make_cu())
