@@ -12,8 +12,12 @@ from typing import Optional, Sequence
 import numpy
 import torch
 
-# layouts (documents, tile tables) built on the host are cached per layout: every layer of a step shares one
-HOST_CACHE_SIZE = 64
+# Layouts built on the host are cached per layout, since every layer of a step shares one. Packed batches
+# bring a new layout every step, so the caches keep only a few: tables with a row per token (12 bytes per
+# token for the documents) in LAYOUT_CACHE_SIZE entries, tile tables (a row per tile, several block sizes
+# per step) in TILE_CACHE_SIZE.
+LAYOUT_CACHE_SIZE = 4
+TILE_CACHE_SIZE = 32
 
 
 def num_compressed(seq_lens: torch.Tensor, block: int, stride: int) -> torch.Tensor:
@@ -131,7 +135,7 @@ def _upload(rows: Sequence[numpy.ndarray], device) -> list:
     return list(torch.split(table, [len(r) for r in rows]))
 
 
-@functools.lru_cache(maxsize=HOST_CACHE_SIZE)
+@functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
 def _host_docs(host_cu: tuple, num_rows: int, cmp_block: int, cmp_stride: int, slc_block: int, device) -> Docs:
     cu = numpy.asarray(host_cu, dtype=numpy.int64)
     if cu[-1] != num_rows:
@@ -160,6 +164,6 @@ def host_tiles(host_cu: Sequence[int], block: int, num_rows: int):
     return pad(start, num_rows), pad(end, num_rows), pad(segment, max(num_segments - 1, 0))
 
 
-@functools.lru_cache(maxsize=HOST_CACHE_SIZE)
+@functools.lru_cache(maxsize=TILE_CACHE_SIZE)
 def _host_tiles(host_cu: tuple, block: int, num_rows: int, device):
     return tuple(_upload(host_tiles(host_cu, block, num_rows), device))

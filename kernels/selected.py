@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .band import LOG2E
 from .delta import row_dot
-from .layout import HOST_CACHE_SIZE, max_pieces, segment_of
+from .layout import LAYOUT_CACHE_SIZE, max_pieces, segment_of
 from .qk_parts import acc_qk, dot_qk, load_qk, qk_parts, store_qk, tile_width, zeros_qk
 from .tuning import launch_params
 
@@ -348,7 +348,7 @@ def packed_layout(docs, slc_block: int) -> SelectionLayout:
     return SelectionLayout(rows - docs.row_doc_start, docs.row_doc_start, docs.row_slc_start, block_docs)
 
 
-@functools.lru_cache(maxsize=HOST_CACHE_SIZE)
+@functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
 def _host_packed_layout(host_cu: tuple, slc_block: int, device):
     """(row_pos [T] int32, block_docs [3, num_blocks] int64) of packed_layout, from bounds on the host."""
     cu = numpy.asarray(host_cu, dtype=numpy.int64)
