@@ -114,32 +114,35 @@ def nsa_stages(seq_len, shape, config):
     q, k, v, gates = q[0], k[0], v[0], gates[0]
     scale = config.scale_for(q.shape[-1])
     cu = torch.tensor([0, seq_len], device="cuda", dtype=torch.int32)
+    bounds = [0, seq_len]  # on the host, as nsa_attention has them: layouts built there, as in a real call
     docs = nsa_kernels.make_docs(cu, seq_len, config.compress_block_size, config.compress_stride,
-                                 config.select_block_size)
-    ck, cv = compress_documents(k, v, cu, config)
+                                 config.select_block_size, bounds)
+    tokens, compressed = docs.token_segments, docs.cmp_segments
+    ck, cv = compress_documents(k, v, cu, config, bounds=bounds)
     layout = packed_layout(docs, config.select_block_size)
-    cmp_out, cmp_lse = band_attention(q, ck, cv, cu, docs.cu_cmp, "compressed", config, scale)
-    idx = select_blocks(q, ck, cmp_lse, cu, docs.cu_cmp, config, scale)
+    cmp_out, cmp_lse = band_attention(q, ck, cv, tokens, compressed, "compressed", config, scale)
+    idx = select_blocks(q, ck, cmp_lse, tokens, compressed, config, scale)
     slc_out, _ = selected_attention(q, k, v, idx, layout, config, scale)
-    win_out, _ = band_attention(q, k, v, cu, cu, "window", config, scale)
+    win_out, _ = band_attention(q, k, v, tokens, tokens, "window", config, scale)
     grad = torch.randn_like(cmp_out)
     with torch.no_grad():
         stages = {
-            "compression": time_ms(lambda: compress_documents(k, v, cu, config)),
-            "compressed_attn": time_ms(lambda: band_attention(q, ck, cv, cu, docs.cu_cmp, "compressed", config, scale)),
-            "scoring_topn": time_ms(lambda: select_blocks(q, ck, cmp_lse, cu, docs.cu_cmp, config, scale)),
+            "compression": time_ms(lambda: compress_documents(k, v, cu, config, bounds=bounds)),
+            "compressed_attn": time_ms(
+                lambda: band_attention(q, ck, cv, tokens, compressed, "compressed", config, scale)),
+            "scoring_topn": time_ms(lambda: select_blocks(q, ck, cmp_lse, tokens, compressed, config, scale)),
             "selected_attn": time_ms(lambda: selected_attention(q, k, v, idx, layout, config, scale)),
-            "window_attn": time_ms(lambda: band_attention(q, k, v, cu, cu, "window", config, scale)),
+            "window_attn": time_ms(lambda: band_attention(q, k, v, tokens, tokens, "window", config, scale)),
             "combine": time_ms(lambda: gated_combine(gates, cmp_out, slc_out, win_out)),
         }
     ck, cv = ck.detach().requires_grad_(), cv.detach().requires_grad_()
     bwd = {
         "compressed_bwd": time_ms(lambda: torch.autograd.grad(
-            band_attention(q, ck, cv, cu, docs.cu_cmp, "compressed", config, scale)[0], (q, ck, cv), grad)),
+            band_attention(q, ck, cv, tokens, compressed, "compressed", config, scale)[0], (q, ck, cv), grad)),
         "selected_bwd": time_ms(lambda: torch.autograd.grad(
             selected_attention(q, k, v, idx, layout, config, scale)[0], (q, k, v), grad)),
         "window_bwd": time_ms(lambda: torch.autograd.grad(
-            band_attention(q, k, v, cu, cu, "window", config, scale)[0], (q, k, v), grad)),
+            band_attention(q, k, v, tokens, tokens, "window", config, scale)[0], (q, k, v), grad)),
     }
     bwd["compressed_bwd"] -= stages["compressed_attn"]
     bwd["selected_bwd"] -= stages["selected_attn"]

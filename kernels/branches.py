@@ -6,19 +6,20 @@ Triton kernels. Query positions must be contiguous (q_pos[i] = q_pos[0] + i).
 """
 from __future__ import annotations
 
+import numpy
 import torch
 
 from .band import band_attention
 from .combine import gated_combine
-from .layout import Segments
+from .layout import Segments, upload
 from .selected import piece_layout, selected_backward, used_slots_first
 from .selected import selected_attention as _selected_attention
 from .topk import select_blocks as _select_blocks
 
 
 def _host_ints(values, device) -> torch.Tensor:
-    """A few host ints as an int32 tensor on `device`; non_blocking, so nothing waits for the GPU."""
-    return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+    """A few host ints as an int32 tensor on `device`, without waiting for the GPU."""
+    return upload(numpy.asarray(values, dtype=numpy.int32), device)
 
 
 def _segment(q, q_pos, num_keys):

@@ -20,9 +20,10 @@ LAYOUT_CACHE_SIZE = 4
 TILE_CACHE_SIZE = 32
 
 
-def num_compressed(seq_lens: torch.Tensor, block: int, stride: int) -> torch.Tensor:
-    """Compressed blocks per document: floor((T - l) / d) + 1 when T >= l, else 0."""
-    return torch.where(seq_lens >= block, torch.div(seq_lens - block, stride, rounding_mode="floor") + 1, 0)
+def num_compressed(seq_lens, block: int, stride: int):
+    """Compressed blocks per document: floor((T - l) / d) + 1 when T >= l, else 0 (an integer torch
+    tensor or numpy array)."""
+    return (seq_lens >= block) * ((seq_lens - block) // stride + 1)
 
 
 @dataclasses.dataclass
@@ -125,13 +126,15 @@ def tiles(cu_rows: torch.Tensor, block: int, num_rows: int):
     return start.to(torch.int32), end.to(torch.int32), segment.to(torch.int32)
 
 
-def _host_num_compressed(seq_lens: numpy.ndarray, block: int, stride: int) -> numpy.ndarray:
-    return numpy.where(seq_lens >= block, (seq_lens - block) // stride + 1, 0)
+def upload(array: numpy.ndarray, device) -> torch.Tensor:
+    """A host array on `device`. non_blocking: the copy is staged at once and nothing waits for the
+    kernels already queued."""
+    return torch.from_numpy(array).to(device, non_blocking=True)
 
 
 def _upload(rows: Sequence[numpy.ndarray], device) -> list:
-    """Host int arrays as int32 views of one tensor on `device`, copied without waiting for the GPU."""
-    table = torch.from_numpy(numpy.concatenate(rows).astype(numpy.int32)).to(device, non_blocking=True)
+    """Host int arrays as int32 views of one tensor on `device`, in one copy."""
+    table = upload(numpy.concatenate(rows).astype(numpy.int32), device)
     return list(torch.split(table, [len(r) for r in rows]))
 
 
@@ -141,7 +144,7 @@ def _host_docs(host_cu: tuple, num_rows: int, cmp_block: int, cmp_stride: int, s
     if cu[-1] != num_rows:
         raise ValueError(f"bounds end at {cu[-1]} but there are num_rows={num_rows} packed rows")
     lens = numpy.diff(cu)
-    cu_cmp = numpy.concatenate([[0], numpy.cumsum(_host_num_compressed(lens, cmp_block, cmp_stride))])
+    cu_cmp = numpy.concatenate([[0], numpy.cumsum(num_compressed(lens, cmp_block, cmp_stride))])
     cu_slc = numpy.concatenate([[0], numpy.cumsum(-(-lens // slc_block))])
     cu_t, cu_cmp_t, cu_slc_t, row_doc_start, row_cmp_start, row_slc_start = _upload(
         [cu, cu_cmp, cu_slc, numpy.repeat(cu[:-1], lens), numpy.repeat(cu_cmp[:-1], lens),

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .band import LOG2E
 from .delta import row_dot
-from .layout import LAYOUT_CACHE_SIZE, max_pieces, segment_of
+from .layout import LAYOUT_CACHE_SIZE, max_pieces, segment_of, upload
 from .qk_parts import acc_qk, dot_qk, load_qk, qk_parts, store_qk, tile_width, zeros_qk
 from .tuning import launch_params
 
@@ -362,8 +362,7 @@ def _host_packed_layout(host_cu: tuple, slc_block: int, device):
     block_docs[1, :num_real] = numpy.arange(num_real) - first_block[doc_of_block]
     block_docs[2, :num_real] = cu[1:][doc_of_block]
     row_pos = (numpy.arange(cu[-1]) - numpy.repeat(cu[:-1], lens)).astype(numpy.int32)
-    upload = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
-    return upload(row_pos), upload(block_docs)
+    return upload(row_pos, device), upload(block_docs, device)
 
 
 def piece_layout(q_pos: torch.Tensor, num_keys: int, select_block_size: int) -> SelectionLayout:
