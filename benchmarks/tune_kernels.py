@@ -28,8 +28,9 @@ _band = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
 _band_dkdv = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
               for m, n, w, s in [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2),
                                  (32, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2)]]
-# ROWS: query rows per forward / dQ program (tokens x G heads; one token when G >= ROWS)
-_selected = [dict(ROWS=r, num_warps=w, num_stages=s) for r in (16, 32, 64) for w in (2, 4, 8) for s in (1, 2, 3)]
+# ROWS: query rows per forward / dQ program (tokens x G heads; one token when G >= ROWS); KEYS: keys per step
+_selected = [dict(ROWS=r, KEYS=n, num_warps=w, num_stages=s)
+             for r in (16, 32, 64) for n in (64, 32) for w in (1, 2, 4) for s in (2, 3)]
 CANDIDATES = {
     "band_fwd/compressed": _band, "band_fwd/window": _band,
     "band_dq/compressed": _band, "band_dq/window": _band,

@@ -80,14 +80,15 @@ def _tile_selection(IDX, TILE_BLOCKS, RowKeyStart, RowSlcStart, tile, kv_head, t
 
 
 @triton.jit
-def _union_block(UNION, slot, BlockDocs, num_blocks, doc_start, token_block_ids, t, row_ok,
-                 SLC_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS: tl.constexpr):
-    """One block of the program's union: (key rows [BLOCK_N] int64, key_ok [BLOCK_N], visible [R, BLOCK_N]).
+def _union_block(UNION, step, BlockDocs, num_blocks, doc_start, token_block_ids, t, row_ok,
+                 SLC_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, TOKENS: tl.constexpr):
+    """Step `step` of the walk over the program's union: part step % PARTS (BLOCK_N keys) of its block
+    step // PARTS. Returns (key rows [BLOCK_N] int64, key_ok [BLOCK_N], visible [R, BLOCK_N]).
     A row sees a key when its token selected the block and the key is not after the token. One token:
     UNION holds its block ids within its document, whose first key row is doc_start. Several tokens:
     global block ids, placed through BlockDocs."""
-    block = tl.load(UNION + slot)
-    offs_n = tl.arange(0, BLOCK_N)
+    block = tl.load(UNION + step // PARTS)
+    offs_n = (step % PARTS) * BLOCK_N + tl.arange(0, BLOCK_N)  # key offsets within the block
     if TOKENS == 1:
         pos = block * SLC_BLOCK + offs_n
         krow = (doc_start + pos).to(tl.int64)
@@ -113,7 +114,7 @@ def _selected_fwd(
     G: tl.constexpr, GP: tl.constexpr, TOKENS: tl.constexpr, N_SELECT: tl.constexpr, N_SELECT_P2: tl.constexpr,
     N_UNION: tl.constexpr, N_UNION_P2: tl.constexpr, SLC_BLOCK: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PARTS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -126,9 +127,9 @@ def _selected_fwd(
     m_i = tl.full([TOKENS * GP], float("-inf"), tl.float32)
     l_i = tl.zeros([TOKENS * GP], tl.float32)
     acc = tl.zeros([TOKENS * GP, BLOCK_DV], tl.float32)
-    for slot in range(0, _used_slots(union, N_UNION, N_UNION_P2)):
-        krow, key_ok, visible = _union_block(union, slot, BlockDocs, num_blocks, doc_start, token_block_ids, t,
-                                             row_ok, SLC_BLOCK, BLOCK_N, TOKENS)
+    for step in range(0, _used_slots(union, N_UNION, N_UNION_P2) * PARTS):
+        krow, key_ok, visible = _union_block(union, step, BlockDocs, num_blocks, doc_start, token_block_ids, t,
+                                             row_ok, SLC_BLOCK, BLOCK_N, PARTS, TOKENS)
         k_a, k_b = load_qk(K + krow * skt + kv_head * skh, key_ok, DK, DK_A, DK_B)
         v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
                     mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
@@ -155,7 +156,7 @@ def _selected_bwd_dq(
     G: tl.constexpr, GP: tl.constexpr, TOKENS: tl.constexpr, N_SELECT: tl.constexpr, N_SELECT_P2: tl.constexpr,
     N_UNION: tl.constexpr, N_UNION_P2: tl.constexpr, SLC_BLOCK: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PARTS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -170,9 +171,9 @@ def _selected_bwd_dq(
     lse2 = tl.load(LSE + token * slt + heads * slh, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + token * slt + heads * slh, mask=row_ok, other=0.0)
     dq_a, dq_b = zeros_qk(TOKENS * GP, DK_A, DK_B)
-    for slot in range(0, _used_slots(union, N_UNION, N_UNION_P2)):
-        krow, key_ok, visible = _union_block(union, slot, BlockDocs, num_blocks, doc_start, token_block_ids, t,
-                                             row_ok, SLC_BLOCK, BLOCK_N, TOKENS)
+    for step in range(0, _used_slots(union, N_UNION, N_UNION_P2) * PARTS):
+        krow, key_ok, visible = _union_block(union, step, BlockDocs, num_blocks, doc_start, token_block_ids, t,
+                                             row_ok, SLC_BLOCK, BLOCK_N, PARTS, TOKENS)
         k_a, k_b = load_qk(K + krow * skt + kv_head * skh, key_ok, DK, DK_A, DK_B)
         v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
                     mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
@@ -415,15 +416,19 @@ def tile_block_union(selected_block_idx: torch.Tensor, row_slc_start: torch.Tens
     return torch.where(per_tile == unused, -1, per_tile).to(torch.int32)
 
 
-def _tiled_launch(kernel: str, q, v, group: int, config) -> tuple:
-    """(launch parameters without ROWS, the tile's constexprs, tokens per tile)."""
+def _tiled_launch(kernel: str, q, v, group: int, config, dims: dict) -> tuple:
+    """(launch parameters without ROWS and KEYS, the kernel's constexprs: `dims` with the tile's, tokens
+    per tile). A step of the walk covers KEYS keys of a block (the whole block when KEYS is larger), so
+    that a program's K/V tiles, and the shared memory that holds them, can be smaller than a block."""
     params = _launch(kernel, q, v)
     tokens = tokens_per_tile(group, params.pop("ROWS"))
+    keys_per_step = min(params.pop("KEYS"), dims["BLOCK_N"])
     n = config.select_count
-    tiling = dict(G=group, GP=triton.next_power_of_2(group), TOKENS=tokens, N_SELECT=n,
-                  N_SELECT_P2=triton.next_power_of_2(n), N_UNION=tokens * n,
-                  N_UNION_P2=triton.next_power_of_2(tokens * n))
-    return params, tiling, tokens
+    constexprs = dict(dims, BLOCK_N=keys_per_step, PARTS=-(-config.select_block_size // keys_per_step),
+                      G=group, GP=triton.next_power_of_2(group), TOKENS=tokens, N_SELECT=n,
+                      N_SELECT_P2=triton.next_power_of_2(n), N_UNION=tokens * n,
+                      N_UNION_P2=triton.next_power_of_2(tokens * n))
+    return params, constexprs, tokens
 
 
 class SelectedAttention(torch.autograd.Function):
@@ -437,7 +442,7 @@ class SelectedAttention(torch.autograd.Function):
         group = num_q_heads // num_kv_heads
         out = torch.empty(q.shape[0], num_q_heads, v.shape[2], device=q.device, dtype=q.dtype)
         lse = torch.empty(q.shape[0], num_q_heads, device=q.device, dtype=torch.float32)
-        params, tiling, tokens = _tiled_launch("selected_fwd", q, v, group, config)
+        params, constexprs, tokens = _tiled_launch("selected_fwd", q, v, group, config, dims)
         union = tile_block_union(selected_block_idx, layout.row_slc_start, tokens)
         if q.shape[0]:
             _selected_fwd[(union.shape[0], num_kv_heads)](
@@ -446,7 +451,7 @@ class SelectedAttention(torch.autograd.Function):
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
                 selected_block_idx.stride(0), selected_block_idx.stride(1), union.stride(0), union.stride(1),
-                scale * LOG2E, q.shape[0], layout.num_blocks, **tiling, **params, **dims,
+                scale * LOG2E, q.shape[0], layout.num_blocks, **constexprs, **params,
             )
         ctx.save_for_backward(q, k, v, out, lse, selected_block_idx, union)
         ctx.layout, ctx.config, ctx.scale, ctx.tokens = layout, config, scale, tokens
@@ -479,7 +484,7 @@ def selected_backward(q, k, v, selected_block_idx, layout: SelectionLayout, conf
     dv = torch.zeros_like(v)
     if q.shape[0] == 0:
         return dq, dk, dv
-    params, tiling, tokens = _tiled_launch("selected_dq", q, v, group, config)
+    params, constexprs, tokens = _tiled_launch("selected_dq", q, v, group, config, dims)
     if forward_union is not None and forward_union[0] == tokens:
         union = forward_union[1]
     else:
@@ -491,7 +496,7 @@ def selected_backward(q, k, v, selected_block_idx, layout: SelectionLayout, conf
         grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
         selected_block_idx.stride(0), selected_block_idx.stride(1), union.stride(0), union.stride(1),
         dq.stride(0), dq.stride(1),
-        scale * LOG2E, scale, q.shape[0], layout.num_blocks, **tiling, **params, **dims,
+        scale * LOG2E, scale, q.shape[0], layout.num_blocks, **constexprs, **params,
     )
     num_blocks = layout.num_blocks
     group_pad = triton.next_power_of_2(group)

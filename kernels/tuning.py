@@ -9,7 +9,8 @@ document already spans several tiles of selection blocks).
 
 Kernels: band_fwd / band_dq / band_dkdv (per kind: 'window' or 'compressed'), selected_fwd,
 selected_dq, selected_dkdv, topk. ROWS of selected_fwd / selected_dq: query rows per program (tokens x
-the G heads of a group; one token when G >= ROWS); of selected_dkdv and topk: rows per query tile.
+the G heads of a group; one token when G >= ROWS), KEYS: keys per step of their walk over a selected
+block (a block of l' keys takes l' / KEYS steps); ROWS of selected_dkdv and topk: rows per query tile.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ _DEFAULTS: Dict[str, dict] = {
     "band_dq/compressed": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     "band_dkdv/window": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
     "band_dkdv/compressed": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    "selected_fwd": dict(ROWS=16, num_warps=2, num_stages=2),
-    "selected_dq": dict(ROWS=16, num_warps=2, num_stages=2),
+    "selected_fwd": dict(ROWS=16, KEYS=32, num_warps=1, num_stages=2),
+    "selected_dq": dict(ROWS=16, KEYS=32, num_warps=1, num_stages=2),
     "selected_dkdv": dict(ROWS=64, num_warps=4, num_stages=3),
     "topk": dict(ROWS=256, BLOCKS=16, num_warps=4, num_stages=2),
 }
@@ -38,7 +39,7 @@ _WIDE: Dict[str, dict] = {
     "band_fwd/window": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
     "band_dkdv/window": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
     "band_dkdv/compressed": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    "selected_fwd": dict(ROWS=16, num_warps=4, num_stages=2),
+    "selected_fwd": dict(ROWS=16, KEYS=64, num_warps=4, num_stages=2),
     "selected_dkdv": dict(ROWS=128, num_warps=8, num_stages=2),
     "topk": dict(ROWS=256, BLOCKS=16, num_warps=8, num_stages=2),
 }
@@ -48,16 +49,16 @@ _SMALL_BAND_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
 _WIDEST: Dict[str, dict] = {
     "band_fwd/window": _SMALL_BAND_TILES, "band_fwd/compressed": _SMALL_BAND_TILES,
     "band_dq/window": _SMALL_BAND_TILES, "band_dq/compressed": _SMALL_BAND_TILES,
-    "selected_fwd": dict(ROWS=16, num_warps=4, num_stages=2),
-    "selected_dq": dict(ROWS=16, num_warps=4, num_stages=2),
+    "selected_fwd": dict(ROWS=16, KEYS=64, num_warps=4, num_stages=2),
+    "selected_dq": dict(ROWS=16, KEYS=64, num_warps=4, num_stages=2),
     "selected_dkdv": dict(ROWS=64, num_warps=4, num_stages=2),
     "topk": dict(ROWS=128, BLOCKS=16, num_warps=8, num_stages=2),
 }
 
 _INTERPRETER = {
     "band": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
-    "selected_fwd": dict(ROWS=16, num_warps=4, num_stages=1),
-    "selected_dq": dict(ROWS=16, num_warps=4, num_stages=1),
+    "selected_fwd": dict(ROWS=16, KEYS=64, num_warps=4, num_stages=1),
+    "selected_dq": dict(ROWS=16, KEYS=64, num_warps=4, num_stages=1),
     "selected_dkdv": dict(ROWS=64, num_warps=4, num_stages=1),
     "topk": dict(ROWS=16, BLOCKS=4, num_warps=4, num_stages=1),
 }

@@ -5,6 +5,8 @@ Selections are drawn so that neighbouring tokens share some blocks and not other
 part of their slots or none, and token tiles straddle document boundaries; outputs, LSEs and gradients
 are compared with the reference for each tile height (launch parameter ROWS) and group size.
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -86,26 +88,35 @@ def test_tile_block_union_is_each_tiles_distinct_blocks():
                     assert used == want
 
 
-@pytest.mark.parametrize("num_q_heads,num_kv_heads,rows", [(2, 2, 16), (4, 2, 16), (6, 2, 16), (8, 2, 16),
-                                                           (32, 2, 16), (32, 2, 64), (8, 2, 64), (16, 1, 32)])
-def test_tiled_selected_attention_matches_reference(num_q_heads, num_kv_heads, rows):
+# blocks of two or more steps of KEYS keys (the interpreter's blocks are 16 keys, a dot's smallest width)
+SPLIT_CONFIG = CONFIG if CUDA else dataclasses.replace(CONFIG, select_block_size=32)
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,rows,keys", [
+    (2, 2, 16, None), (4, 2, 16, None), (6, 2, 16, None), (8, 2, 16, None), (32, 2, 16, None), (32, 2, 64, None),
+    (8, 2, 64, None), (16, 1, 32, None),
+    (32, 2, 16, 16), (32, 2, 16, 32), (8, 2, 64, 16), (6, 2, 16, 16)])
+def test_tiled_selected_attention_matches_reference(num_q_heads, num_kv_heads, rows, keys):
+    """rows: ROWS (tokens per program); keys: KEYS (keys per step of a block's walk, None: the whole block)."""
+    config = CONFIG if keys is None else SPLIT_CONFIG
+    launch = dict(ROWS=rows) if keys is None else dict(ROWS=rows, KEYS=keys)
     group = num_q_heads // num_kv_heads
-    gen = torch.Generator().manual_seed(num_q_heads * 100 + rows)
+    gen = torch.Generator().manual_seed(num_q_heads * 100 + rows + (keys or 0))
     total = sum(DOC_LENS)
     mk = lambda *s: torch.randn(*s, generator=gen).to(DEVICE, DTYPE).requires_grad_()  # noqa: E731
     q, k, v = mk(total, num_q_heads, HEAD_DIM), mk(total, num_kv_heads, HEAD_DIM), mk(total, num_kv_heads, HEAD_DIM)
-    idx = _selection(DOC_LENS, num_kv_heads, CONFIG, gen)
-    scale = CONFIG.scale_for(HEAD_DIM)
-    docs = nsa_kernels.make_docs(_cu(DOC_LENS), sum(DOC_LENS), CONFIG.compress_block_size, CONFIG.compress_stride,
-                                 CONFIG.select_block_size)
+    idx = _selection(DOC_LENS, num_kv_heads, config, gen)
+    scale = config.scale_for(HEAD_DIM)
+    docs = nsa_kernels.make_docs(_cu(DOC_LENS), sum(DOC_LENS), config.compress_block_size, config.compress_stride,
+                                 config.select_block_size)
     assert tokens_per_tile(group, rows) == max(1, rows // (1 << (group - 1).bit_length()))
-    with overrides("selected_fwd", ROWS=rows), overrides("selected_dq", ROWS=rows):
-        layout = packed_layout(docs, CONFIG.select_block_size)
-        out, lse = selected_attention(q, k, v, idx.to(torch.int32), layout, CONFIG, scale)
+    with overrides("selected_fwd", **launch), overrides("selected_dq", **launch):
+        layout = packed_layout(docs, config.select_block_size)
+        out, lse = selected_attention(q, k, v, idx.to(torch.int32), layout, config, scale)
         grad_out = torch.randn(out.shape, generator=gen).to(DEVICE, DTYPE)
         grads = torch.autograd.grad(out, (q, k, v), grad_out)
     up = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref_out, ref_lse = _reference(*up, idx, DOC_LENS, CONFIG, scale)
+    ref_out, ref_lse = _reference(*up, idx, DOC_LENS, config, scale)
     ref_grads = torch.autograd.grad(ref_out, up, grad_out.double())
     assert _rel(out, ref_out) < TOL
     finite = torch.isfinite(ref_lse)
