@@ -40,6 +40,7 @@ _WIDE: Dict[str, dict] = {
     "band_dkdv/window": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
     "band_dkdv/compressed": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
     "selected_fwd": dict(ROWS=16, KEYS=64, num_warps=4, num_stages=2),
+    "selected_dq": dict(ROWS=16, KEYS=64, num_warps=2, num_stages=2),  # as before KEYS: not swept at 192
     "selected_dkdv": dict(ROWS=128, num_warps=8, num_stages=2),
     "topk": dict(ROWS=256, BLOCKS=16, num_warps=8, num_stages=2),
 }
