@@ -11,17 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .delta import row_tile
+
 # rows per program; the CPU interpreter pays per program, so it takes larger tiles
 BLOCK_R = 256 if os.environ.get("TRITON_INTERPRET") == "1" else 16
 
 
 @triton.jit
 def _combine_fwd(G_, C, S, W, O, num_rows, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
-    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    cols = tl.arange(0, BLOCK_DV)
-    row_ok = rows < num_rows
-    mask = row_ok[:, None] & (cols[None, :] < DV)
-    offs = rows[:, None] * DV + cols[None, :]
+    rows, row_ok, mask, offs = row_tile(num_rows, DV, BLOCK_R, BLOCK_DV)
     g_cmp = tl.load(G_ + rows * 3, mask=row_ok, other=0.0).to(tl.float32)
     g_slc = tl.load(G_ + rows * 3 + 1, mask=row_ok, other=0.0).to(tl.float32)
     g_win = tl.load(G_ + rows * 3 + 2, mask=row_ok, other=0.0).to(tl.float32)
@@ -34,11 +32,7 @@ def _combine_fwd(G_, C, S, W, O, num_rows, DV: tl.constexpr, BLOCK_R: tl.constex
 @triton.jit
 def _combine_bwd(G_, C, S, W, DO, DG, DC, DS, DW, num_rows,
                  DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
-    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    cols = tl.arange(0, BLOCK_DV)
-    row_ok = rows < num_rows
-    mask = row_ok[:, None] & (cols[None, :] < DV)
-    offs = rows[:, None] * DV + cols[None, :]
+    rows, row_ok, mask, offs = row_tile(num_rows, DV, BLOCK_R, BLOCK_DV)
     do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
     g_cmp = tl.load(G_ + rows * 3, mask=row_ok, other=0.0).to(tl.float32)
     g_slc = tl.load(G_ + rows * 3 + 1, mask=row_ok, other=0.0).to(tl.float32)

@@ -15,12 +15,18 @@ BLOCK_R = 512 if os.environ.get("TRITON_INTERPRET") == "1" else 32
 
 
 @triton.jit
-def _row_dot(A, B, OUT, num_rows, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def row_tile(num_rows, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's BLOCK_R rows of a contiguous [num_rows, D] tensor: (rows [BLOCK_R] int64, row_ok
+    [BLOCK_R], mask [BLOCK_R, BLOCK_D], element offsets [BLOCK_R, BLOCK_D])."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < num_rows
-    mask = row_ok[:, None] & (cols[None, :] < D)
-    offs = rows[:, None] * D + cols[None, :]
+    return rows, row_ok, row_ok[:, None] & (cols[None, :] < D), rows[:, None] * D + cols[None, :]
+
+
+@triton.jit
+def _row_dot(A, B, OUT, num_rows, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows, row_ok, mask, offs = row_tile(num_rows, D, BLOCK_R, BLOCK_D)
     a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + rows, tl.sum(a * b, 1), mask=row_ok)
