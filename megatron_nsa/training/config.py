@@ -36,6 +36,8 @@ class ModelSection:
     normalization: str = "RMSNorm"  # RMSNorm | LayerNorm
     position_embedding_type: str = "learned_absolute"  # learned_absolute | rope (rope needs CUDA)
     rotary_base: int = 10000
+    rotary_percent: float = 1.0  # share of each head's q/k dims that RoPE rotates (Megatron's rotary_percent);
+    # the rest carry no position, so matching on them works the same at every distance
     max_position_embeddings: Optional[int] = None  # None: data.seq_length
     untie_embeddings_and_output_weights: bool = False
     make_vocab_size_divisible_by: int = 128
@@ -327,6 +329,10 @@ def check_fields(recipe: Recipe) -> None:
             validate_nsa_fields(recipe.nsa)
         except ValueError as err:
             raise RecipeError(f"nsa: {err}") from None
+    if recipe.model.position_embedding_type == "rope":
+        head_dim = rotated_head_dim(recipe)
+        if head_dim is not None:
+            rotary_dims(recipe.model.rotary_percent, *head_dim)
     opt = recipe.optimizer
     decay_steps = opt.decay_steps or recipe.training.train_steps
     if opt.warmup_steps >= decay_steps:
@@ -349,6 +355,32 @@ def check_fields(recipe: Recipe) -> None:
             raise RecipeError(str(err)) from None
     if recipe.data.source == "indexed" and not recipe.data.paths:
         raise RecipeError("data.source=indexed needs data.paths: a list of dataset prefixes (path/name for name.bin/.idx)")
+
+
+def rotated_head_dim(recipe: Recipe) -> Optional[Tuple[str, int]]:
+    """(where it comes from, its value) of the q/k head dim RoPE rotates: NSA's own qk_head_dim when it
+    sets one, else the model's head dim; None when the recipe gives no head dim (check_layout says so)."""
+    model = recipe.model
+    if model.attention == "nsa" and recipe.nsa.qk_head_dim is not None:
+        return "nsa.qk_head_dim", recipe.nsa.qk_head_dim
+    if model.kv_channels is not None:
+        return "model.kv_channels", model.kv_channels
+    if model.hidden_size % model.num_attention_heads == 0:
+        return "model.hidden_size / model.num_attention_heads", model.hidden_size // model.num_attention_heads
+    return None
+
+
+def rotary_dims(rotary_percent: float, head_dim_key: str, head_dim: int) -> int:
+    """How many of a head's `head_dim` dims RoPE rotates; RecipeError unless that is an even integer >= 2."""
+    if not 0 < rotary_percent <= 1:
+        raise RecipeError(f"model.rotary_percent={rotary_percent!r} is not allowed: it must be a number in (0, 1]")
+    dims = head_dim * rotary_percent
+    if dims != int(dims) or int(dims) < 2 or int(dims) % 2:
+        raise RecipeError(
+            f"model.rotary_percent={rotary_percent!r} rotates {dims:g} of the {head_dim} dims of a head "
+            f"({head_dim_key}); it must give an even whole number of dims >= 2 (e.g. 0.5 or 0.25 of {head_dim})"
+        )
+    return int(dims)
 
 
 def check_layout(recipe: Recipe, world_size: int, on_cuda: bool) -> None:

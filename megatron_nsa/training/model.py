@@ -19,7 +19,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from .config import Recipe, RecipeError
+from .config import Recipe, RecipeError, rotary_dims, rotated_head_dim
 from .dense_attention import SDPACoreAttention
 
 
@@ -89,6 +89,11 @@ def dense_layer_spec(recipe: Recipe) -> ModuleSpec:
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
 
 
+def nsa_rotary_dim(recipe: Recipe) -> int:
+    """The q/k dims NSA's own RoPE rotates: model.rotary_percent of NSA's q/k head dim."""
+    return rotary_dims(recipe.model.rotary_percent, *rotated_head_dim(recipe))
+
+
 def nsa_config_and_spec(recipe: Recipe, common: dict):
     """NSATransformerConfig + NSA layer spec. RoPE, when asked for, is NSA's own (megatron_nsa.rope: Megatron's
     convention, computed without CUDA), so GPTModel then gets position_embedding_type='none'."""
@@ -101,6 +106,7 @@ def nsa_config_and_spec(recipe: Recipe, common: dict):
             "use model.attention=dense meanwhile"
         ) from None
     nsa = recipe.nsa
+    rope = recipe.model.position_embedding_type == "rope"
     try:
         config = NSATransformerConfig(
             **common,
@@ -120,7 +126,8 @@ def nsa_config_and_spec(recipe: Recipe, common: dict):
             nsa_backend=nsa.backend,
             nsa_cp_exchange=recipe.parallel.cp_exchange,
             nsa_cp_node_size=recipe.parallel.cp_node_size,
-            nsa_rotary_base=recipe.model.rotary_base if recipe.model.position_embedding_type == "rope" else None,
+            nsa_rotary_base=recipe.model.rotary_base if rope else None,
+            nsa_rotary_dim=nsa_rotary_dim(recipe) if rope else None,
         )
     except ValueError as err:
         raise RecipeError(f"the NSA model cannot be built from this recipe: {err}") from None
@@ -156,6 +163,7 @@ def build_model(recipe: Recipe, vocab_size: int, on_cuda: bool, bf16: bool) -> G
         share_embeddings_and_output_weights=not recipe.model.untie_embeddings_and_output_weights,
         position_embedding_type=gpt_position_embedding(recipe),
         rotary_base=recipe.model.rotary_base,
+        rotary_percent=recipe.model.rotary_percent,
     )
     for param in model.parameters():
         tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)

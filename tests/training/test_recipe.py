@@ -148,3 +148,27 @@ def test_1b_recipes_differ_only_in_attention():
     dense = load_recipe(str(CONFIGS / "dense_1b_64k.yaml")).to_dict()
     differences = {(s, k) for s in nsa for k in nsa[s] if nsa[s][k] != dense[s][k]}
     assert differences == {("model", "attention"), ("checkpoint", "dir")}
+
+
+def test_rotary_percent_sets_the_dims_rope_rotates():
+    from megatron_nsa.training.model import build_config_and_spec
+
+    rng = random.Random()
+    head_dim = 16 * rng.randint(1, 4)
+    recipe = load_recipe(None, ["model.position_embedding_type=rope", f"model.kv_channels={head_dim}",
+                                "model.rotary_percent=0.5", "nsa.backend=torch"])
+    config, _ = build_config_and_spec(recipe, on_cuda=False, bf16=False)
+    assert config.nsa_rotary_dim == head_dim // 2
+    config, _ = build_config_and_spec(load_recipe(None, ["model.position_embedding_type=rope", f"model.kv_channels={head_dim}",
+                                                         "nsa.backend=torch"]), on_cuda=False, bf16=False)
+    assert config.nsa_rotary_dim == head_dim
+    nsa_dims = load_recipe(None, ["model.position_embedding_type=rope", "model.kv_channels=64", "nsa.qk_head_dim=96",
+                                  "model.rotary_percent=0.25", "nsa.backend=torch"])
+    assert build_config_and_spec(nsa_dims, on_cuda=False, bf16=False)[0].nsa_rotary_dim == 24
+    for percent, allowed in ((0.3, "even whole number of dims"), (0.0, r"in \(0, 1\]"), (1.5, r"in \(0, 1\]")):
+        with pytest.raises(RecipeError, match=rf"model.rotary_percent={percent!r} .*{allowed}"):
+            load_recipe(None, ["model.position_embedding_type=rope", "model.kv_channels=64",
+                               f"model.rotary_percent={percent}"])
+    with pytest.raises(RecipeError, match=r"rotates 3 of the 96 dims of a head \(nsa.qk_head_dim\)"):
+        load_recipe(None, ["model.position_embedding_type=rope", "model.kv_channels=64", "nsa.qk_head_dim=96",
+                           "model.rotary_percent=0.03125"])
