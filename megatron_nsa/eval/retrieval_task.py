@@ -16,7 +16,10 @@ uniformly from all keys defined so far, so that every distance from one record t
 trained. With `mean_gap` > 0 each definition is followed by filler: a number of random byte tokens
 drawn uniformly from [0, 2 * mean_gap]; queries follow one another without filler. A sequence then holds
 fewer keys to tell apart while its distances stay as long, and with a high `query_fraction` it still asks
-many questions (a record cut by the sequence's end is left out). The loss mask covers only the
+many questions (a record cut by the sequence's end is left out). With `query_once` each key is queried at
+most once (a query drawn when every defined key has been asked becomes a definition): the answer is then
+always at the key's definition, never at a nearer earlier query of the same key. It needs `query_fraction`
+below 0.5, so that the keys not yet asked pile up and a query can reach back across the whole context. The loss mask covers only the
 value tokens of queries (everything else is random). No markers tell definitions from queries: a model
 need not know, since a key it has not seen has no answer to learn.
 
@@ -46,6 +49,7 @@ class RetrievalFormat:
     num_values: int = 256
     query_fraction: float = 0.25
     mean_gap: int = 0  # filler tokens after each definition: uniform in [0, 2 * mean_gap], random bytes
+    query_once: bool = False  # each key queried at most once: no answer can be copied from an earlier query
 
     @property
     def first_value_id(self) -> int:
@@ -68,9 +72,14 @@ def check_settings(settings) -> None:
         value = getattr(settings, name)
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise ValueError(f"retrieval.{name}={value!r} is not allowed: it must be an integer in [{low}, {high}]")
+    if not isinstance(settings.query_once, bool):
+        raise ValueError(f"retrieval.query_once={settings.query_once!r} is not allowed: it must be true or false")
     fraction = settings.query_fraction
     if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction < 1:
         raise ValueError(f"retrieval.query_fraction={fraction!r} is not allowed: it must be a number in (0, 1)")
+    if settings.query_once and fraction >= 0.5:
+        raise ValueError(f"retrieval.query_fraction={fraction!r} is not allowed with retrieval.query_once=true: it "
+                         "must be below 0.5, or queries drain the keys not yet asked and only ever ask the newest ones")
 
 
 def keys_needed(num_tokens: int) -> int:
@@ -89,10 +98,37 @@ def check_key_space(fmt: RetrievalFormat, num_tokens: int, what: str) -> None:
 
 
 def draw_queries(num_records: int, rng: numpy.random.Generator, fmt: RetrievalFormat) -> numpy.ndarray:
-    """Which records are queries: [num_records] bool, each with probability query_fraction but record 0."""
+    """Which records are queries: [num_records] bool, each with probability query_fraction but record 0.
+    With query_once, a query drawn when every key defined so far has been asked becomes a definition."""
     is_query = rng.random(num_records) < fmt.query_fraction
     is_query[0] = False
+    if fmt.query_once:
+        unasked = 0  # keys defined so far and not yet queried
+        for record in range(num_records):
+            if is_query[record] and unasked == 0:
+                is_query[record] = False
+            unasked += -1 if is_query[record] else 1
     return is_query
+
+
+def draw_queried_definitions(is_query: numpy.ndarray, rng: numpy.random.Generator, fmt: RetrievalFormat) -> numpy.ndarray:
+    """[num_records] int64: the definition (its index among the definitions) each record asks for or makes.
+    A query asks a uniformly drawn earlier definition, one not asked before when fmt.query_once."""
+    defined_so_far = numpy.cumsum(~is_query)  # [num_records] definitions up to and including each record
+    if not fmt.query_once:
+        return numpy.where(is_query, (rng.random(is_query.size) * defined_so_far).astype(numpy.int64),
+                           defined_so_far - 1)
+    draws = rng.random(is_query.size)  # [num_records]
+    definition = defined_so_far - 1
+    unasked = []  # definitions not yet queried, in no particular order
+    for record in range(is_query.size):
+        if is_query[record]:
+            pick = int(draws[record] * len(unasked))
+            unasked[pick], unasked[-1] = unasked[-1], unasked[pick]
+            definition[record] = unasked.pop()
+        else:
+            unasked.append(int(definition[record]))
+    return definition
 
 
 def generate_records(num_records: int, rng: numpy.random.Generator, fmt: RetrievalFormat,
@@ -116,7 +152,7 @@ def generate_records(num_records: int, rng: numpy.random.Generator, fmt: Retriev
         keys = keys[keys != exclude_key]
     values = fmt.first_value_id + rng.integers(0, fmt.num_values, size=num_definitions)
     # Definition j defines keys[j]; a query asks one of the definitions before it.
-    record = numpy.where(is_query, (rng.random(num_records) * defined_so_far).astype(numpy.int64), defined_so_far - 1)
+    record = draw_queried_definitions(is_query, rng, fmt)
     tokens = numpy.stack([keys[record], values[record]], axis=1)
     answer_mask = numpy.zeros_like(tokens, dtype=bool)
     answer_mask[:, 1] = is_query

@@ -2,6 +2,8 @@
 targets are the defined values, loss mask on them only, determinism, vocabulary and key-space checks."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy
 import pytest
 
@@ -163,3 +165,41 @@ def test_recipe_takes_mean_gap_and_datasets_use_it():
     assert 512 / (RECORD_LENGTH + 2 * 9) < is_key.sum() < 512 / (RECORD_LENGTH + 9 / 2)
     with pytest.raises(RecipeError, match="retrieval.mean_gap=-3 is not allowed"):
         load_recipe(None, ["data.source=retrieval", "retrieval.mean_gap=-3"])
+
+
+@pytest.mark.parametrize("mean_gap,query_fraction", [(0, 0.3), (0, 0.4), (12, 0.4)])
+def test_query_once_asks_each_key_at_most_once(mean_gap, query_fraction):
+    fmt = RetrievalFormat(num_keys=3000, num_values=37, query_fraction=query_fraction, mean_gap=mean_gap,
+                          query_once=True)
+    seed = numpy.random.default_rng().integers(1 << 30)
+    tokens, answer_mask, record_starts = lay_out(4000, sample_rng(seed, TRAIN_STREAM, 0), fmt)
+    defined, asked = {}, set()
+    for start in record_starts.tolist():
+        key, value = tokens[start], tokens[start + 1]
+        if answer_mask[start + 1]:
+            assert defined[key] == value and key not in asked, f"key {key} asked twice"
+            asked.add(key)
+        else:
+            assert key not in defined
+            defined[key] = value
+    is_query = answer_mask[record_starts + 1]
+    assert abs(is_query.mean() - query_fraction) < 0.1
+    distances = [start - next(s for s in record_starts if tokens[s] == tokens[start])
+                 for start in record_starts[is_query].tolist()]
+    assert min(distances) <= 2 * (RECORD_LENGTH + 2 * mean_gap) and max(distances) > 2000
+    repeated = lay_out(4000, sample_rng(seed, TRAIN_STREAM, 0), dataclasses.replace(fmt, query_once=False))
+    queried_keys = repeated[0][repeated[2]][repeated[1][repeated[2] + 1]]
+    assert len(set(queried_keys.tolist())) < len(queried_keys)  # without query_once keys are asked again
+
+
+def test_recipe_takes_query_once():
+    recipe = load_recipe(None, ["data.source=retrieval", "retrieval.num_keys=1000", "retrieval.query_once=true",
+                                "data.seq_length=512"])
+    assert RetrievalFormat.of(recipe.retrieval).query_once is True
+    with pytest.raises(RecipeError, match="retrieval.query_once='sometimes' is not allowed: expected true or false"):
+        load_recipe(None, ["data.source=retrieval", "retrieval.query_once=sometimes"])
+    with pytest.raises(ValueError, match="retrieval.query_once=1 is not allowed: it must be true or false"):
+        check_settings(RetrievalFormat(query_once=1))
+    with pytest.raises(RecipeError, match=r"retrieval.query_fraction=0.5 is not allowed with retrieval.query_once=true"
+                                          r": it must be below 0.5"):
+        load_recipe(None, ["data.source=retrieval", "retrieval.query_once=true", "retrieval.query_fraction=0.5"])
