@@ -21,6 +21,10 @@ stage (LENGTH:STEPS[,section.key=value...]) trains that many steps at LENGTH tok
 to the same tokens per step, and the next stage (the last one at --seq-length) resumes its checkpoint.
 Both models run the same stages; the learning rate decays over all of them.
 
+--only nsa and --only dense --pair OUT/<experiment>/summary.json split the two models over two jobs (each
+model then has a whole job): the dense run must have the NSA run's overrides and stages, trains the step
+count its summary records on the same schedule, and writes the report of both.
+
 The budget counts from each run's first completed step (start-up and kernel compilation excluded).
 --deadline-s bounds the whole script: the dense run's budget shrinks to leave time for evaluation.
 Writes under OUT/<experiment>/: {nsa,dense}/train.log, metrics.jsonl, checkpoints (removed at the end
@@ -94,6 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="length curriculum before the --seq-length training: each stage trains STEPS steps at "
                              "LENGTH tokens (a divisor of --seq-length; same tokens per step) with its overrides; "
                              "it takes every word after it, so give the recipe overrides before it")
+    parser.add_argument("--only", choices=("nsa", "dense"), default=None,
+                        help="train and evaluate one model: nsa, or dense paired with an earlier --only nsa run")
+    parser.add_argument("--pair", default=None, metavar="SUMMARY",
+                        help="with --only dense: the summary.json of the --only nsa run to match and report with")
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="toy sizes on CPU, fixed steps: checks the logic")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides for both models")
@@ -110,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--steps {args.steps} is not allowed: 'auto' or an integer >= 2")
     if args.experiment == "retrieval" and len(args.samples) not in (1, len(args.eval_lengths)):
         parser.error(f"--samples takes one count or one per --eval-lengths ({len(args.eval_lengths)})")
+    if (args.only == "dense") != (args.pair is not None):
+        parser.error("--only dense and --pair SUMMARY go together: dense trains the step count of an earlier "
+                     "--only nsa run, whose summary.json --pair names")
     try:
         args.stages = [parse_stage(text, args.seq_length) for text in args.stages]
     except ValueError as err:
@@ -226,9 +237,9 @@ def train(name: str, workdir: str, recipe: str, overrides: List[str], budget_s: 
 
 
 def plan_steps(args, recipe: str, common: List[str], workdir: str, clock: Clock,
-               stage_steps: int, num_stages: int) -> Dict[str, float]:
+               stage_steps: int, num_stages: int, num_models: int, eval_reserve_s: float) -> Dict[str, float]:
     """--steps auto: time CALIBRATION_STEPS NSA steps; plan the steps that fill the NSA budget: --time-budget-s,
-    or less when the deadline cannot take two such runs (dense assumed as slow as NSA), each with
+    or less when the deadline cannot take num_models such runs (dense assumed as slow as NSA), each with
     RUN_OVERHEAD_S of start-up and saving, plus both models' warm-up stages (stage_steps steps in
     num_stages processes each, at the calibrated step time: a stage has the same tokens per step) and the
     evaluation reserve."""
@@ -238,7 +249,8 @@ def plan_steps(args, recipe: str, common: List[str], workdir: str, clock: Clock,
         "model.attention=nsa", f"training.train_steps={CALIBRATION_STEPS}", "optimizer.warmup_steps=1",
         "training.eval_interval=0", "checkpoint.dir=null"], budget_s=120)
     stages_s = stage_steps * run["median_step_s"] + num_stages * RUN_OVERHEAD_S  # per model
-    budget = min(args.time_budget_s, (clock.left() - args.eval_reserve_s - 2 * RUN_OVERHEAD_S - 2 * stages_s) / 2)
+    budget = min(args.time_budget_s,
+                 (clock.left() - eval_reserve_s - num_models * (RUN_OVERHEAD_S + stages_s)) / num_models)
     if budget < args.time_budget_s:
         print(f"[plan] --deadline-s {args.deadline_s:.0f}: NSA budget lowered to {budget:.0f} s", flush=True)
     steps = max(10, int(0.97 * budget / run["median_step_s"]))
@@ -343,18 +355,27 @@ def main(argv=None) -> int:
     summary = {"experiment": args.experiment, "recipe": recipe, "overrides": common, "seq_length": args.seq_length,
                "global_batch_size": batch, "time_budget_s": args.time_budget_s, "tiny": args.tiny,
                "stages": args.stages, "environment": device_description(args.tiny), "models": {}}
+    if args.pair:
+        try:
+            summary = paired_summary(args.pair, summary)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     summary_path = os.path.join(out, "summary.json")
 
     def save():
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=1)
 
-    summary.update(plan_steps(args, recipe, common, os.path.join(out, "calibration"), clock, stage_steps,
-                              len(args.stages)))
+    names = [args.only] if args.only else ["nsa", "dense"]
+    eval_reserve_s = args.eval_reserve_s * len(names) / 2  # --eval-reserve-s is for both models
+    if not args.pair:
+        summary.update(plan_steps(args, recipe, common, os.path.join(out, "calibration"), clock, stage_steps,
+                                  len(args.stages), len(names), eval_reserve_s))
     planned = stage_steps + summary["steps"]  # global step numbers: the warm-up stages come first
     save()
     steps_to_run = planned
-    for name in ("nsa", "dense"):
+    for name in names:
         workdir = os.path.join(out, name)
         fixed = [f"model.attention={name}", f"checkpoint.dir={os.path.join(workdir, 'checkpoints')}",
                  "checkpoint.save_interval=0", "checkpoint.keep_last=1"]
@@ -369,7 +390,7 @@ def main(argv=None) -> int:
             nsa = summary["models"]["nsa"]
             overhead = 1.3 * (nsa["wall_s"] - (nsa["train_s"] or 0.0))  # start-up, compilation, saving
             # equal tokens first: dense may take up to 1.5x NSA's budget if the deadline allows
-            budget = max(10.0, min(1.5 * budget, clock.left() - overhead - args.eval_reserve_s))
+            budget = max(10.0, min(1.5 * budget, clock.left() - overhead - eval_reserve_s))
         overrides = common + schedule_overrides(planned, steps_to_run, args.tiny) + fixed + [
             f"checkpoint.resume={'true' if args.stages else 'false'}"]
         run = merge_stages(stage_results, train(name, workdir, recipe, overrides, budget))
@@ -378,8 +399,7 @@ def main(argv=None) -> int:
         save()
         print(f"[{name}] {run['steps']} steps in {run['train_s'] or 0:.0f} s"
               f" ({run['tokens_per_second'] or 0:,.0f} tokens/s)", flush=True)
-    summary["equal_tokens"] = summary["models"]["nsa"]["steps"] == summary["models"]["dense"]["steps"]
-    for name in ("nsa", "dense"):
+    for name in names:
         checkpoint = os.path.join(out, name, "checkpoints")
         try:
             summary["models"][name]["final"] = evaluate(args, name, checkpoint, batch)
@@ -390,10 +410,39 @@ def main(argv=None) -> int:
         if not args.keep_checkpoints:
             shutil.rmtree(checkpoint, ignore_errors=True)
     summary["wall_s"] = clock.elapsed()
+    if args.only == "nsa":
+        save()
+        print(f"done in {clock.elapsed():.0f} s: {summary_path}; train the dense twin in another job with the same "
+              f"arguments and --only dense --pair {summary_path}", flush=True)
+        return 0
+    summary["equal_tokens"] = summary["models"]["nsa"]["steps"] == summary["models"]["dense"]["steps"]
     save()
     plot_nsa_vs_dense.write_report(summary, out)
     print(f"done in {clock.elapsed():.0f} s: {summary_path}", flush=True)
     return 0
+
+
+def paired_summary(path: str, summary: dict) -> dict:
+    """The summary of an --only nsa run (`path`) that this --only dense run completes: ValueError unless it
+    holds a finished NSA run of the same experiment, overrides, stages and length as `summary` (this run's)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--pair {path}: no such file (the summary.json of an --only nsa run)")
+    with open(path) as f:
+        paired = json.load(f)
+    for key in ("experiment", "overrides", "stages", "seq_length", "global_batch_size", "tiny"):
+        if paired.get(key) != summary[key]:
+            raise ValueError(f"--pair {path}: its {key} is {paired.get(key)!r} but this run's is {summary[key]!r}; "
+                             "the dense twin must repeat the NSA run's arguments")
+    nsa = paired.get("models", {}).get("nsa")
+    if nsa is None or "final" not in nsa or "dense" in paired["models"]:
+        raise ValueError(f"--pair {path}: it holds no finished --only nsa run (an NSA model, evaluated, and no "
+                         "dense one)")
+    if paired["environment"].get("device") != summary["environment"]["device"]:
+        print(f"[pair] NSA ran on {paired['environment'].get('device')}, dense on "
+              f"{summary['environment']['device']}: their speeds do not compare", flush=True)
+    paired["environment_dense"] = summary["environment"]
+    paired["paired_from"] = os.path.abspath(path)
+    return paired
 
 
 if __name__ == "__main__":

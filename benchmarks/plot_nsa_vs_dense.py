@@ -102,6 +102,10 @@ def write_report(summary: dict, out_dir: str, device_slug: Optional[str] = None)
         model_table(summary),
         "",
     ]
+    if summary.get("paired_from"):
+        dense_device = summary.get("environment_dense", {}).get("device", "unknown device")
+        parts += [f"NSA and dense trained in separate jobs (`--only nsa`, then `--only dense --pair`; dense on "
+                  f"{dense_device}).", ""]
     if summary.get("stages"):
         described = ", ".join(f"{stage['length']:,} tokens x {stage['steps']} steps"
                               + (f" (`{' '.join(stage['overrides'])}`)" if stage["overrides"] else "")

@@ -99,3 +99,53 @@ def test_bad_stages_fail_before_training(tmp_path, stage, message):
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert message in done.stderr
     assert not (tmp_path / "retrieval" / "calibration").exists()  # nothing was trained
+
+
+@pytest.mark.slow
+@experiment_run
+def test_tiny_experiment_split_over_two_jobs(tmp_path):
+    nsa_job, dense_job = tmp_path / "nsa_job", tmp_path / "dense_job"
+    nsa_job.mkdir(), dense_job.mkdir()
+    run_tiny(nsa_job, "--steps", "6", "--only", "nsa")
+    nsa_summary = json.loads((nsa_job / "retrieval" / "summary.json").read_text())
+    assert set(nsa_summary["models"]) == {"nsa"} and nsa_summary["models"]["nsa"]["final"]["step"] == 6
+    assert not list((nsa_job / "retrieval").glob("*.md"))  # no report before the dense twin
+    pair = str(nsa_job / "retrieval" / "summary.json")
+    run_tiny(dense_job, "--steps", "6", "--only", "dense", "--pair", pair)
+    summary = json.loads((dense_job / "retrieval" / "summary.json").read_text())
+    nsa, dense = summary["models"]["nsa"], summary["models"]["dense"]
+    assert nsa == nsa_summary["models"]["nsa"] and dense["steps"] == nsa["steps"] == 6 and summary["equal_tokens"]
+    assert dense["final"]["step"] == 6 and dense["validation_loss"] and not dense["gates"]
+    report = (dense_job / "retrieval" / "nsa_vs_dense_retrieval_cpu.md").read_text()
+    assert "| NSA |" in report and "| dense |" in report and "trained in separate jobs" in report
+    assert not (dense_job / "retrieval" / "nsa").exists()  # NSA was not trained again
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["--only", "dense"], "--only dense and --pair SUMMARY go together"),
+    (["--pair", "summary.json"], "--only dense and --pair SUMMARY go together"),
+    (["--only", "dense", "--pair", "missing.json"], "--pair missing.json: no such file"),
+])
+def test_bad_pairing_fails_before_training(tmp_path, arguments, message):
+    command = [sys.executable, str(REPO / "benchmarks" / "nsa_vs_dense.py"), "--experiment", "retrieval", "--tiny",
+               "--out", str(tmp_path), *arguments]
+    done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert message in done.stderr
+    assert not (tmp_path / "retrieval" / "calibration").exists() and not (tmp_path / "retrieval" / "dense").exists()
+
+
+def test_pairing_with_another_run_names_what_differs(tmp_path):
+    nsa_summary = {"experiment": "retrieval", "overrides": ["retrieval.mean_gap=3"], "stages": [], "seq_length": 128,
+                   "global_batch_size": 4, "tiny": True, "environment": {"device": "cpu"},
+                   "models": {"nsa": {"final": {"loss": 1.0}}}}
+    pair = tmp_path / "summary.json"
+    pair.write_text(json.dumps(nsa_summary))
+    command = [sys.executable, str(REPO / "benchmarks" / "nsa_vs_dense.py"), "--experiment", "retrieval", "--tiny",
+               "--out", str(tmp_path / "out"), "--only", "dense", "--pair", str(pair)]
+    done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "its overrides is" in done.stderr and "must repeat the NSA run's arguments" in done.stderr
+    assert not (tmp_path / "out" / "retrieval" / "dense").exists()
