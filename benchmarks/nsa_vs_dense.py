@@ -13,8 +13,9 @@ Each experiment trains configs/small_{lm,retrieval}_8k.yaml twice, NSA first, th
   3. dense trains exactly the steps NSA completed, on the same samples in the same order, with the same
      learning-rate schedule (decay over the planned steps): equal tokens (it may take up to 1.5x NSA's
      budget when the deadline allows; if it is stopped early, the report says the tokens differ).
-  4. Both final checkpoints are evaluated in this process (megatron_nsa.eval): validation loss on the same
-     batches (lm), needle accuracy over depths x lengths (retrieval) and the answer-token loss.
+  4. Each model's final checkpoint is evaluated in this process right after it trains (megatron_nsa.eval), so
+     that a job stopped later keeps it: validation loss on the same batches (lm), needle accuracy over
+     depths x lengths (retrieval) and the answer-token loss.
 
 --stages runs a length curriculum first, e.g. `--stages 128:200 512:150,retrieval.mean_gap=4`: each
 stage (LENGTH:STEPS[,section.key=value...]) trains that many steps at LENGTH tokens with the batch scaled
@@ -26,7 +27,9 @@ model then has a whole job): the dense run must have the NSA run's overrides and
 count its summary records on the same schedule, and writes the report of both.
 
 The budget counts from each run's first completed step (start-up and kernel compilation excluded).
---deadline-s bounds the whole script: the dense run's budget shrinks to leave time for evaluation.
+--deadline-s bounds the whole script: the dense run's budget shrinks to leave time for evaluation, and a
+warm-up stage that would run past it is stopped (that model then trains no further; dense then trains
+the steps NSA reached).
 Writes under OUT/<experiment>/: {nsa,dense}/train.log, metrics.jsonl, checkpoints (removed at the end
 unless --keep-checkpoints), summary.json (written after every stage, so a killed run leaves what it
 had), and the report of plot_nsa_vs_dense.py (markdown table, PNGs when matplotlib is installed).
@@ -44,7 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -69,6 +72,7 @@ TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads
         "training.micro_batch_size=2", "training.global_batch_size=4", "training.eval_steps=1", "optimizer.lr=3e-3",
         "training.device=cpu"]
 TINY_RETRIEVAL = ["retrieval.num_keys=256", "retrieval.num_values=64"]  # enough keys for 256-token needles
+DISTRIBUTED_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 STAGE_KEYS = ("data.seq_length", "training.global_batch_size", "training.micro_batch_size")
 
 
@@ -177,7 +181,9 @@ def read_records(path: str) -> List[dict]:
 
 
 def child_env() -> dict:
-    env = dict(os.environ)
+    """This environment for a training process, without the torch.distributed variables that evaluating a
+    model in this process set (its port stays taken while this process lives)."""
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARIABLES}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
     env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     env.setdefault("PYTHONWARNINGS", "ignore")
@@ -259,17 +265,23 @@ def plan_steps(args, recipe: str, common: List[str], workdir: str, clock: Clock,
     return {"steps": steps, "calibration_step_s": run["median_step_s"], "nsa_budget_s": budget}
 
 
-def train_stages(name: str, workdir: str, recipe: str, stage_runs: List[List[str]], fixed: List[str]) -> List[dict]:
+def train_stages(name: str, workdir: str, recipe: str, stage_runs: List[List[str]], fixed: List[str],
+                 budget_s: Callable[[], float]) -> List[dict]:
     """The warm-up stages of one model, each resuming the previous one's checkpoint: stage_runs holds each
-    stage's overrides (length, batch, its own settings, schedule); fixed the model's and checkpoint's."""
+    stage's overrides (length, batch, its own settings, schedule); fixed the model's and checkpoint's.
+    Each stage may train budget_s() seconds (asked when it starts); a stage stopped by it ends the list."""
     runs = []
     for number, overrides in enumerate(stage_runs, 1):
         resume = "checkpoint.resume=true" if number > 1 else "checkpoint.resume=false"
         run = train(f"{name} stage {number}", os.path.join(workdir, f"stage_{number}"), recipe,
-                    overrides + fixed + [resume], budget_s=float("inf"))
+                    overrides + fixed + [resume], budget_s=max(10.0, budget_s()))
         if run["error"]:
             raise RuntimeError(f"[{name}] warm-up stage {number} failed: {run['error']}")
         runs.append(run)
+        if run["stopped_by_budget"]:
+            print(f"[{name}] the deadline stopped warm-up stage {number} at step {run['steps']}: no further "
+                  "training for this model", flush=True)
+            break
     return runs
 
 
@@ -368,10 +380,9 @@ def main(argv=None) -> int:
             json.dump(summary, f, indent=1)
 
     names = [args.only] if args.only else ["nsa", "dense"]
-    eval_reserve_s = args.eval_reserve_s * len(names) / 2  # --eval-reserve-s is for both models
-    if not args.pair:
+    if not args.pair:  # --eval-reserve-s is for both models' evaluations
         summary.update(plan_steps(args, recipe, common, os.path.join(out, "calibration"), clock, stage_steps,
-                                  len(args.stages), len(names), eval_reserve_s))
+                                  len(args.stages), len(names), args.eval_reserve_s / 2 * len(names)))
     planned = stage_steps + summary["steps"]  # global step numbers: the warm-up stages come first
     save()
     steps_to_run = planned
@@ -379,32 +390,44 @@ def main(argv=None) -> int:
         workdir = os.path.join(out, name)
         fixed = [f"model.attention={name}", f"checkpoint.dir={os.path.join(workdir, 'checkpoints')}",
                  "checkpoint.save_interval=0", "checkpoint.keep_last=1"]
+        # dense trains NSA's steps: fewer than the stages hold when the deadline stopped NSA in one of them
+        nsa_stopped_in_stage = name == "dense" and "stopped_in_stage" in summary["models"]["nsa"]
+        step_limit = summary["models"]["nsa"]["steps"] if nsa_stopped_in_stage else planned
         done, stage_runs = 0, []
         for stage, overrides in zip(args.stages, stage_common):
-            done += stage["steps"]
-            stage_runs.append(overrides + schedule_overrides(planned, done, args.tiny))
-        stage_results = train_stages(name, workdir, recipe, stage_runs, fixed)
-        budget = summary["nsa_budget_s"]
-        if name == "dense":
-            steps_to_run = summary["models"]["nsa"]["steps"]
-            nsa = summary["models"]["nsa"]
-            overhead = 1.3 * (nsa["wall_s"] - (nsa["train_s"] or 0.0))  # start-up, compilation, saving
-            # equal tokens first: dense may take up to 1.5x NSA's budget if the deadline allows
-            budget = max(10.0, min(1.5 * budget, clock.left() - overhead - eval_reserve_s))
-        overrides = common + schedule_overrides(planned, steps_to_run, args.tiny) + fixed + [
-            f"checkpoint.resume={'true' if args.stages else 'false'}"]
-        run = merge_stages(stage_results, train(name, workdir, recipe, overrides, budget))
+            if done < step_limit:
+                done = min(done + stage["steps"], step_limit)
+                stage_runs.append(overrides + schedule_overrides(planned, done, args.tiny))
+        reserve_s = args.eval_reserve_s / 2 * (len(names) - names.index(name))  # this model's and later ones'
+        stage_results = train_stages(name, workdir, recipe, stage_runs, fixed,
+                                     budget_s=lambda: clock.left() - reserve_s - RUN_OVERHEAD_S)
+        stopped_in_stage = bool(stage_results) and stage_results[-1]["stopped_by_budget"]
+        if stopped_in_stage or nsa_stopped_in_stage:  # no training at the full length
+            run = merge_stages(stage_results[:-1], stage_results[-1])
+            if stopped_in_stage:
+                run["stopped_in_stage"] = len(stage_results)
+        else:
+            budget = summary["nsa_budget_s"]
+            if name == "dense":
+                steps_to_run = summary["models"]["nsa"]["steps"]
+                nsa = summary["models"]["nsa"]
+                overhead = 1.3 * (nsa["wall_s"] - (nsa["train_s"] or 0.0))  # start-up, compilation, saving
+                # equal tokens first: dense may take up to 1.5x NSA's budget if the deadline allows
+                budget = max(10.0, min(1.5 * budget, clock.left() - overhead - reserve_s))
+            overrides = common + schedule_overrides(planned, steps_to_run, args.tiny) + fixed + [
+                f"checkpoint.resume={'true' if args.stages else 'false'}"]
+            run = merge_stages(stage_results, train(name, workdir, recipe, overrides, budget))
         run["tokens"] = run["steps"] * batch * args.seq_length
         summary["models"][name] = run
         save()
         print(f"[{name}] {run['steps']} steps in {run['train_s'] or 0:.0f} s"
               f" ({run['tokens_per_second'] or 0:,.0f} tokens/s)", flush=True)
-    for name in names:
-        checkpoint = os.path.join(out, name, "checkpoints")
+        # evaluated at once, so that a job stopped during the next model keeps this one's results
+        checkpoint = os.path.join(workdir, "checkpoints")
         try:
-            summary["models"][name]["final"] = evaluate(args, name, checkpoint, batch)
+            run["final"] = evaluate(args, name, checkpoint, batch)
         except Exception as err:  # noqa: BLE001 - report the other model and the training curves all the same
-            summary["models"][name]["final_error"] = f"{type(err).__name__}: {err}"
+            run["final_error"] = f"{type(err).__name__}: {err}"
             print(f"[{name}] evaluation failed: {type(err).__name__}: {err}", flush=True)
         save()
         if not args.keep_checkpoints:

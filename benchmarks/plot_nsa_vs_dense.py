@@ -117,6 +117,9 @@ def write_report(summary: dict, out_dir: str, device_slug: Optional[str] = None)
         parts += ["**The two models did not train the same number of tokens** (the dense run hit its time budget); "
                   "compare the curves at equal steps below.", ""]
     for name, run in summary["models"].items():
+        if run.get("stopped_in_stage"):
+            parts += [f"**The deadline stopped {NAMES[name]} in warm-up stage {run['stopped_in_stage']}** at step "
+                      f"{run['steps']}: it never trained at {seq:,} tokens.", ""]
         for kind in ("error", "final_error"):
             if run.get(kind):
                 parts += [f"**{NAMES[name]} {'training' if kind == 'error' else 'evaluation'} failed**: "

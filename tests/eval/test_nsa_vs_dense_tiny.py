@@ -149,3 +149,17 @@ def test_pairing_with_another_run_names_what_differs(tmp_path):
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert "its overrides is" in done.stderr and "must repeat the NSA run's arguments" in done.stderr
     assert not (tmp_path / "out" / "retrieval" / "dense").exists()
+
+
+@pytest.mark.slow
+@experiment_run
+def test_deadline_stops_a_warm_up_stage_and_keeps_the_results(tmp_path):
+    run_tiny(tmp_path, "--steps", "5", "--deadline-s", "1", "--stages", "32:100000")
+    summary = json.loads((tmp_path / "retrieval" / "summary.json").read_text())
+    nsa, dense = summary["models"]["nsa"], summary["models"]["dense"]
+    assert nsa["stopped_in_stage"] == 1 and nsa["stopped_by_budget"] and 0 < nsa["steps"] < 100000
+    assert 0 < dense["steps"] <= nsa["steps"]
+    for run in (nsa, dense):
+        assert run["final"]["step"] == run["steps"] and run["stages"] == []
+    report = (tmp_path / "retrieval" / "nsa_vs_dense_retrieval_cpu.md").read_text()
+    assert "The deadline stopped NSA in warm-up stage 1" in report
