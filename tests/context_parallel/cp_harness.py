@@ -26,6 +26,7 @@ def _entry(rank, world, port, fn, args, error_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        dist.barrier()  # no rank tears gloo down while another still finishes its last exchange
     except BaseException:
         with open(os.path.join(error_dir, f"rank{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
