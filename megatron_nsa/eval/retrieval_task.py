@@ -19,9 +19,9 @@ fewer keys to tell apart while its distances stay as long, and with a high `quer
 many questions (a record cut by the sequence's end is left out). With `query_once` each key is queried at
 most once (a query drawn when every defined key has been asked becomes a definition): the answer is then
 always at the key's definition, never at a nearer earlier query of the same key. It needs `query_fraction`
-below 0.5, so that the keys not yet asked pile up and a query can reach back across the whole context. The loss mask covers only the
-value tokens of queries (everything else is random). No markers tell definitions from queries: a model
-need not know, since a key it has not seen has no answer to learn.
+below 0.5, so that the keys not yet asked pile up and a query can reach back across the whole context.
+The loss mask covers only the value tokens of queries (everything else is random). No markers tell
+definitions from queries: a model need not know, since a key it has not seen has no answer to learn.
 
 Sequences are a pure function of (seed, stream, index): training and validation use separate streams,
 so both models of a comparison see the same samples in the same order. numpy only (no megatron), so
@@ -111,7 +111,8 @@ def draw_queries(num_records: int, rng: numpy.random.Generator, fmt: RetrievalFo
     return is_query
 
 
-def draw_queried_definitions(is_query: numpy.ndarray, rng: numpy.random.Generator, fmt: RetrievalFormat) -> numpy.ndarray:
+def draw_queried_definitions(is_query: numpy.ndarray, rng: numpy.random.Generator,
+                             fmt: RetrievalFormat) -> numpy.ndarray:
     """[num_records] int64: the definition (its index among the definitions) each record asks for or makes.
     A query asks a uniformly drawn earlier definition, one not asked before when fmt.query_once."""
     defined_so_far = numpy.cumsum(~is_query)  # [num_records] definitions up to and including each record

@@ -159,9 +159,9 @@ def test_rotary_percent_sets_the_dims_rope_rotates():
                                 "model.rotary_percent=0.5", "nsa.backend=torch"])
     config, _ = build_config_and_spec(recipe, on_cuda=False, bf16=False)
     assert config.nsa_rotary_dim == head_dim // 2
-    config, _ = build_config_and_spec(load_recipe(None, ["model.position_embedding_type=rope", f"model.kv_channels={head_dim}",
-                                                         "nsa.backend=torch"]), on_cuda=False, bf16=False)
-    assert config.nsa_rotary_dim == head_dim
+    full = load_recipe(None, ["model.position_embedding_type=rope", f"model.kv_channels={head_dim}",
+                              "nsa.backend=torch"])
+    assert build_config_and_spec(full, on_cuda=False, bf16=False)[0].nsa_rotary_dim == head_dim
     nsa_dims = load_recipe(None, ["model.position_embedding_type=rope", "model.kv_channels=64", "nsa.qk_head_dim=96",
                                   "model.rotary_percent=0.25", "nsa.backend=torch"])
     assert build_config_and_spec(nsa_dims, on_cuda=False, bf16=False)[0].nsa_rotary_dim == 24
