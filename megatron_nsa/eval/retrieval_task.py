@@ -148,9 +148,10 @@ def generate_records(num_records: int, rng: numpy.random.Generator, fmt: Retriev
     if num_definitions > available:
         raise ValueError(f"a retrieval sequence needs {num_definitions} distinct keys but retrieval.num_keys="
                          f"{fmt.num_keys} gives only {available}; raise num_keys or shorten the sequence")
-    keys = FIRST_KEY_ID + rng.permutation(fmt.num_keys)  # [num_keys] in the order they get defined
-    if exclude_key is not None:
-        keys = keys[keys != exclude_key]
+    # [num_definitions] distinct keys in the order they get defined (one spare to drop exclude_key); a
+    # draw without replacement costs O(num_definitions), where a permutation of all keys cost O(num_keys)
+    keys = FIRST_KEY_ID + rng.choice(fmt.num_keys, size=min(num_definitions + 1, fmt.num_keys), replace=False)
+    keys = keys[keys != exclude_key][:num_definitions]
     values = fmt.first_value_id + rng.integers(0, fmt.num_values, size=num_definitions)
     # Definition j defines keys[j]; a query asks one of the definitions before it.
     record = draw_queried_definitions(is_query, rng, fmt)
