@@ -8,6 +8,9 @@ attention never sees:
   n_b = 3 with separate K/V per branch (cmp, slc, win), else 1; G = query heads per KV head;
 - the compression phi (`KVCompressor`, shared across heads, replicated on TP ranks: its gradients
   are summed over the TP group by a hook, since every rank only sees its own heads' share);
+- optional per-head norms of queries and keys (`q_layernorm`, `k_layernorm`, Megatron's qk_layernorm:
+  one norm over each head's d_k dims, shared by all heads and, with separate K/V, by the three key
+  branches; replicated on TP ranks with the same gradient hook), applied before RoPE;
 - the NSA core (`core_attention`, an `NSACoreAttention`) and the row-parallel `linear_proj`.
 
 RoPE: queries and the selection / window keys are rotated at their positions; compressed keys
@@ -43,6 +46,8 @@ class NSASelfAttentionSubmodules:
     linear_qkv: Union[ModuleSpec, type] = None
     core_attention: Union[ModuleSpec, type] = None
     linear_proj: Union[ModuleSpec, type] = None
+    q_layernorm: Union[ModuleSpec, type, None] = None  # None: no query norm
+    k_layernorm: Union[ModuleSpec, type, None] = None  # None: no key norm
 
 
 class NSACoreAttention(MegatronModule):
@@ -113,6 +118,17 @@ class NSASelfAttention(Attention):
                                                        device=_param_device(config), dtype=config.params_dtype)
             if self.world_size > 1:
                 sum_grads_over_group(self.compressor.parameters(), self.pg_collection.tp)
+        if getattr(config, "qk_layernorm", False) and None in (submodules.q_layernorm, submodules.k_layernorm):
+            raise ValueError("qk_layernorm=True but the layer spec has no q/k norms (q_layernorm="
+                             f"{submodules.q_layernorm}, k_layernorm={submodules.k_layernorm}); build it with "
+                             "get_gpt_layer_nsa_spec(qk_layernorm=True)")
+        self.q_layernorm, self.k_layernorm = (
+            None if norm is None else build_module(norm, hidden_size=settings.qk_head_dim, config=config,
+                                                   eps=config.layernorm_epsilon)
+            for norm in (submodules.q_layernorm, submodules.k_layernorm))
+        head_norms = [norm for norm in (self.q_layernorm, self.k_layernorm) if norm is not None]
+        if head_norms and self.world_size > 1:
+            sum_grads_over_group([p for norm in head_norms for p in norm.parameters()], self.pg_collection.tp)
         self.own_rotary = None
         if settings.rotary_base is not None:
             self.own_rotary = Rotary.from_base(settings.rotary_base, settings.rotary_dim)
@@ -152,7 +168,8 @@ class NSASelfAttention(Attention):
         """hidden_states [s, b, h] -> q [s, b, H_q, d_k]; k, v: (cmp, slc, win) triples of [s, b, H_kv, d]
         (the same tensor three times when K/V are shared); gates [s, b, H_q, 3] in (0, 1).
 
-        H_q and H_kv count this tensor-parallel rank's heads.
+        H_q and H_kv count this tensor-parallel rank's heads. q and k are normalized per head when the
+        spec gives q_layernorm / k_layernorm.
         """
         mixed, _ = self.linear_qkv(hidden_states)  # [s, b, H_kv * sum(group_split)]
         seq_len, batch = mixed.shape[:2]
@@ -161,7 +178,12 @@ class NSASelfAttention(Attention):
         grouped = mixed.view(seq_len, batch, num_kv, sum(self.group_split))
         q, k, v, gate_logits = torch.split(grouped, self.group_split, dim=-1)
         q = q.reshape(seq_len, batch, num_kv * group, qk_dim)
-        k = k.reshape(seq_len, batch, num_kv, self.kv_branches, qk_dim).unbind(3)
+        k = k.reshape(seq_len, batch, num_kv, self.kv_branches, qk_dim)
+        if self.q_layernorm is not None:
+            q = self.q_layernorm(q)
+        if self.k_layernorm is not None:
+            k = self.k_layernorm(k)
+        k = k.unbind(3)
         v = v.reshape(seq_len, batch, num_kv, self.kv_branches, v_dim).unbind(3)
         gates = torch.sigmoid(gate_logits.reshape(seq_len, batch, num_kv * group, 3))
         if self.kv_branches == 1:

@@ -29,7 +29,7 @@ from .config import NSAConfig
 
 def get_gpt_layer_nsa_spec(nsa_config: Optional[NSAConfig] = None, nsa_backend: Optional[str] = None,
                            use_transformer_engine: Optional[bool] = None, normalization: Optional[str] = None,
-                           core_attention=NSACoreAttention) -> ModuleSpec:
+                           core_attention=NSACoreAttention, qk_layernorm: bool = False) -> ModuleSpec:
     """ModuleSpec of a whole TransformerLayer with NSA self-attention.
 
     nsa_config / nsa_backend: NSA settings for a plain TransformerConfig; leave None with an
@@ -37,6 +37,8 @@ def get_gpt_layer_nsa_spec(nsa_config: Optional[NSAConfig] = None, nsa_backend: 
     use_transformer_engine: TE linears (None: when transformer-engine is installed).
     normalization: 'LayerNorm' | 'RMSNorm' for local layers (TE layers follow config.normalization).
     core_attention: the module computing attention from per-head q, k, v, gates (default: NSA).
+    qk_layernorm: normalize each head's queries and keys (config.normalization, PyTorch's norm, before
+        RoPE), as Megatron's qk_layernorm: attention logits then no longer grow with the hidden states.
     The layer's input layernorm, MLP and residuals are Megatron-Core's own GPT layer's.
     """
     use_te = HAVE_TE if use_transformer_engine is None else use_transformer_engine
@@ -54,6 +56,8 @@ def get_gpt_layer_nsa_spec(nsa_config: Optional[NSAConfig] = None, nsa_backend: 
             linear_qkv=dense_attention.linear_qkv,
             core_attention=core_attention,
             linear_proj=dense_attention.linear_proj,
+            q_layernorm=HeadNorm if qk_layernorm else None,
+            k_layernorm=HeadNorm if qk_layernorm else None,
         ),
     )
     layer = dataclasses.replace(base.submodules, self_attention=nsa_attention)
@@ -92,6 +96,22 @@ class SequenceParallelTorchNorm:
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm
+
+
+class HeadNorm:
+    """PyTorch LayerNorm / RMSNorm (config.normalization) over one head's dims, for NSA's q/k norms, in
+    config.params_dtype where Megatron creates parameters. They are not marked `sequence_parallel`:
+    NSASelfAttention sums their gradients over the tensor-parallel group itself (each rank normalizes
+    only its own heads)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5):
+        norms = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+        if config.normalization not in norms:
+            raise ValueError(f"normalization={config.normalization!r} is not allowed; choose one of {tuple(norms)}")
+        if config.layernorm_zero_centered_gamma:
+            raise ValueError("layernorm_zero_centered_gamma=True is not supported by the PyTorch norm; allowed: False")
+        device = torch.device("cpu") if config.use_cpu_initialization else torch.cuda.current_device()
+        return norms[config.normalization](hidden_size, eps=eps, device=device, dtype=config.params_dtype)
 
 
 nsa_layer_spec = get_gpt_layer_nsa_spec()

@@ -149,7 +149,7 @@ def check_megatron_fields(config: TransformerConfig, tensor_parallel_size: int) 
             f"{tensor_parallel_size}: NSA keeps whole KV groups on one rank (no KV replication); "
             f"allowed: a tensor_model_parallel_size that divides {config.num_query_groups}"
         )
-    for name in ("qk_layernorm", "multi_latent_attention", "rotary_interleaved"):
+    for name in ("multi_latent_attention", "rotary_interleaved"):
         if getattr(config, name, False):
             raise ValueError(f"{name}=True is not supported by NSA layers; allowed: False")
 

@@ -38,6 +38,7 @@ class ModelSection:
     rotary_base: int = 10000
     rotary_percent: float = 1.0  # share of each head's q/k dims that RoPE rotates (Megatron's rotary_percent);
     # the rest carry no position, so matching on them works the same at every distance
+    qk_layernorm: bool = False  # normalize each head's queries and keys (Megatron's qk_layernorm), both models
     max_position_embeddings: Optional[int] = None  # None: data.seq_length
     untie_embeddings_and_output_weights: bool = False
     make_vocab_size_divisible_by: int = 128

@@ -70,6 +70,7 @@ def transformer_config_kwargs(recipe: Recipe, on_cuda: bool, bf16: bool) -> dict
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
+        qk_layernorm=model.qk_layernorm,
     )
     if model.recompute == "full":
         kwargs.update(recompute_granularity="full", recompute_method="uniform",
@@ -81,7 +82,7 @@ def transformer_config_kwargs(recipe: Recipe, on_cuda: bool, bf16: bool) -> dict
 
 def dense_layer_spec(recipe: Recipe) -> ModuleSpec:
     """Megatron's local GPT layer with the SDPA core attention."""
-    spec = get_gpt_layer_local_spec(normalization=recipe.model.normalization)
+    spec = get_gpt_layer_local_spec(normalization=recipe.model.normalization, qk_layernorm=recipe.model.qk_layernorm)
     attention = spec.submodules.self_attention
     attention = dataclasses.replace(
         attention, submodules=dataclasses.replace(attention.submodules, core_attention=SDPACoreAttention)
@@ -131,7 +132,8 @@ def nsa_config_and_spec(recipe: Recipe, common: dict):
         )
     except ValueError as err:
         raise RecipeError(f"the NSA model cannot be built from this recipe: {err}") from None
-    spec = get_gpt_layer_nsa_spec(use_transformer_engine=False, normalization=recipe.model.normalization)
+    spec = get_gpt_layer_nsa_spec(use_transformer_engine=False, normalization=recipe.model.normalization,
+                                  qk_layernorm=recipe.model.qk_layernorm)
     return config, spec
 
 

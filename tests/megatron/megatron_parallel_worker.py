@@ -88,14 +88,20 @@ def _max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def scenario_tp(run):
+    """TP=2 (with and without sequence parallelism) against TP=1, with per-head q/k norms: like the
+    compressor, they are replicated on TP ranks and see only their rank's heads."""
+    from megatron_nsa.spec import get_gpt_decoder_block_nsa_spec
+
+    with_head_norms = lambda config: run.model(  # noqa: E731
+        config, seed=3, spec=get_gpt_decoder_block_nsa_spec(config, qk_layernorm=True))
     set_parallel(tp=1)
-    ref_loss, ref_weights, ref_grads = _loss_and_grads(run, run.model(run.config(), seed=3))
+    ref_loss, ref_weights, ref_grads = _loss_and_grads(run, with_head_norms(run.config()))
     results = {"tp1": {"loss": ref_loss, "compressor_grad_abs_max": max(
         float(g.abs().max()) for n, g in ref_grads.items() if ".compressor." in n)}}
     for sequence_parallel in (False, True):
         set_parallel(tp=2)
         config = run.config(tensor_model_parallel_size=2, sequence_parallel=sequence_parallel)
-        loss, weights, grads = _loss_and_grads(run, run.model(config, seed=3), sequence_parallel)
+        loss, weights, grads = _loss_and_grads(run, with_head_norms(config), sequence_parallel)
         assert weights.keys() == ref_weights.keys(), sorted(set(weights) ^ set(ref_weights))
         results["tp2_sp" if sequence_parallel else "tp2"] = {
             "loss": loss,

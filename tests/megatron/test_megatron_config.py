@@ -41,7 +41,7 @@ def test_head_dims_may_differ_and_set_kv_channels():
     (dict(nsa_rotary_dim=14), "nsa_rotary_dim=14 is not allowed"),
     (dict(nsa_rotary_base=None, nsa_rotary_dim=8), "nsa_rotary_dim=8 needs nsa_rotary_base"),
     (dict(qk_head_dim=11), "qk_head_dim=11 is odd"),
-    (dict(qk_layernorm=True), "qk_layernorm=True is not supported"),
+    (dict(multi_latent_attention=True), "multi_latent_attention=True is not supported"),
     (dict(num_attention_heads=8, num_query_groups=2, tensor_model_parallel_size=4),
      "num_query_groups=2 is not divisible by the tensor-parallel size 4"),
 ])

@@ -32,10 +32,19 @@ def complex_rope(x: torch.Tensor, positions: torch.Tensor, rot_dim: int, base: f
     return torch.cat([z.real, z.imag, x[..., rot_dim:].double()], dim=-1).to(x.dtype)
 
 
-def layer_by_hand(layer, x, config):
+def head_norm_by_hand(x: torch.Tensor, norm, config) -> torch.Tensor:
+    """RMSNorm / LayerNorm over the last dim, written out, with `norm`'s weights (and bias)."""
+    if config.normalization == "RMSNorm":
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + config.layernorm_epsilon) * norm.weight
+    centred = x - x.mean(-1, keepdim=True)
+    return centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + config.layernorm_epsilon) * norm.weight + \
+        norm.bias
+
+
+def layer_by_hand(layer, x, config, head_norms: bool = False):
     """The NSA layer computed from its weights and the reference: the fused projection laid out per
-    KV group as [G*d_k | n_b*d_k | n_b*d_v | G*3], RoPE on q and selection/window keys, compressed
-    keys rotated at their block's last token, then the output projection."""
+    KV group as [G*d_k | n_b*d_k | n_b*d_v | G*3], per-head q/k norms when `head_norms`, RoPE on q and
+    selection/window keys, compressed keys rotated at their block's last token, then the output projection."""
     from megatron_nsa.reference import nsa_reference
 
     seq_len, batch = x.shape[:2]
@@ -48,6 +57,8 @@ def layer_by_hand(layer, x, config):
     q = q.reshape(seq_len, batch, heads, dk)
     k = k.reshape(seq_len, batch, groups, branches, dk)
     v = v.reshape(seq_len, batch, groups, branches, dv)
+    if head_norms:
+        q, k = head_norm_by_hand(q, layer.q_layernorm, config), head_norm_by_hand(k, layer.k_layernorm, config)
     gates = torch.sigmoid(gate_logits.reshape(seq_len, batch, heads, 3))
     positions = torch.arange(seq_len)
     rope = lambda t, pos: complex_rope(t, pos, config.qk_head_dim, config.nsa_rotary_base)  # noqa: E731
@@ -69,6 +80,31 @@ def test_layer_matches_hand_computation(separate_kv, compression):
     output, bias = layer(x, None)
     assert bias is None and output.shape == x.shape
     torch.testing.assert_close(output, layer_by_hand(layer, x, config), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("separate_kv,normalization", [(False, "RMSNorm"), (True, "LayerNorm")])
+def test_qk_layernorm_matches_hand_computation(separate_kv, normalization):
+    """Per-head q/k norms (random weights, so that a norm applied to the wrong tensor or dims shows),
+    before RoPE; the key norm is shared by the three key branches."""
+    config = tiny_config(separate_kv=separate_kv, normalization=normalization, params_dtype=torch.float64)
+    layer = build_attention(config, qk_layernorm=True)
+    assert layer.q_layernorm.weight.shape == layer.k_layernorm.weight.shape == (config.qk_head_dim,)
+    with torch.no_grad():
+        for param in [*layer.q_layernorm.parameters(), *layer.k_layernorm.parameters()]:
+            param.copy_(torch.randn_like(param))
+    x = torch.randn(37, 2, config.hidden_size, dtype=torch.float64)
+    output, _ = layer(x, None)
+    # atol: the layer's RoPE angles are float32 (the hand's float64), and unit-RMS q/k scaled by random
+    # weights make larger logits than the plain layer's
+    torch.testing.assert_close(output, layer_by_hand(layer, x, config, head_norms=True), rtol=1e-7, atol=2e-8)
+    without_norms = build_attention(config)
+    without_norms.load_state_dict({n: t for n, t in layer.state_dict().items() if "layernorm" not in n})
+    assert (without_norms(x, None)[0] - output).abs().max() > 1e-3
+    output.square().sum().backward()
+    for norm in (layer.q_layernorm, layer.k_layernorm):
+        assert all(param.grad.abs().max() > 0 for param in norm.parameters())
+    with pytest.raises(ValueError, match=r"qk_layernorm=True but the layer spec has no q/k norms"):
+        build_attention(tiny_config(qk_layernorm=True))
 
 
 def test_triton_backend_matches_torch_backend():

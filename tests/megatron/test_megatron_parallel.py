@@ -32,12 +32,14 @@ def measured(tmp_path_factory):
 @pytest.mark.parametrize("layout", ["tp2", "tp2_sp"])
 def test_tensor_parallel_matches_tp1(measured, layout):
     """Same master weights at TP=1 and TP=2 (with / without sequence parallelism): same loss and the
-    same full gradients, the shared compression parameters included (summed over the TP group)."""
+    same full gradients, the shared compression parameters and per-head q/k norms included (summed over
+    the TP group)."""
     reference, run = measured["tp"]["tp1"], measured["tp"][layout]
     assert run["weight_max_abs_diff"] == 0.0, "the TP=2 model does not hold the TP=1 weights"
     assert abs(run["loss"] - reference["loss"]) <= LOSS_RTOL * abs(reference["loss"])
     assert reference["compressor_grad_abs_max"] > 0
-    assert any(".compressor." in name for name in run["grad_max_rel_diff"])
+    for shared in (".compressor.", ".q_layernorm.", ".k_layernorm."):
+        assert any(shared in name for name in run["grad_max_rel_diff"]), shared
     worst = {name: diff for name, diff in run["grad_max_rel_diff"].items() if diff > GRAD_RTOL}
     assert not worst, f"gradients differ from TP=1: {worst}"
 

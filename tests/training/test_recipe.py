@@ -150,6 +150,29 @@ def test_1b_recipes_differ_only_in_attention():
     assert differences == {("model", "attention"), ("checkpoint", "dir")}
 
 
+@pytest.mark.parametrize("attention", ["nsa", "dense"])
+def test_qk_layernorm_gives_both_models_per_head_norms(attention):
+    from megatron_nsa.training.model import build_config_and_spec
+
+    head_dim = 16 * random.randint(1, 4)
+    for enabled in (True, False):
+        recipe = load_recipe(None, [f"model.attention={attention}", f"model.kv_channels={head_dim}",
+                                    f"model.qk_layernorm={str(enabled).lower()}", "nsa.backend=torch"])
+        config, spec = build_config_and_spec(recipe, on_cuda=False, bf16=False)
+        assert config.qk_layernorm is enabled
+        attention_spec = spec.submodules.self_attention.submodules
+        if attention == "nsa":
+            assert (attention_spec.q_layernorm is not None) is enabled
+            assert (attention_spec.k_layernorm is not None) is enabled
+        else:
+            from megatron.core.transformer.identity_op import IdentityOp
+
+            assert (attention_spec.q_layernorm is not IdentityOp) is enabled
+            assert (attention_spec.k_layernorm is not IdentityOp) is enabled
+    with pytest.raises(RecipeError, match="model.qk_layernorm"):
+        load_recipe(None, ["model.qk_layernorm=maybe"])
+
+
 def test_rotary_percent_sets_the_dims_rope_rotates():
     from megatron_nsa.training.model import build_config_and_spec
 
