@@ -122,9 +122,10 @@ class NSASelfAttention(Attention):
             raise ValueError("qk_layernorm=True but the layer spec has no q/k norms (q_layernorm="
                              f"{submodules.q_layernorm}, k_layernorm={submodules.k_layernorm}); build it with "
                              "get_gpt_layer_nsa_spec(qk_layernorm=True)")
-        self.q_layernorm, self.k_layernorm = (
+        self.q_layernorm, self.k_layernorm = (  # in params_dtype, where Megatron creates parameters
             None if norm is None else build_module(norm, hidden_size=settings.qk_head_dim, config=config,
-                                                   eps=config.layernorm_epsilon)
+                                                   eps=config.layernorm_epsilon).to(
+                device=_param_device(config), dtype=config.params_dtype)
             for norm in (submodules.q_layernorm, submodules.k_layernorm))
         head_norms = [norm for norm in (self.q_layernorm, self.k_layernorm) if norm is not None]
         if head_norms and self.world_size > 1:

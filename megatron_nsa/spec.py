@@ -87,31 +87,29 @@ class SequenceParallelTorchNorm:
     """
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused_norm_options):
-        norms = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
-        if config.normalization not in norms:
-            raise ValueError(f"normalization={config.normalization!r} is not allowed; choose one of {tuple(norms)}")
-        if config.layernorm_zero_centered_gamma:
-            raise ValueError("layernorm_zero_centered_gamma=True is not supported by the PyTorch norm; allowed: False")
-        norm = norms[config.normalization](hidden_size, eps=eps)
+        norm = torch_norm(config, hidden_size, eps)
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm
 
 
 class HeadNorm:
-    """PyTorch LayerNorm / RMSNorm (config.normalization) over one head's dims, for NSA's q/k norms, in
-    config.params_dtype where Megatron creates parameters. They are not marked `sequence_parallel`:
-    NSASelfAttention sums their gradients over the tensor-parallel group itself (each rank normalizes
-    only its own heads)."""
+    """PyTorch LayerNorm / RMSNorm (config.normalization) over one head's dims, for NSA's q/k norms. Its
+    parameters are not marked `sequence_parallel`: NSASelfAttention sums their gradients over the
+    tensor-parallel group itself (each rank normalizes only its own heads)."""
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5):
-        norms = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
-        if config.normalization not in norms:
-            raise ValueError(f"normalization={config.normalization!r} is not allowed; choose one of {tuple(norms)}")
-        if config.layernorm_zero_centered_gamma:
-            raise ValueError("layernorm_zero_centered_gamma=True is not supported by the PyTorch norm; allowed: False")
-        device = torch.device("cpu") if config.use_cpu_initialization else torch.cuda.current_device()
-        return norms[config.normalization](hidden_size, eps=eps, device=device, dtype=config.params_dtype)
+        return torch_norm(config, hidden_size, eps)
+
+
+def torch_norm(config, hidden_size: int, eps: float) -> torch.nn.Module:
+    """PyTorch's LayerNorm or RMSNorm, as config.normalization asks."""
+    norms = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+    if config.normalization not in norms:
+        raise ValueError(f"normalization={config.normalization!r} is not allowed; choose one of {tuple(norms)}")
+    if config.layernorm_zero_centered_gamma:
+        raise ValueError("layernorm_zero_centered_gamma=True is not supported by the PyTorch norm; allowed: False")
+    return norms[config.normalization](hidden_size, eps=eps)
 
 
 nsa_layer_spec = get_gpt_layer_nsa_spec()
