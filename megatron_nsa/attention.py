@@ -116,23 +116,27 @@ class NSASelfAttention(Attention):
         if settings.nsa.compression != "mean":
             self.compressor = KVCompressor.from_config(settings.nsa, settings.qk_head_dim, settings.v_head_dim,
                                                        device=_param_device(config), dtype=config.params_dtype)
-            if self.world_size > 1:
-                sum_grads_over_group(self.compressor.parameters(), self.pg_collection.tp)
         if getattr(config, "qk_layernorm", False) and None in (submodules.q_layernorm, submodules.k_layernorm):
             raise ValueError("qk_layernorm=True but the layer spec has no q/k norms (q_layernorm="
                              f"{submodules.q_layernorm}, k_layernorm={submodules.k_layernorm}); build it with "
                              "get_gpt_layer_nsa_spec(qk_layernorm=True)")
-        self.q_layernorm, self.k_layernorm = (  # in params_dtype, where Megatron creates parameters
-            None if norm is None else build_module(norm, hidden_size=settings.qk_head_dim, config=config,
-                                                   eps=config.layernorm_epsilon).to(
-                device=_param_device(config), dtype=config.params_dtype)
-            for norm in (submodules.q_layernorm, submodules.k_layernorm))
-        head_norms = [norm for norm in (self.q_layernorm, self.k_layernorm) if norm is not None]
-        if head_norms and self.world_size > 1:
-            sum_grads_over_group([p for norm in head_norms for p in norm.parameters()], self.pg_collection.tp)
+        self.q_layernorm = self._head_norm(submodules.q_layernorm, config)
+        self.k_layernorm = self._head_norm(submodules.k_layernorm, config)
+        replicated = [module for module in (self.compressor, self.q_layernorm, self.k_layernorm) if module is not None]
+        if replicated and self.world_size > 1:
+            sum_grads_over_group([p for module in replicated for p in module.parameters()], self.pg_collection.tp)
         self.own_rotary = None
         if settings.rotary_base is not None:
             self.own_rotary = Rotary.from_base(settings.rotary_base, settings.rotary_dim)
+
+    def _head_norm(self, norm_spec, config) -> Optional[torch.nn.Module]:
+        """A norm over one head's d_k dims built from the spec (None: no norm), on the device and in the
+        dtype where Megatron creates parameters."""
+        if norm_spec is None:
+            return None
+        norm = build_module(norm_spec, hidden_size=self.settings.qk_head_dim, config=config,
+                            eps=config.layernorm_epsilon)
+        return norm.to(device=_param_device(config), dtype=config.params_dtype)
 
     # ------------------------------------------------------------------------------------------
     def forward(self, hidden_states, attention_mask=None, key_value_states=None, inference_context=None,
