@@ -1,0 +1,254 @@
+"""How much do neighbouring query tokens share their selected blocks in a trained NSA model, and what
+does that mean for the selected-attention kernels' tiling?
+
+    python benchmarks/selection_overlap.py --checkpoint CKPT_DIR [--batches 2] [--batch-size 4]
+        [--tiles 1 2 4 8 16] [--shape 64,4,128,128] [--out DIR]
+
+Runs validation batches of the checkpoint's own recipe through the model (Triton backend, one GPU) and
+records every layer's selected_block_idx. Per layer it prints the mean number of distinct blocks that a
+tile of m consecutive tokens selects for one KV head (m = --tiles), against m * n when no block is
+shared, for tokens whose position is at least n * l' (before that a token may pick every block it has).
+The same counts for random inputs of the same shape (what benchmarks/bench_attention.py times) are the
+baseline.
+
+It then times the selected-attention kernels (forward, and forward + backward) at --shape
+(H_q,H_kv,d_k,d_v, bf16, random Q/K/V) with each layer's recorded selections (KV head h uses the
+recorded head h mod H_kv of the model) and with random-input selections, once with one-token programs
+(ROWS = G) and once with 4-token programs (ROWS = 4 G; the forward and dQ kernels then stream the union
+of the 4 tokens' blocks once for all of them): which tiling pays on trained selections.
+Writes selection_overlap_<gpu>.{json,md} to --out (default benchmarks/results/).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+from typing import Dict, List
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def distinct_blocks_per_tile(selected_block_idx: torch.Tensor, tokens: int, first_row: int) -> float:
+    """Mean over (tile of `tokens` consecutive rows from `first_row` on, KV head) of the number of distinct
+    valid (>= 0) block ids the tile's rows selected. selected_block_idx [T, H_kv, n]."""
+    idx = selected_block_idx[first_row:].to(torch.int64)
+    rows = idx.shape[0] - idx.shape[0] % tokens
+    if rows == 0:
+        raise ValueError(f"no whole tile of {tokens} tokens after row {first_row} of {selected_block_idx.shape[0]} "
+                         "rows")
+    per_tile = idx[:rows].view(rows // tokens, tokens, idx.shape[1], -1).transpose(1, 2).flatten(2)
+    per_tile = per_tile.sort(-1).values  # [tiles, H_kv, tokens * n]
+    new = torch.ones_like(per_tile, dtype=torch.bool)
+    new[..., 1:] = per_tile[..., 1:] != per_tile[..., :-1]
+    return ((new & (per_tile >= 0)).sum(-1).double().mean()).item()
+
+
+@contextlib.contextmanager
+def recorded_selections():
+    """Within the block, every selected_block_idx the Triton NSA path computes is appended (on the host)
+    to the yielded list, in call order (one per layer per forward)."""
+    import nsa_kernels.nsa as nsa_module
+
+    records: List[torch.Tensor] = []
+    original = nsa_module.select_blocks
+
+    def recording(*args, **kwargs):
+        idx = original(*args, **kwargs)
+        records.append(idx.cpu())
+        return idx
+
+    nsa_module.select_blocks = recording
+    try:
+        yield records
+    finally:
+        nsa_module.select_blocks = original
+
+
+def model_selections(checkpoint: str, batches: int, batch_size: int) -> tuple:
+    """(recipe, checkpoint step, [layer] -> [batches * batch_size * T, H_kv, n] selections of the validation
+    batches; each sample is one document, its block ids count from its start)."""
+    from megatron_nsa.eval.model_loader import load_model
+    from megatron_nsa.training.data import build_datasets, micro_batches
+
+    loaded = load_model(checkpoint, overrides=["nsa.backend=triton"], device="cuda")
+    if loaded.attention != "nsa":
+        sys.exit(f"--checkpoint {checkpoint!r} is a {loaded.attention!r} model; selections need an NSA model")
+    _, valid = build_datasets(loaded.recipe, loaded.tokenizer, 1, batches * batch_size)
+    iterator = micro_batches(valid, 0, batch_size, 0, 1, loaded.device)
+    per_call: List[torch.Tensor] = []
+    with torch.no_grad(), recorded_selections() as records:
+        for _ in range(batches):
+            loaded.logits(next(iterator)["tokens"])
+            per_call.extend(records)
+            records.clear()
+    num_layers = loaded.recipe.model.num_layers
+    layers = [torch.cat(per_call[layer::num_layers]) for layer in range(num_layers)]
+    return loaded.recipe, loaded.step, layers
+
+
+
+def block_config(recipe):
+    """The recipe's NSA block sizes as an NSAConfig."""
+    from megatron_nsa import NSAConfig
+
+    nsa = recipe.nsa
+    return NSAConfig(compress_block_size=nsa.compress_block_size, compress_stride=nsa.compress_stride,
+                     select_block_size=nsa.select_block_size, select_count=nsa.select_count,
+                     select_init_blocks=nsa.select_init_blocks, select_local_blocks=nsa.select_local_blocks,
+                     window_size=nsa.window_size)
+
+
+def random_inputs(shape, num_tokens: int):
+    """q [T, H_q, d_k], k [T, H_kv, d_k], v [T, H_kv, d_v]: random bf16 on the GPU, requiring grad."""
+    num_heads, num_kv_heads, dk, dv = shape
+    make = lambda *size: torch.randn(*size, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # noqa: E731
+    return make(num_tokens, num_heads, dk), make(num_tokens, num_kv_heads, dk), make(num_tokens, num_kv_heads, dv)
+
+
+def random_selections(config, shape, num_tokens: int) -> torch.Tensor:
+    """What top-n picks for random inputs at `shape` (one document): [T, H_kv, n] on the GPU."""
+    import nsa_kernels
+    from nsa_kernels.band import band_attention
+    from nsa_kernels.topk import select_blocks
+
+    from megatron_nsa.compression import compress_documents
+
+    q, k, v = random_inputs(shape, num_tokens)
+    cu = torch.tensor([0, num_tokens], device="cuda", dtype=torch.int32)
+    docs = nsa_kernels.make_docs(cu, num_tokens, config.compress_block_size, config.compress_stride,
+                                 config.select_block_size)
+    scale = config.scale_for(shape[2])
+    with torch.no_grad():
+        ck, cv = compress_documents(k, v, cu, config)
+        _, cmp_lse = band_attention(q, ck, cv, cu, docs.cu_cmp, "compressed", config, scale)
+        return select_blocks(q, ck, cmp_lse, cu, docs.cu_cmp, config, scale)
+
+
+def time_ms(fn, reps: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def time_tilings(config, shape, selected_block_idx: torch.Tensor) -> Dict[str, float]:
+    """Selected attention at `shape` with these selections ([T, H_kv, n], one document): forward and
+    forward+backward ms with one-token and with 4-token programs."""
+    import nsa_kernels
+    from nsa_kernels import tuning
+    from nsa_kernels.selected import packed_layout, selected_attention
+
+    num_tokens = selected_block_idx.shape[0]
+    q, k, v = random_inputs(shape, num_tokens)
+    cu = torch.tensor([0, num_tokens], device="cuda", dtype=torch.int32)
+    docs = nsa_kernels.make_docs(cu, num_tokens, config.compress_block_size, config.compress_stride,
+                                 config.select_block_size)
+    layout = packed_layout(docs, config.select_block_size)
+    scale = config.scale_for(shape[2])
+    grad = torch.randn(num_tokens, shape[0], shape[3], device="cuda", dtype=torch.bfloat16)
+    idx = selected_block_idx.to(device="cuda", dtype=torch.int32).contiguous()
+    group = shape[0] // shape[1]
+
+    def forward():
+        with torch.no_grad():
+            selected_attention(q, k, v, idx, layout, config, scale)
+
+    def forward_backward():
+        torch.autograd.grad(selected_attention(q, k, v, idx, layout, config, scale)[0], (q, k, v), grad)
+
+    result = {}
+    for tokens in (1, 4):
+        params = dict(ROWS=tokens * group, KEYS=32, num_warps=1 if tokens == 1 else 4, num_stages=2)
+        with tuning.overrides("selected_fwd", **params), tuning.overrides("selected_dq", **params):
+            result[f"fwd_ms_{tokens}tok"] = time_ms(forward)
+            result[f"fwd_bwd_ms_{tokens}tok"] = time_ms(forward_backward)
+    return result
+
+
+def as_kv_heads(selected_block_idx: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[T, h, n] -> [T, num_kv_heads, n]: KV head i takes recorded head i mod h."""
+    heads = torch.arange(num_kv_heads) % selected_block_idx.shape[1]
+    return selected_block_idx[:, heads]
+
+
+def report(result: dict) -> str:
+    tiles = result["tiles"]
+    n = result["select_count"]
+    lines = [f"### Selected blocks shared by neighbouring tokens: {result['checkpoint']} (step {result['step']}), "
+             f"{result['gpu']}",
+             "",
+             f"Mean distinct blocks per tile of m consecutive tokens and one KV head (of m x {n} picks), tokens at "
+             f"positions >= {result['first_position']}; timings: selected attention at H_q/H_kv/d_k/d_v = "
+             f"{result['shape']}, bf16, {result['tokens']} tokens, with these selections (ms).",
+             "",
+             "| selections | " + " | ".join(f"m={m}" for m in tiles)
+             + " | fwd 1-token / 4-token | fwd+bwd 1-token / 4-token |",
+             "|---|" + "---|" * (len(tiles) + 2)]
+    for row in result["rows"]:
+        t = row["timing"]
+        lines.append(f"| {row['name']} | " + " | ".join(f"{row['distinct'][str(m)]:.1f}" for m in tiles)
+                     + f" | {t['fwd_ms_1tok']:.2f} / {t['fwd_ms_4tok']:.2f}"
+                     + f" | {t['fwd_bwd_ms_1tok']:.2f} / {t['fwd_bwd_ms_4tok']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a trained NSA run's checkpoint.dir or step directory")
+    parser.add_argument("--batches", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--tiles", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--shape", default="64,4,128,128", help="H_q,H_kv,d_k,d_v of the kernel timings")
+    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("selection_overlap.py runs the Triton kernels: it needs a CUDA GPU")
+    shape = tuple(int(x) for x in args.shape.split(","))
+    if len(shape) != 4 or shape[0] % shape[1]:
+        sys.exit(f"--shape {args.shape!r}: give H_q,H_kv,d_k,d_v with H_q a multiple of H_kv")
+
+    recipe, step, layers = model_selections(args.checkpoint, args.batches, args.batch_size)
+    config = block_config(recipe)
+    seq_length = recipe.data.seq_length
+    first_position = config.select_count * config.select_block_size
+    rows = []
+    for layer, idx in enumerate(layers):
+        samples = idx.split(seq_length)  # one document each
+        rows.append(dict(name=f"layer {layer}", distinct={
+            str(m): statistics.mean(distinct_blocks_per_tile(sample, m, first_position) for sample in samples)
+            for m in args.tiles},
+            timing=time_tilings(config, shape, as_kv_heads(samples[0], shape[1]))))
+    random_idx = random_selections(config, shape, seq_length).cpu()
+    rows.append(dict(name="random inputs", distinct={
+        str(m): distinct_blocks_per_tile(random_idx, m, first_position) for m in args.tiles},
+        timing=time_tilings(config, shape, random_idx)))
+    gpu = torch.cuda.get_device_name()
+    result = dict(checkpoint=args.checkpoint, step=step, gpu=gpu, tiles=args.tiles,
+                  select_count=config.select_count, first_position=first_position,
+                  shape="/".join(map(str, shape)), tokens=seq_length, rows=rows)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "selection_overlap_" + gpu.replace(" ", "_"))
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    text = report(result)
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
