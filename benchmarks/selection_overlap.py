@@ -2,7 +2,8 @@
 does that mean for the selected-attention kernels' tiling?
 
     python benchmarks/selection_overlap.py --checkpoint CKPT_DIR [--batches 2] [--batch-size 4]
-        [--tiles 1 2 4 8 16] [--shape 64,4,128,128] [--out DIR]
+        [--tiles 1 2 4 8 16] [--shape 64,4,128,128] [--tile-tokens 1 2 4] [--save-selections FILE.pt] [--out DIR]
+    python benchmarks/selection_overlap.py --selections FILE.pt ...   # recorded before: no model needed
 
 Runs validation batches of the checkpoint's own recipe through the model (Triton backend, one GPU) and
 records every layer's selected_block_idx. Per layer it prints the mean number of distinct blocks that a
@@ -13,9 +14,10 @@ baseline.
 
 It then times the selected-attention kernels (forward, and forward + backward) at --shape
 (H_q,H_kv,d_k,d_v, bf16, random Q/K/V) with each layer's recorded selections (KV head h uses the
-recorded head h mod H_kv of the model) and with random-input selections, once with one-token programs
-(ROWS = G) and once with 4-token programs (ROWS = 4 G; the forward and dQ kernels then stream the union
-of the 4 tokens' blocks once for all of them): which tiling pays on trained selections.
+recorded head h mod H_kv of the model) and with random-input selections, with programs of m tokens
+(m = --tile-tokens, ROWS = m G; the forward and dQ kernels stream the union of the m tokens' blocks
+once for all of them): which tiling pays on trained selections. --save-selections keeps the first two
+samples' selections (and the recipe's block sizes), so that kernels can be timed on them later without the model.
 Writes selection_overlap_<gpu>.{json,md} to --out (default benchmarks/results/).
 """
 from __future__ import annotations
@@ -32,6 +34,8 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+SAVED_SAMPLES = 2  # samples per layer that --save-selections keeps
 
 
 def distinct_blocks_per_tile(selected_block_idx: torch.Tensor, tokens: int, first_row: int) -> float:
@@ -144,9 +148,9 @@ def time_ms(fn, reps: int = 10) -> float:
     return statistics.median(times)
 
 
-def time_tilings(config, shape, selected_block_idx: torch.Tensor) -> Dict[str, float]:
+def time_tilings(config, shape, selected_block_idx: torch.Tensor, tile_tokens) -> Dict[str, float]:
     """Selected attention at `shape` with these selections ([T, H_kv, n], one document): forward and
-    forward+backward ms with one-token and with 4-token programs."""
+    forward+backward ms with programs of m tokens, for each m in tile_tokens."""
     import nsa_kernels
     from nsa_kernels import tuning
     from nsa_kernels.selected import packed_layout, selected_attention
@@ -170,11 +174,12 @@ def time_tilings(config, shape, selected_block_idx: torch.Tensor) -> Dict[str, f
         torch.autograd.grad(selected_attention(q, k, v, idx, layout, config, scale)[0], (q, k, v), grad)
 
     result = {}
-    for tokens in (1, 4):
-        params = dict(ROWS=tokens * group, KEYS=32, num_warps=1 if tokens == 1 else 4, num_stages=2)
+    for tokens in tile_tokens:
+        # one token: the H100 defaults (kernels/tuning.py); more: a warp per 16 rows
+        params = dict(ROWS=tokens * group, KEYS=32, num_warps=max(1, tokens * group // 16), num_stages=2)
         with tuning.overrides("selected_fwd", **params), tuning.overrides("selected_dq", **params):
-            result[f"fwd_ms_{tokens}tok"] = time_ms(forward)
-            result[f"fwd_bwd_ms_{tokens}tok"] = time_ms(forward_backward)
+            result[f"fwd_ms_{tokens}"] = time_ms(forward)
+            result[f"fwd_bwd_ms_{tokens}"] = time_ms(forward_backward)
     return result
 
 
@@ -185,33 +190,37 @@ def as_kv_heads(selected_block_idx: torch.Tensor, num_kv_heads: int) -> torch.Te
 
 
 def report(result: dict) -> str:
-    tiles = result["tiles"]
-    n = result["select_count"]
-    lines = [f"### Selected blocks shared by neighbouring tokens: {result['checkpoint']} (step {result['step']}), "
-             f"{result['gpu']}",
+    tiles, tile_tokens, n = result["tiles"], result["tile_tokens"], result["select_count"]
+    per_tiling = " / ".join(f"{m}-token" for m in tile_tokens)
+    lines = [f"### Selected blocks shared by neighbouring tokens: {result['source']}, {result['gpu']}",
              "",
              f"Mean distinct blocks per tile of m consecutive tokens and one KV head (of m x {n} picks), tokens at "
              f"positions >= {result['first_position']}; timings: selected attention at H_q/H_kv/d_k/d_v = "
-             f"{result['shape']}, bf16, {result['tokens']} tokens, with these selections (ms).",
+             f"{result['shape']}, bf16, {result['tokens']} tokens, with these selections (ms), programs of "
+             f"{per_tiling} tiles.",
              "",
-             "| selections | " + " | ".join(f"m={m}" for m in tiles)
-             + " | fwd 1-token / 4-token | fwd+bwd 1-token / 4-token |",
+             "| selections | " + " | ".join(f"m={m}" for m in tiles) + f" | fwd {per_tiling} | fwd+bwd {per_tiling} |",
              "|---|" + "---|" * (len(tiles) + 2)]
     for row in result["rows"]:
         t = row["timing"]
         lines.append(f"| {row['name']} | " + " | ".join(f"{row['distinct'][str(m)]:.1f}" for m in tiles)
-                     + f" | {t['fwd_ms_1tok']:.2f} / {t['fwd_ms_4tok']:.2f}"
-                     + f" | {t['fwd_bwd_ms_1tok']:.2f} / {t['fwd_bwd_ms_4tok']:.2f} |")
+                     + " | " + " / ".join(f"{t[f'fwd_ms_{m}']:.2f}" for m in tile_tokens)
+                     + " | " + " / ".join(f"{t[f'fwd_bwd_ms_{m}']:.2f}" for m in tile_tokens) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a trained NSA run's checkpoint.dir or step directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a trained NSA run's checkpoint.dir or step directory")
+    source.add_argument("--selections", help="a file written by --save-selections")
     parser.add_argument("--batches", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--tiles", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--shape", default="64,4,128,128", help="H_q,H_kv,d_k,d_v of the kernel timings")
+    parser.add_argument("--tile-tokens", type=int, nargs="+", default=[1, 2, 4],
+                        help="tokens per program of the timed tilings")
+    parser.add_argument("--save-selections", help="write the recorded selections here (torch.save)")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -220,23 +229,36 @@ def main() -> int:
     if len(shape) != 4 or shape[0] % shape[1]:
         sys.exit(f"--shape {args.shape!r}: give H_q,H_kv,d_k,d_v with H_q a multiple of H_kv")
 
-    recipe, step, layers = model_selections(args.checkpoint, args.batches, args.batch_size)
-    config = block_config(recipe)
-    seq_length = recipe.data.seq_length
+    if args.checkpoint:
+        recipe, step, layers = model_selections(args.checkpoint, args.batches, args.batch_size)
+        recorded = dict(source=f"{args.checkpoint} (step {step})", config=vars(block_config(recipe)),
+                        seq_length=recipe.data.seq_length, layers=layers)
+        if args.save_selections:  # the first SAVED_SAMPLES samples, int16: a few MB
+            kept = [idx[:SAVED_SAMPLES * recipe.data.seq_length].to(torch.int16) for idx in layers]
+            torch.save(dict(recorded, layers=kept), args.save_selections)
+    elif not os.path.isfile(args.selections):
+        sys.exit(f"--selections {args.selections!r} does not exist; write one with --save-selections")
+    else:
+        recorded = torch.load(args.selections)
+        recorded["layers"] = [idx.to(torch.int32) for idx in recorded["layers"]]
+    from megatron_nsa import NSAConfig
+
+    config = NSAConfig(**recorded["config"])
+    seq_length = recorded["seq_length"]
     first_position = config.select_count * config.select_block_size
     rows = []
-    for layer, idx in enumerate(layers):
+    for layer, idx in enumerate(recorded["layers"]):
         samples = idx.split(seq_length)  # one document each
         rows.append(dict(name=f"layer {layer}", distinct={
             str(m): statistics.mean(distinct_blocks_per_tile(sample, m, first_position) for sample in samples)
             for m in args.tiles},
-            timing=time_tilings(config, shape, as_kv_heads(samples[0], shape[1]))))
+            timing=time_tilings(config, shape, as_kv_heads(samples[0], shape[1]), args.tile_tokens)))
     random_idx = random_selections(config, shape, seq_length).cpu()
     rows.append(dict(name="random inputs", distinct={
         str(m): distinct_blocks_per_tile(random_idx, m, first_position) for m in args.tiles},
-        timing=time_tilings(config, shape, random_idx)))
+        timing=time_tilings(config, shape, random_idx, args.tile_tokens)))
     gpu = torch.cuda.get_device_name()
-    result = dict(checkpoint=args.checkpoint, step=step, gpu=gpu, tiles=args.tiles,
+    result = dict(source=recorded["source"], gpu=gpu, tiles=args.tiles, tile_tokens=args.tile_tokens,
                   select_count=config.select_count, first_position=first_position,
                   shape="/".join(map(str, shape)), tokens=seq_length, rows=rows)
     os.makedirs(args.out, exist_ok=True)
