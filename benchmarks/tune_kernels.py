@@ -27,7 +27,9 @@ _band = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
                             (128, 64, 8, 4), (64, 128, 4, 2), (128, 32, 8, 3)]]
 _band_dkdv = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
               for m, n, w, s in [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2),
-                                 (32, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2)]]
+                                 (32, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2), (32, 128, 8, 3),
+                                 (32, 128, 8, 4), (64, 128, 8, 4), (64, 64, 4, 4), (32, 64, 4, 4), (16, 128, 8, 3),
+                                 (32, 128, 4, 3)]]
 # ROWS: query rows per forward / dQ program (tokens x G heads; one token when G >= ROWS); KEYS: keys per step
 _selected = [dict(ROWS=r, KEYS=n, num_warps=w, num_stages=s)
              for r in (16, 32, 64) for n in (64, 32) for w in (1, 2, 4) for s in (2, 3)]
