@@ -85,16 +85,12 @@ def model_selections(checkpoint: str, batches: int, batch_size: int) -> tuple:
         sys.exit(f"--checkpoint {checkpoint!r} is a {loaded.attention!r} model; selections need an NSA model")
     _, valid = build_datasets(loaded.recipe, loaded.tokenizer, 1, batches * batch_size)
     iterator = micro_batches(valid, 0, batch_size, 0, 1, loaded.device)
-    per_call: List[torch.Tensor] = []
     with torch.no_grad(), recorded_selections() as records:
         for _ in range(batches):
             loaded.logits(next(iterator)["tokens"])
-            per_call.extend(records)
-            records.clear()
-    num_layers = loaded.recipe.model.num_layers
-    layers = [torch.cat(per_call[layer::num_layers]) for layer in range(num_layers)]
+    num_layers = loaded.recipe.model.num_layers  # records: batch 0's layers in order, then batch 1's, ...
+    layers = [torch.cat(records[layer::num_layers]) for layer in range(num_layers)]
     return loaded.recipe, loaded.step, layers
-
 
 
 def block_config(recipe):
