@@ -34,6 +34,9 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_attention import time_ms  # noqa: E402
 
 SAVED_SAMPLES = 2  # samples per layer that --save-selections keeps
 
@@ -128,20 +131,6 @@ def random_selections(config, shape, num_tokens: int) -> torch.Tensor:
         ck, cv = compress_documents(k, v, cu, config)
         _, cmp_lse = band_attention(q, ck, cv, cu, docs.cu_cmp, "compressed", config, scale)
         return select_blocks(q, ck, cmp_lse, cu, docs.cu_cmp, config, scale)
-
-
-def time_ms(fn, reps: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def time_tilings(config, shape, selected_block_idx: torch.Tensor, tile_tokens) -> Dict[str, float]:
