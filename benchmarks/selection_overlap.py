@@ -36,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_attention import time_ms  # noqa: E402
+from bench_attention import nsa_inputs, time_ms  # noqa: E402
 
 SAVED_SAMPLES = 2  # samples per layer that --save-selections keeps
 
@@ -107,25 +107,26 @@ def block_config(recipe):
                      window_size=nsa.window_size)
 
 
-def random_inputs(shape, num_tokens: int):
-    """q [T, H_q, d_k], k [T, H_kv, d_k], v [T, H_kv, d_v]: random bf16 on the GPU, requiring grad."""
-    num_heads, num_kv_heads, dk, dv = shape
-    make = lambda *size: torch.randn(*size, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # noqa: E731
-    return make(num_tokens, num_heads, dk), make(num_tokens, num_kv_heads, dk), make(num_tokens, num_kv_heads, dv)
+def one_document(config, shape, num_tokens: int):
+    """Random bf16 q [T, H_q, d_k], k [T, H_kv, d_k], v [T, H_kv, d_v] on the GPU (bench_attention's
+    inputs) as one document: (q, k, v, cu_seqlens, docs)."""
+    import nsa_kernels
+
+    q, k, v = (t[0] for t in nsa_inputs(num_tokens, shape)[:3])
+    cu = torch.tensor([0, num_tokens], device="cuda", dtype=torch.int32)
+    docs = nsa_kernels.make_docs(cu, num_tokens, config.compress_block_size, config.compress_stride,
+                                 config.select_block_size)
+    return q, k, v, cu, docs
 
 
 def random_selections(config, shape, num_tokens: int) -> torch.Tensor:
     """What top-n picks for random inputs at `shape` (one document): [T, H_kv, n] on the GPU."""
-    import nsa_kernels
     from nsa_kernels.band import band_attention
     from nsa_kernels.topk import select_blocks
 
     from megatron_nsa.compression import compress_documents
 
-    q, k, v = random_inputs(shape, num_tokens)
-    cu = torch.tensor([0, num_tokens], device="cuda", dtype=torch.int32)
-    docs = nsa_kernels.make_docs(cu, num_tokens, config.compress_block_size, config.compress_stride,
-                                 config.select_block_size)
+    q, k, v, cu, docs = one_document(config, shape, num_tokens)
     scale = config.scale_for(shape[2])
     with torch.no_grad():
         ck, cv = compress_documents(k, v, cu, config)
@@ -136,15 +137,11 @@ def random_selections(config, shape, num_tokens: int) -> torch.Tensor:
 def time_tilings(config, shape, selected_block_idx: torch.Tensor, tile_tokens) -> Dict[str, float]:
     """Selected attention at `shape` with these selections ([T, H_kv, n], one document): forward and
     forward+backward ms with programs of m tokens, for each m in tile_tokens."""
-    import nsa_kernels
     from nsa_kernels import tuning
     from nsa_kernels.selected import packed_layout, selected_attention
 
     num_tokens = selected_block_idx.shape[0]
-    q, k, v = random_inputs(shape, num_tokens)
-    cu = torch.tensor([0, num_tokens], device="cuda", dtype=torch.int32)
-    docs = nsa_kernels.make_docs(cu, num_tokens, config.compress_block_size, config.compress_stride,
-                                 config.select_block_size)
+    q, k, v, _, docs = one_document(config, shape, num_tokens)
     layout = packed_layout(docs, config.select_block_size)
     scale = config.scale_for(shape[2])
     grad = torch.randn(num_tokens, shape[0], shape[3], device="cuda", dtype=torch.bfloat16)
@@ -160,7 +157,7 @@ def time_tilings(config, shape, selected_block_idx: torch.Tensor, tile_tokens) -
 
     result = {}
     for tokens in tile_tokens:
-        # one token: the H100 defaults (kernels/tuning.py); more: a warp per 16 rows
+        # a warp per 16 rows (one token of G = 16: the H100 defaults of kernels/tuning.py)
         params = dict(ROWS=tokens * group, KEYS=32, num_warps=max(1, tokens * group // 16), num_stages=2)
         with tuning.overrides("selected_fwd", **params), tuning.overrides("selected_dq", **params):
             result[f"fwd_ms_{tokens}"] = time_ms(forward)
@@ -231,17 +228,19 @@ def main() -> int:
     config = NSAConfig(**recorded["config"])
     seq_length = recorded["seq_length"]
     first_position = config.select_count * config.select_block_size
+
+    def row(name, samples, timed_idx):
+        """samples: selections of one document each; timed_idx: the selections the kernels are timed on."""
+        distinct = {str(m): statistics.mean(distinct_blocks_per_tile(sample, m, first_position) for sample in samples)
+                    for m in args.tiles}
+        return dict(name=name, distinct=distinct, timing=time_tilings(config, shape, timed_idx, args.tile_tokens))
+
     rows = []
     for layer, idx in enumerate(recorded["layers"]):
         samples = idx.split(seq_length)  # one document each
-        rows.append(dict(name=f"layer {layer}", distinct={
-            str(m): statistics.mean(distinct_blocks_per_tile(sample, m, first_position) for sample in samples)
-            for m in args.tiles},
-            timing=time_tilings(config, shape, as_kv_heads(samples[0], shape[1]), args.tile_tokens)))
+        rows.append(row(f"layer {layer}", samples, as_kv_heads(samples[0], shape[1])))
     random_idx = random_selections(config, shape, seq_length).cpu()
-    rows.append(dict(name="random inputs", distinct={
-        str(m): distinct_blocks_per_tile(random_idx, m, first_position) for m in args.tiles},
-        timing=time_tilings(config, shape, random_idx, args.tile_tokens)))
+    rows.append(row("random inputs", [random_idx], random_idx))
     gpu = torch.cuda.get_device_name()
     result = dict(source=recorded["source"], gpu=gpu, tiles=args.tiles, tile_tokens=args.tile_tokens,
                   select_count=config.select_count, first_position=first_position,
