@@ -11,7 +11,8 @@ prediction (teacher forcing: one forward pass scores all of them).
 
 Two formats:
   retrieval  the synthetic task's records (megatron_nsa.eval.retrieval_task): filler = a task sequence
-             whose keys all differ from the needle's (with the recipe's mean_gap after definitions),
+             whose keys all differ from the needle's (with the recipe's mean_gap after definitions, and
+             with queries_last its query block at the end of the filler, before the needle's question),
              needle = one definition `key value`, question `key`, answer `value` (one token each)
   text       filler = validation text of the model's corpus, needle `\\nThe secret code of kbfo is 4821.\\n`,
              question `\\nThe secret code of kbfo is `, answer `4821`
@@ -90,7 +91,7 @@ def retrieval_sample(length: int, depth: float, rng: numpy.random.Generator, fmt
     value = fmt.first_value_id + int(rng.integers(fmt.num_values))
     needle, question, answer = numpy.array([key, value]), numpy.array([key]), numpy.array([value])
     filler_length = length - len(needle) - len(question) - len(answer)
-    if fmt.mean_gap:  # records spaced by filler bytes, all whole: the needle goes before one, or at the end
+    if fmt.mean_gap or fmt.queries_last:  # records all whole: the needle goes before one, or at the end
         filler, _, record_starts = lay_out(filler_length, rng, fmt, exclude_key=key)
         return place_needle(filler, needle, question, answer, depth, numpy.append(record_starts, filler_length))
     records, _ = generate_records(-(-filler_length // RECORD_LENGTH), rng, fmt, exclude_key=key)

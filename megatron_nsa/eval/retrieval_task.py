@@ -20,6 +20,11 @@ many questions (a record cut by the sequence's end is left out). With `query_onc
 most once (a query drawn when every defined key has been asked becomes a definition): the answer is then
 always at the key's definition, never at a nearer earlier query of the same key. It needs `query_fraction`
 below 0.5, so that the keys not yet asked pile up and a query can reach back across the whole context.
+With `queries_last` every definition comes first (each with its filler) and the queries follow in one block
+at the end, each asking a different definition in random order: the layout of a needle test with many
+needles, where every distance from the question block back to the start of the sequence is trained
+equally and nothing can be copied from a nearer query. The block holds query_fraction / (1 - query_fraction)
+queries per definition (at least one), so query_fraction must be below 0.5 here too.
 The loss mask covers only the value tokens of queries (everything else is random). No markers tell
 definitions from queries: a model need not know, since a key it has not seen has no answer to learn.
 
@@ -50,6 +55,7 @@ class RetrievalFormat:
     query_fraction: float = 0.25
     mean_gap: int = 0  # filler tokens after each definition: uniform in [0, 2 * mean_gap], random bytes
     query_once: bool = False  # each key queried at most once: no answer can be copied from an earlier query
+    queries_last: bool = False  # all definitions first, then one block of queries (each key at most once)
 
     @property
     def first_value_id(self) -> int:
@@ -72,14 +78,18 @@ def check_settings(settings) -> None:
         value = getattr(settings, name)
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise ValueError(f"retrieval.{name}={value!r} is not allowed: it must be an integer in [{low}, {high}]")
-    if not isinstance(settings.query_once, bool):
-        raise ValueError(f"retrieval.query_once={settings.query_once!r} is not allowed: it must be true or false")
+    for name in ("query_once", "queries_last"):
+        if not isinstance(getattr(settings, name), bool):
+            raise ValueError(f"retrieval.{name}={getattr(settings, name)!r} is not allowed: it must be true or false")
     fraction = settings.query_fraction
     if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction < 1:
         raise ValueError(f"retrieval.query_fraction={fraction!r} is not allowed: it must be a number in (0, 1)")
     if settings.query_once and fraction >= 0.5:
         raise ValueError(f"retrieval.query_fraction={fraction!r} is not allowed with retrieval.query_once=true: it "
                          "must be below 0.5, or queries drain the keys not yet asked and only ever ask the newest ones")
+    if settings.queries_last and fraction >= 0.5:
+        raise ValueError(f"retrieval.query_fraction={fraction!r} is not allowed with retrieval.queries_last=true: it "
+                         "must be below 0.5, so that every query of the final block asks a different definition")
 
 
 def keys_needed(num_tokens: int) -> int:
@@ -132,6 +142,22 @@ def draw_queried_definitions(is_query: numpy.ndarray, rng: numpy.random.Generato
     return definition
 
 
+def draw_definitions(num_definitions: int, rng: numpy.random.Generator, fmt: RetrievalFormat,
+                     exclude_key: Optional[int] = None) -> Tuple[numpy.ndarray, numpy.ndarray]:
+    """(keys, values), each [num_definitions] int64: distinct keys other than `exclude_key`, in the order
+    they get defined, and a random value for each."""
+    available = fmt.num_keys - (exclude_key is not None)
+    if num_definitions > available:
+        raise ValueError(f"a retrieval sequence needs {num_definitions} distinct keys but retrieval.num_keys="
+                         f"{fmt.num_keys} gives only {available}; raise num_keys or shorten the sequence")
+    # one spare to drop exclude_key; a draw without replacement costs O(num_definitions), where a
+    # permutation of all keys cost O(num_keys)
+    keys = FIRST_KEY_ID + rng.choice(fmt.num_keys, size=min(num_definitions + 1, fmt.num_keys), replace=False)
+    keys = keys[keys != exclude_key][:num_definitions]
+    values = fmt.first_value_id + rng.integers(0, fmt.num_values, size=num_definitions)
+    return keys, values
+
+
 def generate_records(num_records: int, rng: numpy.random.Generator, fmt: RetrievalFormat,
                      exclude_key: Optional[int] = None,
                      is_query: Optional[numpy.ndarray] = None) -> Tuple[numpy.ndarray, numpy.ndarray]:
@@ -144,15 +170,7 @@ def generate_records(num_records: int, rng: numpy.random.Generator, fmt: Retriev
         is_query = draw_queries(num_records, rng, fmt)
     defined_so_far = numpy.cumsum(~is_query)  # [num_records] definitions up to and including each record
     num_definitions = int(defined_so_far[-1])
-    available = fmt.num_keys - (exclude_key is not None)
-    if num_definitions > available:
-        raise ValueError(f"a retrieval sequence needs {num_definitions} distinct keys but retrieval.num_keys="
-                         f"{fmt.num_keys} gives only {available}; raise num_keys or shorten the sequence")
-    # [num_definitions] distinct keys in the order they get defined (one spare to drop exclude_key); a
-    # draw without replacement costs O(num_definitions), where a permutation of all keys cost O(num_keys)
-    keys = FIRST_KEY_ID + rng.choice(fmt.num_keys, size=min(num_definitions + 1, fmt.num_keys), replace=False)
-    keys = keys[keys != exclude_key][:num_definitions]
-    values = fmt.first_value_id + rng.integers(0, fmt.num_values, size=num_definitions)
+    keys, values = draw_definitions(num_definitions, rng, fmt, exclude_key)
     # Definition j defines keys[j]; a query asks one of the definitions before it.
     record = draw_queried_definitions(is_query, rng, fmt)
     tokens = numpy.stack([keys[record], values[record]], axis=1)
@@ -165,7 +183,10 @@ def lay_out(num_tokens: int, rng: numpy.random.Generator, fmt: RetrievalFormat,
             exclude_key: Optional[int] = None) -> Tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
     """Exactly `num_tokens` tokens starting at a record: (tokens [num_tokens] int64, answer mask
     [num_tokens] bool, record_starts [num_records] offsets). Without gaps the last record may be cut;
-    with gaps (fmt.mean_gap > 0) every record is whole and filler follows each definition."""
+    with gaps (fmt.mean_gap > 0) every record is whole and filler follows each definition. With
+    fmt.queries_last see lay_out_queries_last."""
+    if fmt.queries_last:
+        return lay_out_queries_last(num_tokens, rng, fmt, exclude_key)
     if fmt.mean_gap == 0:
         tokens, answer_mask = generate_records(keys_needed(num_tokens), rng, fmt, exclude_key)
         record_starts = numpy.arange(0, num_tokens, RECORD_LENGTH)
@@ -183,6 +204,38 @@ def lay_out(num_tokens: int, rng: numpy.random.Generator, fmt: RetrievalFormat,
     tokens[positions] = records[:num_records]
     answer_mask[positions] = record_mask[:num_records]
     return tokens, answer_mask, record_starts
+
+
+def lay_out_queries_last(num_tokens: int, rng: numpy.random.Generator, fmt: RetrievalFormat,
+                         exclude_key: Optional[int] = None) -> Tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
+    """Exactly `num_tokens` tokens: as many definitions (each followed by its filler gap) as fit together
+    with their queries, filler bytes for what is left, then the query block, which ends the sequence.
+    Returns (tokens [num_tokens] int64, answer mask [num_tokens] bool, record_starts [num_records]: the
+    definitions', then the queries' offsets)."""
+    if num_tokens < 2 * RECORD_LENGTH:
+        raise ValueError(f"a retrieval sequence with retrieval.queries_last=true needs at least {2 * RECORD_LENGTH} "
+                         f"tokens (one definition and its query), got {num_tokens}")
+    most = keys_needed(num_tokens)
+    gaps = rng.integers(0, 2 * fmt.mean_gap + 1, size=most)  # [most] filler after each definition
+    definitions_end = numpy.cumsum(RECORD_LENGTH + gaps)  # [most] tokens of the first 1, 2, ... definitions
+    counts = numpy.arange(1, most + 1)  # [most] candidate numbers of definitions
+    query_counts = numpy.clip((counts * fmt.query_fraction / (1 - fmt.query_fraction)).astype(numpy.int64), 1, counts)
+    fitting = numpy.flatnonzero(definitions_end + RECORD_LENGTH * query_counts <= num_tokens)
+    if fitting.size == 0:  # one definition without its gap and its query: the rest is filler
+        gaps[0], num_definitions = 0, 1
+    else:
+        num_definitions = int(fitting[-1]) + 1
+    num_queries = int(query_counts[num_definitions - 1])
+    keys, values = draw_definitions(num_definitions, rng, fmt, exclude_key)
+    asked = rng.choice(num_definitions, size=num_queries, replace=False)  # [num_queries] in asking order
+    definition_starts = numpy.cumsum(RECORD_LENGTH + gaps[:num_definitions]) - gaps[:num_definitions] - RECORD_LENGTH
+    query_starts = num_tokens - RECORD_LENGTH * (num_queries - numpy.arange(num_queries))  # [num_queries]
+    tokens = rng.integers(0, BYTE_RANGE, size=num_tokens)  # [num_tokens] filler bytes, records written over
+    answer_mask = numpy.zeros(num_tokens, dtype=bool)
+    tokens[definition_starts], tokens[definition_starts + 1] = keys, values
+    tokens[query_starts], tokens[query_starts + 1] = keys[asked], values[asked]
+    answer_mask[query_starts + 1] = True
+    return tokens, answer_mask, numpy.concatenate([definition_starts, query_starts])
 
 
 def generate_sequence(num_tokens: int, rng: numpy.random.Generator, fmt: RetrievalFormat,

@@ -101,6 +101,7 @@ class RetrievalSection:
     query_fraction: float = 0.25  # share of records that query an earlier key (the loss is on their values)
     mean_gap: int = 0  # random byte tokens after each definition, uniform in [0, 2 * mean_gap]: fewer keys per sequence
     query_once: bool = False  # each key queried at most once, so that every answer is its definition's, however far
+    queries_last: bool = False  # all definitions first, then one block of queries at the end, each key asked once
 
 
 @dataclasses.dataclass

@@ -114,3 +114,25 @@ def test_bad_lengths():
         check_lengths([100, shortest - 1], shortest)
     with pytest.raises(ValueError, match="format='html' is not allowed; choose one of"):
         needle_samples("html", 100, 0.5, 1, seed=0, fmt=FMT)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 0.9, 1.0])
+def test_retrieval_needle_with_queries_last_hides_among_definitions_and_is_asked_after_the_query_block(depth):
+    fmt = RetrievalFormat(num_keys=3000, num_values=100, mean_gap=10, query_fraction=0.3, queries_last=True)
+    length = 2000
+    (sample,) = needle_samples("retrieval", length, depth, 1, seed=5, fmt=fmt)
+    tokens = sample.tokens
+    key, value = tokens[sample.needle_start:sample.needle_start + 2]
+    assert FIRST_KEY_ID <= key < fmt.first_value_id <= value < fmt.vocab_size
+    assert numpy.flatnonzero(tokens == key).tolist() == [sample.needle_start, length - 2]
+    assert tokens[-1] == value and sample.answer_positions.tolist() == [length - 1]
+    assert abs(sample.needle_start - depth * sample.filler_length) <= 2 * 10 + 2
+    filler = numpy.delete(tokens[:-2], [sample.needle_start, sample.needle_start + 1])
+    is_key = (filler >= FIRST_KEY_ID) & (filler < fmt.first_value_id)
+    key_positions = numpy.flatnonzero(is_key)
+    # the filler's own query block (keys asked a second time) sits right before the needle's question
+    seen, repeated = set(), []
+    for position in key_positions.tolist():
+        (repeated if filler[position] in seen else seen.add(filler[position]) or []).append(position)
+    assert len(repeated) > 10 and repeated[-1] == len(filler) - 2
+    assert repeated == list(range(repeated[0], len(filler), 2))

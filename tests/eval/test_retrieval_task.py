@@ -203,3 +203,61 @@ def test_recipe_takes_query_once():
     with pytest.raises(RecipeError, match=r"retrieval.query_fraction=0.5 is not allowed with retrieval.query_once=true"
                                           r": it must be below 0.5"):
         load_recipe(None, ["data.source=retrieval", "retrieval.query_once=true", "retrieval.query_fraction=0.5"])
+
+
+@pytest.mark.parametrize("num_tokens,mean_gap,query_fraction", [(3001, 0, 0.3), (3001, 12, 0.3), (8193, 40, 0.45),
+                                                                (33, 2, 0.3), (4, 0, 0.2)])
+def test_queries_last_defines_everything_then_asks_each_key_once_at_the_end(num_tokens, mean_gap, query_fraction):
+    fmt = RetrievalFormat(num_keys=9000, num_values=37, query_fraction=query_fraction, mean_gap=mean_gap,
+                          queries_last=True)
+    seed = numpy.random.default_rng().integers(1 << 30)
+    tokens, answer_mask, record_starts = lay_out(num_tokens, sample_rng(seed, TRAIN_STREAM, 0), fmt)
+    assert tokens.shape == answer_mask.shape == (num_tokens,)
+    is_key = (tokens >= FIRST_KEY_ID) & (tokens < fmt.first_value_id)
+    assert numpy.flatnonzero(is_key).tolist() == sorted(record_starts.tolist())  # every key starts a record
+    assert (tokens[record_starts + 1] >= fmt.first_value_id).all()
+    is_query = answer_mask[record_starts + 1]
+    num_queries = int(is_query.sum())
+    assert num_queries >= 1 and answer_mask.sum() == num_queries
+    # the queries form one block that ends the sequence, after every definition
+    query_starts = record_starts[is_query]
+    assert query_starts.tolist() == list(range(num_tokens - RECORD_LENGTH * num_queries, num_tokens, RECORD_LENGTH))
+    assert record_starts[~is_query].max() < query_starts.min()
+    num_definitions = int((~is_query).sum())
+    expected_queries = max(1, int(num_definitions * query_fraction / (1 - query_fraction)))
+    assert num_queries == min(expected_queries, num_definitions)
+    defined = {}
+    for start in record_starts[~is_query].tolist():
+        assert tokens[start] not in defined
+        defined[tokens[start]] = tokens[start + 1]
+    asked = tokens[query_starts].tolist()
+    assert len(set(asked)) == num_queries and all(tokens[s + 1] == defined[tokens[s]] for s in query_starts)
+    if num_tokens > 1000:  # the definitions fill the sequence: the filler left before the queries is short
+        leftover = query_starts.min() - (record_starts[~is_query].max() + RECORD_LENGTH)
+        assert leftover <= 2 * (2 * mean_gap) + 2 * RECORD_LENGTH  # the last gap, less than one more definition
+        gaps = numpy.diff(record_starts[~is_query]) - RECORD_LENGTH  # filler after each definition
+        assert gaps.min() >= 0 and gaps.max() <= 2 * mean_gap and abs(gaps.mean() - mean_gap) < 0.25 * mean_gap + 0.5
+        filler = numpy.ones(num_tokens, dtype=bool)
+        filler[numpy.concatenate([record_starts, record_starts + 1])] = False
+        assert ((tokens[filler] >= 0) & (tokens[filler] < BYTE_RANGE)).all()
+        distances = [int(start - record_starts[tokens[record_starts] == tokens[start]][0]) for start in query_starts]
+        assert min(distances) < 0.2 * num_tokens and max(distances) > 0.8 * num_tokens  # near and far alike
+    again = lay_out(num_tokens, sample_rng(seed, TRAIN_STREAM, 0), fmt)
+    numpy.testing.assert_array_equal(tokens, again[0])
+
+
+def test_recipe_takes_queries_last_and_checks_it():
+    recipe = load_recipe(None, ["data.source=retrieval", "retrieval.num_keys=1000", "retrieval.queries_last=true",
+                                "retrieval.query_fraction=0.3", "retrieval.mean_gap=8", "data.seq_length=512"])
+    fmt = RetrievalFormat.of(recipe.retrieval)
+    assert fmt.queries_last is True
+    item = RetrievalDataset(fmt, seq_length=512, num_samples=2, seed=1, stream=TRAIN_STREAM)[1]
+    answers = numpy.flatnonzero(item["loss_mask"])
+    assert answers.min() > 400 and answers.max() == 511  # the query block ends the sequence
+    with pytest.raises(RecipeError, match=r"retrieval.query_fraction=0.5 is not allowed with "
+                                          r"retrieval.queries_last=true: it must be below 0.5"):
+        load_recipe(None, ["data.source=retrieval", "retrieval.queries_last=true", "retrieval.query_fraction=0.5"])
+    with pytest.raises(ValueError, match="retrieval.queries_last='yes' is not allowed: it must be true or false"):
+        check_settings(RetrievalFormat(queries_last="yes"))
+    with pytest.raises(ValueError, match="queries_last=true needs at least 4 tokens .* got 3"):
+        lay_out(3, sample_rng(0, TRAIN_STREAM, 0), fmt)
