@@ -3,6 +3,7 @@ prints why it wrote nothing and returns None."""
 from __future__ import annotations
 
 import os
+import textwrap
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .report import grid_key
@@ -19,6 +20,11 @@ def _pyplot():
     return plt
 
 
+def _title(ax, title: str, figure_width_inches: float) -> None:
+    """The title in lines that fit the figure (about 12 characters per inch at 9 points)."""
+    ax.set_title("\n".join(textwrap.wrap(title, max(20, int(12 * figure_width_inches)))), fontsize=9)
+
+
 def _skipped(path: str) -> None:
     print(f"matplotlib is not installed: skipped {path} (pip install matplotlib to draw it)", flush=True)
 
@@ -31,7 +37,8 @@ def accuracy_heatmap(accuracy: Dict[str, Dict[str, float]], lengths: Sequence[in
         _skipped(path)
         return None
     grid = [[accuracy[grid_key(length)][grid_key(depth)] for length in lengths] for depth in depths]
-    fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(lengths), 1.2 + 0.42 * len(depths)))
+    width = 1.4 + 1.1 * len(lengths)
+    fig, ax = plt.subplots(figsize=(width, 1.2 + 0.42 * len(depths)))
     image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
     for row, line in enumerate(grid):
         for column, value in enumerate(line):
@@ -40,7 +47,7 @@ def accuracy_heatmap(accuracy: Dict[str, Dict[str, float]], lengths: Sequence[in
     ax.set_yticks(range(len(depths)), [f"{depth:g}%" for depth in depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
-    ax.set_title(title, fontsize=9)
+    _title(ax, title, width)
     fig.colorbar(image, ax=ax, label="accuracy")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -63,7 +70,7 @@ def loss_curves(curves: Dict[str, List[Tuple[int, float]]], path: str, title: st
             ax.plot(steps, losses, marker="o" if len(points) < 30 else None, markersize=3, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+    _title(ax, title, 6)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
