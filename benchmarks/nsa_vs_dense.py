@@ -318,7 +318,7 @@ def evaluate(args, name: str, checkpoint: str, batch_size: int) -> dict:
     if args.experiment == "retrieval":
         samples = args.samples * len(args.eval_lengths) if len(args.samples) == 1 else args.samples
         result["needle"] = needle_grid(loaded, "retrieval", args.eval_lengths, args.depths, samples, seed=0,
-                                       batch_size=4)
+                                       batch_size=4, selections=name == "nsa")
     release(loaded)
     result["eval_s"] = time.monotonic() - started
     return result

@@ -150,6 +150,11 @@ def write_report(summary: dict, out_dir: str, device_slug: Optional[str] = None)
             written[f"needle_{name}_png"] = png
             if png:
                 parts += [f"![needle accuracy {NAMES[name]}]({os.path.basename(png)})", ""]
+            if "needle_block_selected" in needle:
+                parts += [f"How often {NAMES[name]}'s selection at the question holds the needle's block (share of "
+                          "layers x KV heads; a needle never selected is seen only through the window and the "
+                          "compressed branch):", "",
+                          accuracy_table(needle["needle_block_selected"], lengths, depths), ""]
         nsa_needle = summary["models"].get("nsa", {}).get("final", {}).get("needle")
         if nsa_needle:
             lowest = min_accuracy_within(nsa_needle, seq)

@@ -23,7 +23,6 @@ Writes selection_overlap_<gpu>.{json,md} to --out (default benchmarks/results/).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -37,6 +36,8 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_attention import nsa_inputs, time_ms  # noqa: E402
+
+from megatron_nsa.eval.selections import recorded_selections  # noqa: E402
 
 SAVED_SAMPLES = 2  # samples per layer that --save-selections keeps
 
@@ -54,27 +55,6 @@ def distinct_blocks_per_tile(selected_block_idx: torch.Tensor, tokens: int, firs
     new = torch.ones_like(per_tile, dtype=torch.bool)
     new[..., 1:] = per_tile[..., 1:] != per_tile[..., :-1]
     return ((new & (per_tile >= 0)).sum(-1).double().mean()).item()
-
-
-@contextlib.contextmanager
-def recorded_selections():
-    """Within the block, every selected_block_idx the Triton NSA path computes is appended (on the host)
-    to the yielded list, in call order (one per layer per forward)."""
-    import nsa_kernels.nsa as nsa_module
-
-    records: List[torch.Tensor] = []
-    original = nsa_module.select_blocks
-
-    def recording(*args, **kwargs):
-        idx = original(*args, **kwargs)
-        records.append(idx.cpu())
-        return idx
-
-    nsa_module.select_blocks = recording
-    try:
-        yield records
-    finally:
-        nsa_module.select_blocks = original
 
 
 def model_selections(checkpoint: str, batches: int, batch_size: int) -> tuple:

@@ -2,7 +2,7 @@
 
     python -m megatron_nsa.eval.needle --checkpoint CKPT_DIR [--lengths 8192 16384 32768]
         [--depths 0 10 20 ... 100] [--samples 20] [--format retrieval|text] [--json OUT.json]
-        [--table OUT.md] [--png OUT.png] [--recipe CONFIG.yaml] [section.key=value ...]
+        [--table OUT.md] [--png OUT.png] [--selections] [--recipe CONFIG.yaml] [section.key=value ...]
 
 Each sample hides one key/value fact at a depth of its filler and asks for it at the end
 (megatron_nsa.eval.haystack). Scoring is teacher-forced: one forward pass per sample, and a sample counts
@@ -10,7 +10,9 @@ as correct when every value token is the model's argmax prediction (what greedy 
 token for token). Formats: `retrieval` (the synthetic task's records; the default for models trained on
 data.source=retrieval) and `text` (an English sentence in validation text of the model's own corpus; the
 default otherwise). Prints a markdown table (depth rows, length columns); --png draws a heat map when
-matplotlib is installed.
+matplotlib is installed. --selections (NSA models) adds how often the selected blocks at the question hold
+the needle (megatron_nsa.eval.selections): a needle never selected can only be seen through the window and
+the compressed branch.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from .retrieval_task import RetrievalFormat
 
 DEFAULT_DEPTHS = [float(d) for d in range(0, 101, 10)]
 SCORING = "teacher-forced: correct when every answer token is the argmax prediction"
+SELECTED_TITLE = "needle block selected at the question (share of layers x KV heads)"
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -50,6 +53,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--table", help="write the markdown table here")
     parser.add_argument("--png", help="draw the heat map here (needs matplotlib)")
+    parser.add_argument("--selections", action="store_true",
+                        help="NSA models: also report how often the selection at the question holds the needle's "
+                             "block (share of layers x KV heads), per cell and per layer")
     parser.add_argument("--recipe", help="the training recipe, for checkpoints that do not store theirs")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
     return parser.parse_args(argv)
@@ -104,30 +110,50 @@ def corpus_filler(loaded, longest: int, pool: int = 64):
 
 
 def needle_grid(loaded, text_format: str, lengths: Sequence[int], depths: Sequence[float], samples: Sequence[int],
-                seed: int, batch_size: int) -> dict:
-    """Accuracy of `loaded` (a model_loader.LoadedModel) on every (length, depth) cell."""
+                seed: int, batch_size: int, selections: bool = False) -> dict:
+    """Accuracy of `loaded` (a model_loader.LoadedModel) on every (length, depth) cell. With `selections`
+    (NSA models only) also the share of layers x KV heads whose selection at the question holds a block of
+    the needle ("needle_block_selected", and per layer "needle_block_selected_by_layer")."""
     from .scoring import score_cell
+    from .selections import QuestionSelections
 
+    if selections and loaded.attention != "nsa":
+        raise EvalInputError(f"--selections needs an NSA model; this one has model.attention={loaded.attention!r}")
+    tracked = QuestionSelections(loaded.logits, loaded.recipe.model.num_layers) if selections else None
     fmt = RetrievalFormat.of(loaded.recipe.retrieval)
     filler = corpus_filler(loaded, max(lengths)) if text_format == "text" else None
-    accuracy, token_accuracy, seconds = {}, {}, {}
+    accuracy, token_accuracy, seconds, selected, selected_by_layer = {}, {}, {}, {}, {}
     for length, count in zip(lengths, samples):
         started = time.perf_counter()
-        accuracy[grid_key(length)], token_accuracy[grid_key(length)] = {}, {}
+        for grid in (accuracy, token_accuracy, selected, selected_by_layer):
+            grid[grid_key(length)] = {}
         for depth in depths:
             cell = needle_samples(text_format, length, depth / 100.0, count, seed, fmt, filler)
-            score = score_cell(loaded.logits, cell, loaded.tokenizer.vocab_size, loaded.device, batch_size)
+            if tracked:
+                tracked.start_cell(cell)
+            score = score_cell(tracked or loaded.logits, cell, loaded.tokenizer.vocab_size, loaded.device,
+                               batch_size)
             accuracy[grid_key(length)][grid_key(depth)] = score.accuracy
             token_accuracy[grid_key(length)][grid_key(depth)] = score.token_accuracy
+            if tracked:
+                hits = tracked.needle_hits(cell, loaded.recipe.nsa.select_block_size).float()  # [count, L, H_kv]
+                selected[grid_key(length)][grid_key(depth)] = hits.mean().item()
+                selected_by_layer[grid_key(length)][grid_key(depth)] = hits.mean((0, 2)).tolist()
         seconds[grid_key(length)] = time.perf_counter() - started
         mean = sum(accuracy[grid_key(length)].values()) / len(depths)
+        found = (f" | needle block selected {100 * sum(selected[grid_key(length)].values()) / len(depths):.1f}%"
+                 if tracked else "")
         print(f"{loaded.attention} | length {length:,} | {count} samples x {len(depths)} depths | mean accuracy "
-              f"{100 * mean:.1f}% | {seconds[grid_key(length)]:.1f} s", flush=True)
-    return {"checkpoint": loaded.step_dir, "step": loaded.step, "attention": loaded.attention, "format": text_format,
-            "scoring": SCORING, "position_embedding_type": loaded.recipe.model.position_embedding_type,
-            "trained_seq_length": loaded.max_positions, "lengths": list(lengths), "depths": list(depths),
-            "samples": list(samples), "seed": seed, "accuracy": accuracy, "token_accuracy": token_accuracy,
-            "seconds": seconds}
+              f"{100 * mean:.1f}%{found} | {seconds[grid_key(length)]:.1f} s", flush=True)
+    result = {"checkpoint": loaded.step_dir, "step": loaded.step, "attention": loaded.attention,
+              "format": text_format, "scoring": SCORING,
+              "position_embedding_type": loaded.recipe.model.position_embedding_type,
+              "trained_seq_length": loaded.max_positions, "lengths": list(lengths), "depths": list(depths),
+              "samples": list(samples), "seed": seed, "accuracy": accuracy, "token_accuracy": token_accuracy,
+              "seconds": seconds}
+    if tracked:
+        result.update(needle_block_selected=selected, needle_block_selected_by_layer=selected_by_layer)
+    return result
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -142,14 +168,19 @@ def run(args: argparse.Namespace) -> dict:
     samples = samples_per_length(args.samples, lengths)
     if args.batch_size < 1:
         raise EvalInputError(f"--batch-size {args.batch_size} is not allowed: it must be >= 1")
+    if args.selections and recipe.model.attention != "nsa":
+        raise EvalInputError(f"--selections needs an NSA model; this one has model.attention={recipe.model.attention!r}")
 
     from .model_loader import load_model
     from .plots import accuracy_heatmap
 
     loaded = load_model(args.checkpoint, args.recipe, args.overrides, args.device)
-    result = needle_grid(loaded, text_format, lengths, args.depths, samples, args.seed, args.batch_size)
+    result = needle_grid(loaded, text_format, lengths, args.depths, samples, args.seed, args.batch_size,
+                         args.selections)
     table = accuracy_table(result["accuracy"], lengths, args.depths)
     print(f"\nneedle accuracy, {loaded.attention} step {loaded.step}, format {text_format} ({SCORING}):\n{table}")
+    if args.selections:
+        print(f"\n{SELECTED_TITLE}:\n{accuracy_table(result['needle_block_selected'], lengths, args.depths)}")
     if args.json:
         write_json(args.json, result)
     if args.table:

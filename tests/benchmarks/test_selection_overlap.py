@@ -34,28 +34,3 @@ def test_distinct_blocks_match_a_set_count(tokens, first_row):
 def test_no_whole_tile_is_an_error():
     with pytest.raises(ValueError, match="no whole tile of 8 tokens after row 4 of 10 rows"):
         distinct_blocks_per_tile(torch.zeros(10, 1, 2, dtype=torch.int64), 8, 4)
-
-
-def test_recorded_selections_are_the_reference_selections_in_call_order(nsa_inputs):
-    """The recorder sees the selections of the Triton path (interpreter on CPU), one per call, equal to
-    the reference's; afterwards the path is left as it was."""
-    pytest.importorskip("nsa_kernels")
-    import nsa_kernels.nsa as nsa_module
-    from megatron_nsa import NSAConfig, nsa_attention
-    from megatron_nsa import reference as R
-    from selection_overlap import recorded_selections
-
-    config = NSAConfig(compress_block_size=8, compress_stride=4, select_block_size=16, select_count=3,
-                       window_size=16)
-    calls = [nsa_inputs(1, 112, 4, 2, 16, 16, False, seed, dtype=torch.float32) for seed in (3, 4)]
-    original = nsa_module.select_blocks
-    with recorded_selections() as records:
-        for q, ks, vs, gates in calls:
-            nsa_attention(q, ks[0], vs[0], gates, config, backend="triton")
-    assert nsa_module.select_blocks is original
-    assert len(records) == len(calls)
-    for recorded, (q, ks, vs, gates) in zip(records, calls):
-        kv = (ks[0], vs[0])
-        _, inter = R.nsa_reference(q, kv, kv, kv, gates, config, return_intermediates=True)
-        assert recorded.shape == (112, 2, 3)
-        assert torch.equal(recorded.long(), inter.selected_block_idx.long())

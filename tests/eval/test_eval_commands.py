@@ -85,6 +85,22 @@ def test_needle_command_writes_grid_json_and_table(trained):
 
 
 @pytest.mark.slow
+def test_needle_selections_count_the_layers_that_select_the_needle(trained):
+    """With n = 3 = one initial + two local blocks every selection is forced: the needle's block is selected
+    at depth 0 (the initial block) and 100% (next to the question) in every layer and head, never at 50%."""
+    workdir, checkpoint, _ = trained
+    result = run_module("megatron_nsa.eval.needle", "--checkpoint", checkpoint, "--lengths", 64, 200,
+                        "--depths", 0, 50, 100, "--samples", 2, "--selections", "--json", workdir / "selected.json",
+                        cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((workdir / "selected.json").read_text())
+    for length in ("64", "200"):
+        assert report["needle_block_selected"][length] == {"0": 1.0, "50": 0.0, "100": 1.0}
+        assert report["needle_block_selected_by_layer"][length]["50"] == [0.0, 0.0]  # two layers
+    assert "needle block selected at the question" in result.stdout and "needle block selected 66.7%" in result.stdout
+
+
+@pytest.mark.slow
 def test_eval_loss_on_an_indexed_dataset(trained, tmp_path):
     from megatron_nsa.training.build_dataset import build_indexed_dataset
     from megatron_nsa.training.tokenizer import ByteTokenizer
@@ -136,6 +152,8 @@ def test_missing_dataset_files_are_named(trained, capsys):
     (["--lengths", 64, 128, "--samples", 1, 2, 3], "--samples 1 2 3 is not allowed: give one count, or one per length"),
     (["--samples", 0], "--samples 0 is not allowed: it must be >= 1"),
     (["training.lr=1"], "unknown recipe key 'training.lr'"),
+    (["--selections", "model.attention=dense"], "--selections needs an NSA model; this one has "
+                                                "model.attention='dense'"),
 ])
 def test_bad_needle_grids_are_named(trained, capsys, args, message):
     from megatron_nsa.eval import needle

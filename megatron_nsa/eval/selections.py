@@ -1,0 +1,110 @@
+"""Which blocks NSA's selection branch picks: a recorder of every selected_block_idx a forward pass computes,
+and the needle diagnostic built on it: does the top-n at the question include the block holding the needle?
+
+A needle the model does not find was either never selected (the compressed scores did not rank its block
+among the top n, so the selected branch cannot see it; only the window and the blurred compressed branch
+can) or selected and not used. The share of layers x KV heads whose selection at the question holds the
+needle's block tells the two apart.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, List, Sequence
+
+import torch
+
+from .haystack import NeedleSample
+
+
+@contextlib.contextmanager
+def recorded_selections():
+    """Within the block, every selected_block_idx that NSA computes is appended to the yielded list (on the
+    host, int64), in call order: the torch reference's select_blocks (one call per sequence and layer) and
+    the Triton path's (one call per layer for the whole packed batch), whichever runs. Afterwards both are
+    left as they were."""
+    from megatron_nsa import reference
+
+    modules = [reference]
+    try:
+        import nsa_kernels.nsa as triton_nsa
+    except ImportError:  # no triton: only the reference can run
+        pass
+    else:
+        modules.append(triton_nsa)
+    records: List[torch.Tensor] = []
+
+    def recording(original):
+        def select_blocks(*args, **kwargs):
+            selected_block_idx = original(*args, **kwargs)
+            records.append(selected_block_idx.detach().to("cpu", torch.int64))
+            return selected_block_idx
+        return select_blocks
+
+    originals = [(module, module.select_blocks) for module in modules]
+    for module, original in originals:
+        module.select_blocks = recording(original)
+    try:
+        yield records
+    finally:
+        for module, original in originals:
+            module.select_blocks = original
+
+
+def stack_layers(records: Sequence[torch.Tensor], num_layers: int, batch: int, seq_len: int) -> torch.Tensor:
+    """The records of one forward pass of `batch` sequences of `seq_len` tokens (each one document) as
+    [num_layers, batch, seq_len, H_kv, n]: either path records the layers in order, each layer's rows in
+    batch order."""
+    if not records:
+        raise ValueError("the forward pass recorded no selections: the model has no NSA layer on this path")
+    rows = torch.cat(list(records))  # [num_layers * batch * seq_len, H_kv, n]
+    if rows.shape[0] != num_layers * batch * seq_len:
+        raise ValueError(f"recorded {rows.shape[0]} selection rows, expected {num_layers} layers x {batch} sequences "
+                         f"x {seq_len} tokens = {num_layers * batch * seq_len}")
+    return rows.view(num_layers, batch, seq_len, *rows.shape[1:])
+
+
+def needle_blocks(sample: NeedleSample, select_block_size: int) -> range:
+    """Selection blocks holding a token of the needle."""
+    return range(sample.needle_start // select_block_size,
+                 (sample.needle_start + sample.needle_length - 1) // select_block_size + 1)
+
+
+class QuestionSelections:
+    """A logits function that also keeps, per forward pass, every layer's selection at the question's last
+    token (the position that predicts the first answer token; the same for every sample of a needle cell).
+
+        tracked = QuestionSelections(loaded.logits, num_layers)
+        score_cell(tracked, cell, ...)       # batches in order, as the cell's samples
+        hits = tracked.needle_hits(cell, select_block_size)
+    """
+
+    def __init__(self, logits_fn: Callable[[torch.Tensor], torch.Tensor], num_layers: int):
+        self.logits_fn = logits_fn
+        self.num_layers = num_layers
+        self.batches: List[torch.Tensor] = []  # each [num_layers, batch, H_kv, n]
+        self.answer_length = 1
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        with recorded_selections() as records:
+            logits = self.logits_fn(tokens)
+        batch, seq_len = tokens.shape
+        selected = stack_layers(records, self.num_layers, batch, seq_len)
+        self.batches.append(selected[:, :, seq_len - 1 - self.answer_length])
+        return logits
+
+    def start_cell(self, samples: Sequence[NeedleSample]) -> None:
+        """Forget earlier batches; the cell's samples share their length and answer length."""
+        self.batches = []
+        self.answer_length = len(samples[0].answer_positions)
+
+    def needle_hits(self, samples: Sequence[NeedleSample], select_block_size: int) -> torch.Tensor:
+        """[samples, num_layers, H_kv] bool: whether that layer's KV head selected a block of the needle at
+        the question, for the samples the batches since start_cell held, in order."""
+        selected = torch.cat(self.batches, dim=1).transpose(0, 1)  # [samples, num_layers, H_kv, n]
+        if selected.shape[0] != len(samples):
+            raise ValueError(f"selections of {selected.shape[0]} samples recorded for {len(samples)} samples")
+        hits = torch.zeros(selected.shape[:3], dtype=torch.bool)
+        for row, sample in enumerate(samples):
+            for block in needle_blocks(sample, select_block_size):
+                hits[row] |= (selected[row] == block).any(-1)
+        return hits
