@@ -3,6 +3,7 @@
     retrieval_task  the key/value task (data.source=retrieval): generator and dataset, numpy only
     haystack        needle-in-a-haystack samples (fact at a depth of exact-length filler)
     scoring         teacher-forced answer accuracy
+    selections      NSA's selected blocks recorded during a forward pass; does the question select the needle?
     checkpoints     find a checkpoint and its recipe (no megatron import)
     model_loader    build the checkpoint's model and load its weights, one process
     loss            `python -m megatron_nsa.eval.loss`: validation loss
