@@ -22,10 +22,11 @@ import torch
 from megatron_nsa import NSAConfig
 from megatron_nsa.compression import compress_documents
 
-_band = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+# TMA: streamed tiles through tensor descriptors (kernels/tma.py) or pointers
+_band = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, TMA=tma) for tma in (True, False)
          for m, n, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3),
                             (128, 64, 8, 4), (64, 128, 4, 2), (128, 32, 8, 3)]]
-_band_dkdv = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+_band_dkdv = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, TMA=tma) for tma in (True, False)
               for m, n, w, s in [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2),
                                  (32, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2), (32, 128, 8, 3),
                                  (32, 128, 8, 4), (64, 128, 8, 4), (64, 64, 4, 4), (32, 64, 4, 4), (16, 128, 8, 3),

@@ -13,6 +13,11 @@ whole: `_key_walk`, `_unmasked_query_tiles`), masked; only tiles on the causal e
 edge or a segment end pay for the visibility mask.
 Q and K rows (and dQ, dK) are handled as two power-of-two column parts when d_k is not a power of
 two (kernels/qk_parts.py). Tile sizes, warps and stages come from kernels/tuning.py.
+
+Streamed tiles (K/V in the forward and dQ, Q/dO in dK/dV) are read through tensor descriptors (TMA on
+Hopper) when the launch parameter TMA is set and the tensors allow it (`_tma_views`): a descriptor reads
+whole tiles, so on the masked tiles the rows past a segment's end are zeroed after the load, and the
+result does not depend on what those rows hold.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import triton.language as tl
 
 from .delta import row_dot
 from .layout import as_segments
+from .tma import tma_descriptors
 from .qk_parts import acc_qk, dot_qk, load_qk, qk_parts, store_qk, tile_width, zeros_qk
 from .tuning import launch_params
 
@@ -70,15 +76,25 @@ def _key_walk(t_first, t_last, k_len, k_first, KEY_STRIDE: tl.constexpr, KEY_OFF
 
 @triton.jit
 def _key_tile(K, V, k_doc, kv_head, skt, skh, svt, svh, j0, j_hi, DK: tl.constexpr, DV: tl.constexpr,
-              BLOCK_N: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Keys j0..j0+BLOCK_N (of those below j_hi): their index, validity, K parts and V."""
+              BLOCK_N: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr,
+              MASKED: tl.constexpr, TMA: tl.constexpr):
+    """Keys j0..j0+BLOCK_N (of those below j_hi): their index, validity, K parts and V (0 where not valid).
+    TMA: K and V are descriptors of [rows, H_kv * d] (one part: d_k a power of two)."""
     keys = j0 + tl.arange(0, BLOCK_N)
     key_ok = keys < j_hi
-    krow = (k_doc + keys).to(tl.int64)
-    k_a, k_b = load_qk(K + krow * skt + kv_head * skh, key_ok, DK, DK_A, DK_B)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
-                mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if TMA:
+        k_a = K.load([k_doc + j0, kv_head * DK])
+        k_b = 0.0
+        v = V.load([k_doc + j0, kv_head * DV])
+        if MASKED:
+            k_a = tl.where(key_ok[:, None], k_a, 0.0)
+            v = tl.where(key_ok[:, None], v, 0.0)
+    else:
+        krow = (k_doc + keys).to(tl.int64)
+        k_a, k_b = load_qk(K + krow * skt + kv_head * skh, key_ok, DK, DK_A, DK_B)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
+                    mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     return keys, key_ok, k_a, k_b, v
 
 
@@ -87,10 +103,10 @@ def _fwd_step(q_a, q_b, m_i, l_i, acc, K, V, k_doc, k_first, kv_head, skt, skh, 
               KEY_STRIDE: tl.constexpr,
               KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               BLOCK_N: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr,
-              MASKED: tl.constexpr):
+              MASKED: tl.constexpr, TMA: tl.constexpr):
     """One key tile of the online softmax. MASKED=False: every query sees every key of the tile."""
     keys, key_ok, k_a, k_b, v = _key_tile(K, V, k_doc, kv_head, skt, skh, svt, svh, j0, j_hi, DK, DV, BLOCK_N,
-                                          DK_A, DK_B, BLOCK_DV)
+                                          DK_A, DK_B, BLOCK_DV, MASKED, TMA)
     s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
     if MASKED:
         ok = _visible(t, (keys + k_first) * KEY_STRIDE + KEY_OFFSET, WINDOW) & key_ok[None, :]
@@ -116,10 +132,17 @@ def _query_rows(Q, DO, LSE, DELTA, rows64, row_ok, head, sqt, sqh, sdot, sdoh, s
     q_a, q_b = load_qk(Q + rows64 * sqt + head * sqh, row_ok, DK, DK_A, DK_B)
     do = tl.load(DO + rows64[:, None] * sdot + head * sdoh + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse2, delta = _row_stats(LSE, DELTA, rows64, row_ok, head, slt, slh)
+    return q_a, q_b, do, lse2, delta
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, rows64, row_ok, head, slt, slh):
+    """lse of query rows in log2 units (+inf where a row has no key or is not row_ok) and delta (0 there)."""
     lse = tl.load(LSE + rows64 * slt + head * slh, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + rows64 * slt + head * slh, mask=row_ok, other=0.0)
-    return q_a, q_b, do, lse2, delta
+    return lse2, delta
 
 
 @triton.jit
@@ -127,10 +150,10 @@ def _dq_step(q_a, q_b, do, lse2, delta, dq_a, dq_b, K, V, k_doc, k_first, kv_hea
              qk_scale, KEY_STRIDE: tl.constexpr, KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr, DK: tl.constexpr,
              DV: tl.constexpr,
              BLOCK_N: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr,
-             MASKED: tl.constexpr):
+             MASKED: tl.constexpr, TMA: tl.constexpr):
     """One key tile of dQ. MASKED=False: every query sees every key of the tile."""
     keys, key_ok, k_a, k_b, v = _key_tile(K, V, k_doc, kv_head, skt, skh, svt, svh, j0, j_hi, DK, DV, BLOCK_N,
-                                          DK_A, DK_B, BLOCK_DV)
+                                          DK_A, DK_B, BLOCK_DV, MASKED, TMA)
     s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
@@ -148,7 +171,7 @@ def _band_fwd(
     qk_scale,
     G: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr,
 ):
     head = tl.program_id(0)
     tile = tl.num_programs(1) - 1 - tl.program_id(1)  # later query tiles see more keys: start them first
@@ -179,15 +202,15 @@ def _band_fwd(
     for tile_j in range(0, tile_a):
         m_i, l_i, acc = _fwd_step(q_a, q_b, m_i, l_i, acc, K, V, k_doc, k_first, kv_head, skt, skh, svt, svh,
                                   j_lo + tile_j * BLOCK_N, j_hi, t, qk_scale, KEY_STRIDE, KEY_OFFSET, WINDOW,
-                                  DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, True)
+                                  DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, True, TMA)
     for tile_j in range(tile_a, tile_b):
         m_i, l_i, acc = _fwd_step(q_a, q_b, m_i, l_i, acc, K, V, k_doc, k_first, kv_head, skt, skh, svt, svh,
                                   j_lo + tile_j * BLOCK_N, j_hi, t, qk_scale, KEY_STRIDE, KEY_OFFSET, WINDOW,
-                                  DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, False)
+                                  DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, False, TMA)
     for tile_j in range(tile_b, num_tiles):
         m_i, l_i, acc = _fwd_step(q_a, q_b, m_i, l_i, acc, K, V, k_doc, k_first, kv_head, skt, skh, svt, svh,
                                   j_lo + tile_j * BLOCK_N, j_hi, t, qk_scale, KEY_STRIDE, KEY_OFFSET, WINDOW,
-                                  DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, True)
+                                  DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, True, TMA)
 
     has_key = l_i > 0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -204,7 +227,7 @@ def _band_bwd_dq(
     qk_scale, sm_scale,
     G: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr,
 ):
     head = tl.program_id(0)
     tile = tl.num_programs(1) - 1 - tl.program_id(1)  # later query tiles see more keys: start them first
@@ -233,15 +256,15 @@ def _band_bwd_dq(
     for tile_j in range(0, tile_a):
         dq_a, dq_b = _dq_step(q_a, q_b, do, lse2, delta, dq_a, dq_b, K, V, k_doc, k_first, kv_head, skt, skh,
                               svt, svh, j_lo + tile_j * BLOCK_N, j_hi, t, qk_scale, KEY_STRIDE, KEY_OFFSET, WINDOW,
-                              DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, True)
+                              DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, True, TMA)
     for tile_j in range(tile_a, tile_b):
         dq_a, dq_b = _dq_step(q_a, q_b, do, lse2, delta, dq_a, dq_b, K, V, k_doc, k_first, kv_head, skt, skh,
                               svt, svh, j_lo + tile_j * BLOCK_N, j_hi, t, qk_scale, KEY_STRIDE, KEY_OFFSET, WINDOW,
-                              DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, False)
+                              DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, False, TMA)
     for tile_j in range(tile_b, num_tiles):
         dq_a, dq_b = _dq_step(q_a, q_b, do, lse2, delta, dq_a, dq_b, K, V, k_doc, k_first, kv_head, skt, skh,
                               svt, svh, j_lo + tile_j * BLOCK_N, j_hi, t, qk_scale, KEY_STRIDE, KEY_OFFSET, WINDOW,
-                              DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, True)
+                              DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, True, TMA)
     store_qk(DQ + rows64 * sdqt + head * sdqh, dq_a * sm_scale, dq_b * sm_scale, row_ok, DK, DK_A, DK_B)
 
 
@@ -264,14 +287,23 @@ def _unmasked_query_tiles(t_lo, t_hi, first_pos, last_pos, full_key_tile, WINDOW
 def _dkdv_step(k_a, k_b, v, key_pos, key_ok, dk_a, dk_b, dv, Q, DO, LSE, DELTA, head, q_doc, q_pos0, t0, t_hi,
                sqt, sqh, sdot, sdoh, slt, slh, qk_scale, WINDOW: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                BLOCK_M: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr,
-               MASKED: tl.constexpr):
+               MASKED: tl.constexpr, TMA: tl.constexpr):
     """One query tile (positions t0..t0+BLOCK_M) of a key tile's dK, dV. MASKED=False: every query of the
-    tile sees every key."""
+    tile sees every key. TMA: Q and DO are descriptors of [rows, H_q * d] (one part: d_k a power of two)."""
     t = t0 + tl.arange(0, BLOCK_M)
     row_ok = t < t_hi
     rows64 = (q_doc + t - q_pos0).to(tl.int64)
-    q_a, q_b, do, lse2, delta = _query_rows(Q, DO, LSE, DELTA, rows64, row_ok, head, sqt, sqh, sdot, sdoh, slt, slh,
-                                            DK, DV, DK_A, DK_B, BLOCK_DV)
+    if TMA:
+        q_a = Q.load([q_doc + t0 - q_pos0, head * DK])
+        q_b = 0.0
+        do = DO.load([q_doc + t0 - q_pos0, head * DV])
+        if MASKED:
+            q_a = tl.where(row_ok[:, None], q_a, 0.0)
+            do = tl.where(row_ok[:, None], do, 0.0)
+        lse2, delta = _row_stats(LSE, DELTA, rows64, row_ok, head, slt, slh)
+    else:
+        q_a, q_b, do, lse2, delta = _query_rows(Q, DO, LSE, DELTA, rows64, row_ok, head, sqt, sqh, sdot, sdoh,
+                                                slt, slh, DK, DV, DK_A, DK_B, BLOCK_DV)
     s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
@@ -291,7 +323,7 @@ def _band_bwd_dkdv(
     qk_scale, sm_scale,
     G: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT_HEADS: tl.constexpr,
+    DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT_HEADS: tl.constexpr, TMA: tl.constexpr,
 ):
     # SPLIT_HEADS: one program per (query head, key tile) writing that head's share to DK_/DV_[g]
     # (summed over g afterwards); otherwise one program per (KV head, key tile) looping over the group.
@@ -343,15 +375,15 @@ def _band_bwd_dkdv(
         for tile_t in range(0, tile_a):
             dk_a, dk_b, dv = _dkdv_step(k_a, k_b, v, key_pos, key_ok, dk_a, dk_b, dv, Q, DO, LSE, DELTA, head,
                                         q_doc, q_pos0, t_lo + tile_t * BLOCK_M, t_hi, sqt, sqh, sdot, sdoh, slt, slh,
-                                        qk_scale, WINDOW, DK, DV, BLOCK_M, DK_A, DK_B, BLOCK_DV, True)
+                                        qk_scale, WINDOW, DK, DV, BLOCK_M, DK_A, DK_B, BLOCK_DV, True, TMA)
         for tile_t in range(tile_a, tile_b):
             dk_a, dk_b, dv = _dkdv_step(k_a, k_b, v, key_pos, key_ok, dk_a, dk_b, dv, Q, DO, LSE, DELTA, head,
                                         q_doc, q_pos0, t_lo + tile_t * BLOCK_M, t_hi, sqt, sqh, sdot, sdoh, slt, slh,
-                                        qk_scale, WINDOW, DK, DV, BLOCK_M, DK_A, DK_B, BLOCK_DV, False)
+                                        qk_scale, WINDOW, DK, DV, BLOCK_M, DK_A, DK_B, BLOCK_DV, False, TMA)
         for tile_t in range(tile_b, num_tiles):
             dk_a, dk_b, dv = _dkdv_step(k_a, k_b, v, key_pos, key_ok, dk_a, dk_b, dv, Q, DO, LSE, DELTA, head,
                                         q_doc, q_pos0, t_lo + tile_t * BLOCK_M, t_hi, sqt, sqh, sdot, sdoh, slt, slh,
-                                        qk_scale, WINDOW, DK, DV, BLOCK_M, DK_A, DK_B, BLOCK_DV, True)
+                                        qk_scale, WINDOW, DK, DV, BLOCK_M, DK_A, DK_B, BLOCK_DV, True, TMA)
     out_head = kv_head * G if SPLIT_HEADS else kv_head  # split: DK_ is [T, H_kv * G (kv-major), D]
     store_qk(DK_ + krow64 * sdkt + out_head * sdkh, dk_a * sm_scale, dk_b * sm_scale, key_ok, DK, DK_A, DK_B)
     tl.store(DV_ + krow64[:, None] * sdvt + out_head * sdvh + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
@@ -370,6 +402,13 @@ def _blocks(kernel: str, kind: str, dk: int, dv: int) -> dict:
                 BLOCK_DV=triton.next_power_of_2(dv))
 
 
+def _streamed(tensors, blocks: dict, block_rows: str):
+    """(the tensors a kernel streams in tiles of blocks[block_rows] rows, as descriptors where TMA applies,
+    the kernel's TMA flag); takes the TMA launch parameter out of blocks."""
+    descriptors = tma_descriptors(tensors, blocks[block_rows], blocks.pop("TMA", False))
+    return (tensors if descriptors is None else descriptors), descriptors is not None
+
+
 class BandAttention(torch.autograd.Function):
     """q [T, H_q, d_k] packed with cu_q; k [Tk, H_kv, d_k], v [Tk, H_kv, d_v] packed with cu_k."""
 
@@ -379,16 +418,17 @@ class BandAttention(torch.autograd.Function):
         num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
         stride_, offset_, window = _geometry(kind, config)
         blocks = _blocks("band_fwd", kind, q.shape[2], v.shape[2])
+        (k_in, v_in), tma = _streamed([k, v], blocks, "BLOCK_N")
         out = torch.empty(q.shape[0], num_q_heads, v.shape[2], device=q.device, dtype=q.dtype)
         lse = torch.empty(q.shape[0], num_q_heads, device=q.device, dtype=torch.float32)
         q_tiles = q_segments.tiles(blocks["BLOCK_M"], q.shape[0])
         if q_tiles[0].numel():
             _band_fwd[(num_q_heads, q_tiles[0].numel())](
-                q, k, v, out, lse, *q_tiles, cu_q, cu_k, q_pos0, k_first,
+                q, k_in, v_in, out, lse, *q_tiles, cu_q, cu_k, q_pos0, k_first,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
                 scale * LOG2E, G=num_q_heads // num_kv_heads, KEY_STRIDE=stride_, KEY_OFFSET=offset_,
-                WINDOW=window, DK=q.shape[2], DV=v.shape[2], **blocks,
+                WINDOW=window, DK=q.shape[2], DV=v.shape[2], **blocks, TMA=tma,
             )
         ctx.save_for_backward(q, k, v, out, lse, q_pos0, k_first)
         ctx.segments = q_segments, k_segments
@@ -411,13 +451,14 @@ class BandAttention(torch.autograd.Function):
         group = num_q_heads // num_kv_heads
         dq = torch.empty_like(q)
         common = dict(G=group, KEY_STRIDE=stride_, KEY_OFFSET=offset_, WINDOW=window, DK=q.shape[2], DV=v.shape[2])
+        (k_in, v_in), tma = _streamed([k, v], blocks, "BLOCK_N")
         q_tiles = q_segments.tiles(blocks["BLOCK_M"], q.shape[0])
         if q_tiles[0].numel():
             _band_bwd_dq[(num_q_heads, q_tiles[0].numel())](
-                q, k, v, grad_out, lse, delta, dq, *q_tiles, cu_q, cu_k, q_pos0, k_first,
+                q, k_in, v_in, grad_out, lse, delta, dq, *q_tiles, cu_q, cu_k, q_pos0, k_first,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1),
-                scale * LOG2E, scale, **common, **blocks,
+                scale * LOG2E, scale, **common, **blocks, TMA=tma,
             )
         # Compressed keys are few and each is seen by many queries: split the group's heads over
         # programs (partial dK/dV per head, summed below in a fixed order). Window keys are many.
@@ -426,14 +467,15 @@ class BandAttention(torch.autograd.Function):
         heads_out = num_q_heads if split else num_kv_heads
         dk = torch.empty(k.shape[0], heads_out, k.shape[2], device=k.device, dtype=torch.float32 if split else k.dtype)
         dv = torch.empty(v.shape[0], heads_out, v.shape[2], device=v.device, dtype=torch.float32 if split else v.dtype)
+        (q_in, grad_out_in), tma = _streamed([q, grad_out], kv_blocks, "BLOCK_M")
         k_tiles = k_segments.tiles(kv_blocks["BLOCK_N"], k.shape[0])
         if k_tiles[0].numel():
             _band_bwd_dkdv[(heads_out, k_tiles[0].numel())](
-                q, k, v, grad_out, lse, delta, dk, dv, *k_tiles, cu_q, cu_k, q_pos0, k_first,
+                q_in, k, v, grad_out_in, lse, delta, dk, dv, *k_tiles, cu_q, cu_k, q_pos0, k_first,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
                 dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                scale * LOG2E, scale, **common, **kv_blocks, SPLIT_HEADS=split,
+                scale * LOG2E, scale, **common, **kv_blocks, SPLIT_HEADS=split, TMA=tma,
             )
         if split:
             dk = dk.view(k.shape[0], num_kv_heads, group, k.shape[2]).sum(2).to(k.dtype)

@@ -1,7 +1,10 @@
 """The band kernels (window and compressed branches) skip the visibility mask on key / query tiles that
 every row sees whole. Pieces long enough that most tiles take that path, with tiles that straddle the
 causal edge, the window's far edge and segment ends, must still equal the reference: outputs, LSEs and
-gradients, packed segments with query offsets (as context parallelism calls them)."""
+gradients, packed segments with query offsets (as context parallelism calls them), with the streamed
+tiles read through tensor descriptors and through pointers."""
+import contextlib
+
 import pytest
 import torch
 
@@ -9,7 +12,9 @@ from megatron_nsa import NSAConfig
 from megatron_nsa import reference as R
 
 pytest.importorskip("nsa_kernels")
+from nsa_kernels import band, tuning  # noqa: E402
 from nsa_kernels.band import band_attention  # noqa: E402
+from nsa_kernels.tma import tma_descriptors  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -31,8 +36,29 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+@pytest.mark.parametrize("tma", [True, False], ids=["descriptors", "pointers"])
 @pytest.mark.parametrize("kind", ["window", "compressed"])
-def test_band_kernel_matches_reference_over_whole_and_edge_tiles(kind):
+def test_band_kernel_matches_reference_over_whole_and_edge_tiles(kind, tma, monkeypatch):
+    """tma: the streamed tiles read through tensor descriptors (TMA where the GPU has the copy engine; the
+    interpreter always) or through pointers. A descriptor reads whole tiles, past a segment's end too: two
+    trailing segments of NaN rows (queries without keys, keys without queries) must not reach any result."""
+    described = []
+
+    def spy(tensors, block_rows, enabled):
+        descriptors = tma_descriptors(tensors, block_rows, enabled)
+        described.append(descriptors is not None)
+        return descriptors
+
+    monkeypatch.setattr(band, "tma_descriptors", spy)
+    with contextlib.ExitStack() as stack:
+        for kernel in ("band_fwd", "band_dq", "band_dkdv"):
+            stack.enter_context(tuning.overrides(f"{kernel}/{kind}", TMA=tma))
+        _check_band_kernel(kind)
+    engine = not CUDA or torch.cuda.get_device_capability()[0] >= 9
+    assert described == [tma and engine] * 3  # forward, dQ, dK/dV
+
+
+def _check_band_kernel(kind):
     gen = torch.Generator(device=DEVICE).manual_seed(11 + len(kind))
     hq, hkv = HEADS
     dk, dv = DIMS
@@ -55,6 +81,13 @@ def test_band_kernel_matches_reference_over_whole_and_edge_tiles(kind):
         q_pos0.append(p0)
         k_first.append(first)
         refs.append(q_pos)
+    num_q_rows, num_k_rows = sum(len(x) for x in qs), sum(len(x) for x in ks)
+    nan = float("nan")
+    qs += [torch.full((5, hq, dk), nan, device=DEVICE), torch.zeros(0, hq, dk, device=DEVICE)]
+    ks += [torch.zeros(0, hkv, dk, device=DEVICE), torch.full((7, hkv, dk), nan, device=DEVICE)]
+    vs += [torch.zeros(0, hkv, dv, device=DEVICE), torch.full((7, hkv, dv), nan, device=DEVICE)]
+    q_pos0 += [0, 0]
+    k_first += [0, 0]
     q = torch.cat(qs).to(DTYPE).requires_grad_()
     k = torch.cat(ks).to(DTYPE).requires_grad_()
     v = torch.cat(vs).to(DTYPE).requires_grad_()
@@ -62,8 +95,11 @@ def test_band_kernel_matches_reference_over_whole_and_edge_tiles(kind):
     cu_k = torch.tensor([0] + torch.tensor([len(x) for x in ks]).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     as_int = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEVICE)  # noqa: E731
     out, lse = band_attention(q, k, v, cu_q, cu_k, kind, CONFIG, scale, as_int(q_pos0), as_int(k_first))
+    assert torch.equal(out[num_q_rows:], torch.zeros_like(out[num_q_rows:]))  # queries without keys
+    assert torch.equal(lse[num_q_rows:], torch.full_like(lse[num_q_rows:], float("-inf")))
 
-    qf, kf, vf = (t.detach().double().requires_grad_() for t in (q, k, v))
+    qf, kf, vf = (t.detach()[:n].double().requires_grad_() for t, n in ((q, num_q_rows), (k, num_k_rows),
+                                                                         (v, num_k_rows)))
     ref_out, ref_lse = [], []
     for i, q_pos in enumerate(refs):
         qi, ki, vi = (t[c[i]:c[i + 1]] for t, c in ((qf, cu_q), (kf, cu_k), (vf, cu_k)))
@@ -74,13 +110,14 @@ def test_band_kernel_matches_reference_over_whole_and_edge_tiles(kind):
         ref_out.append(o)
         ref_lse.append(l)
     ref_out, ref_lse = torch.cat(ref_out), torch.cat(ref_lse)
-    assert _rel(out, ref_out) < TOL
+    assert _rel(out[:num_q_rows], ref_out) < TOL
     finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite)
-    assert torch.allclose(lse[finite].double(), ref_lse[finite], atol=20 * TOL)
+    assert torch.equal(torch.isfinite(lse[:num_q_rows]), finite)
+    assert torch.allclose(lse[:num_q_rows][finite].double(), ref_lse[finite], atol=20 * TOL)
 
     grad = torch.randn(out.shape, generator=gen, device=DEVICE).to(DTYPE)
     got = torch.autograd.grad(out, (q, k, v), grad)
-    want = torch.autograd.grad(ref_out, (qf, kf, vf), grad.double())
+    want = torch.autograd.grad(ref_out, (qf, kf, vf), grad[:num_q_rows].double())
     for name, g, w in zip("qkv", got, want):
-        assert _rel(g, w) < 2 * TOL, f"d{name}"
+        assert _rel(g[:len(w)], w) < 2 * TOL, f"d{name}"
+        assert torch.equal(g[len(w):], torch.zeros_like(g[len(w):])), f"d{name} of the NaN rows"
