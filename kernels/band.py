@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .delta import row_dot
 from .layout import as_segments
-from .tma import tma_descriptors
+from .tma import streamed
 from .qk_parts import acc_qk, dot_qk, load_qk, qk_parts, store_qk, tile_width, zeros_qk
 from .tuning import launch_params
 
@@ -403,10 +403,8 @@ def _blocks(kernel: str, kind: str, dk: int, dv: int) -> dict:
 
 
 def _streamed(tensors, blocks: dict, block_rows: str):
-    """(the tensors a kernel streams in tiles of blocks[block_rows] rows, as descriptors where TMA applies,
-    the kernel's TMA flag); takes the TMA launch parameter out of blocks."""
-    descriptors = tma_descriptors(tensors, blocks[block_rows], blocks.pop("TMA", False))
-    return (tensors if descriptors is None else descriptors), descriptors is not None
+    """tma.streamed for tiles of blocks[block_rows] rows; takes the TMA launch parameter out of blocks."""
+    return streamed(tensors, blocks[block_rows], blocks.pop("TMA", False))
 
 
 class BandAttention(torch.autograd.Function):

@@ -1,13 +1,14 @@
 """Tensor descriptors for tiles streamed through a kernel's loop (TMA, the Hopper copy engine).
 
 A descriptor views a packed [rows, H, d] tensor as [rows, H * d] and reads [block_rows, d] boxes of it
-(rows past the tensor's end read as 0). The band kernels take them where the launch parameter TMA is set
-and every tensor allows it; otherwise they read through pointers, as on GPUs before Hopper.
+(rows past the tensor's end read as 0). The band, selected and top-n kernels take them where their launch
+parameter TMA is set and every tensor allows it; otherwise they read through pointers, as on GPUs before
+Hopper. A box holds whole tiles: the kernels zero, or mask out, the rows a tile must not use.
 """
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -43,3 +44,10 @@ def tma_descriptors(tensors: List[torch.Tensor], block_rows: int, enabled: bool)
         return None
     return [TensorDescriptor(x, [x.shape[0], x.shape[1] * x.shape[2]], [x.stride(0), 1], [block_rows, x.shape[2]])
             for x in tensors]
+
+
+def streamed(tensors: List[torch.Tensor], block_rows: int, enabled: bool) -> Tuple[list, bool]:
+    """(what a kernel streams in tiles of block_rows rows: the descriptors where TMA applies, else the
+    tensors themselves; the kernel's TMA flag)."""
+    descriptors = tma_descriptors(tensors, block_rows, enabled)
+    return (list(tensors) if descriptors is None else descriptors), descriptors is not None

@@ -8,6 +8,9 @@ overlap rule, and merges the tile into a running top-n kept in registers (by sor
 data-dependent loop). No [T x blocks] score tensor is written: the only output is
 selected_block_idx [T, H_kv, n].
 
+The compressed keys are read through a tensor descriptor (kernels/tma.py) where the launch parameter TMA
+is set and the tensor allows it.
+
 Ranking key (int64): float bits of the score << 32 | (2^31 - 1 - block), so that a larger score
 wins and, among equal scores, the lower block id wins. Forced blocks score +inf; blocks after
 the query's own are invalid (key -1).
@@ -21,6 +24,7 @@ import triton.language as tl
 from .band import LOG2E
 from .layout import as_segments
 from .qk_parts import dot_qk, load_qk, qk_parts, tile_width
+from .tma import streamed
 from .tuning import launch_params
 
 
@@ -42,7 +46,7 @@ def _topk_kernel(
     G: tl.constexpr, HC: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     SLC_BLOCK: tl.constexpr, N_SELECT: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr,
     DK: tl.constexpr, BLOCK_T: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr, BS: tl.constexpr,
-    BN: tl.constexpr,
+    BN: tl.constexpr, TMA: tl.constexpr,
 ):
     # The tile's rows are (token, head) pairs, token-major: BLOCK_T tokens x HC heads of the group, so
     # one dot serves every head and the group sum is a reshape. HEAD_CHUNKS > 1 (G > HC) walks the
@@ -87,8 +91,12 @@ def _topk_kernel(
         cmp_idx = j0 * CMP_PER_SLC + offs_bn
         cmp_ok = (offs_bn < BS * CMP_PER_SLC) & (cmp_idx < c_len)
         visible = ((cmp_idx * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= row_t[:, None]) & cmp_ok[None, :]
-        crow = (c_doc + cmp_idx).to(tl.int64)
-        ck_a, ck_b = load_qk(CK + crow * skt + kv_head * skh, cmp_ok, DK, DK_A, DK_B)
+        if TMA:  # rows past cmp_ok hold other keys: their probabilities are masked out by `visible` below
+            ck_a = CK.load([c_doc + j0 * CMP_PER_SLC, kv_head * DK])
+            ck_b = 0.0
+        else:
+            crow = (c_doc + cmp_idx).to(tl.int64)
+            ck_a, ck_b = load_qk(CK + crow * skt + kv_head * skh, cmp_ok, DK, DK_A, DK_B)
         prob_sum = tl.zeros([BLOCK_T, BN], tl.float32)
         for chunk in range(HEAD_CHUNKS):
             if HEAD_CHUNKS == 1:
@@ -151,16 +159,18 @@ def select_blocks(q, compressed_k, cmp_lse, cu_q, cu_cmp, config, scale, q_pos0=
     block_t = max(16, params.pop("ROWS") // heads_per_chunk)  # tile rows: block_t tokens x heads_per_chunk heads
     bs = max(params.pop("BLOCKS"), triton.next_power_of_2(n))  # blocks per tile = width of the running top-n
     cmp_per_slc = config.select_block_size // config.compress_stride
+    bn = triton.next_power_of_2(bs * cmp_per_slc)  # compressed keys per tile
+    (ck_in,), tma = streamed([compressed_k], bn, params.pop("TMA", False))
     q_tiles = q_segments.tiles(block_t, q.shape[0])
     if q_tiles[0].numel():
         _topk_kernel[(q_tiles[0].numel(), num_kv_heads)](
-            q, compressed_k, cmp_lse, idx, *q_tiles, cu_q, cu_cmp, q_pos0,
+            q, ck_in, cmp_lse, idx, *q_tiles, cu_q, cu_cmp, q_pos0,
             q.stride(0), q.stride(1), compressed_k.stride(0), compressed_k.stride(1),
             cmp_lse.stride(0), cmp_lse.stride(1), idx.stride(0), idx.stride(1),
             scale * LOG2E,
             G=group, HC=heads_per_chunk, CMP_BLOCK=config.compress_block_size, CMP_STRIDE=config.compress_stride,
             SLC_BLOCK=config.select_block_size, N_SELECT=n, N_INIT=config.select_init_blocks,
             N_LOCAL=config.select_local_blocks, DK=head_dim, BLOCK_T=block_t, **qk_parts(head_dim),
-            BS=bs, BN=triton.next_power_of_2(bs * cmp_per_slc), **params,
+            BS=bs, BN=bn, TMA=tma, **params,
         )
     return idx

@@ -12,9 +12,9 @@ from megatron_nsa import NSAConfig
 from megatron_nsa import reference as R
 
 pytest.importorskip("nsa_kernels")
-from nsa_kernels import band, tuning  # noqa: E402
+from nsa_kernels import tma as tma_module  # noqa: E402
+from nsa_kernels import tuning  # noqa: E402
 from nsa_kernels.band import band_attention  # noqa: E402
-from nsa_kernels.tma import tma_descriptors  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -36,26 +36,27 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("tma", [True, False], ids=["descriptors", "pointers"])
+@pytest.mark.parametrize("use_tma", [True, False], ids=["descriptors", "pointers"])
 @pytest.mark.parametrize("kind", ["window", "compressed"])
-def test_band_kernel_matches_reference_over_whole_and_edge_tiles(kind, tma, monkeypatch):
-    """tma: the streamed tiles read through tensor descriptors (TMA where the GPU has the copy engine; the
+def test_band_kernel_matches_reference_over_whole_and_edge_tiles(kind, use_tma, monkeypatch):
+    """use_tma: the streamed tiles read through tensor descriptors (TMA where the GPU has the copy engine; the
     interpreter always) or through pointers. A descriptor reads whole tiles, past a segment's end too: two
     trailing segments of NaN rows (queries without keys, keys without queries) must not reach any result."""
     described = []
+    describe = tma_module.tma_descriptors
 
     def spy(tensors, block_rows, enabled):
-        descriptors = tma_descriptors(tensors, block_rows, enabled)
+        descriptors = describe(tensors, block_rows, enabled)
         described.append(descriptors is not None)
         return descriptors
 
-    monkeypatch.setattr(band, "tma_descriptors", spy)
+    monkeypatch.setattr(tma_module, "tma_descriptors", spy)
     with contextlib.ExitStack() as stack:
         for kernel in ("band_fwd", "band_dq", "band_dkdv"):
-            stack.enter_context(tuning.overrides(f"{kernel}/{kind}", TMA=tma))
+            stack.enter_context(tuning.overrides(f"{kernel}/{kind}", TMA=use_tma))
         _check_band_kernel(kind)
     engine = not CUDA or torch.cuda.get_device_capability()[0] >= 9
-    assert described == [tma and engine] * 3  # forward, dQ, dK/dV
+    assert described == [use_tma and engine] * 3  # forward, dQ, dK/dV
 
 
 def _check_band_kernel(kind):

@@ -92,19 +92,25 @@ def test_tile_block_union_is_each_tiles_distinct_blocks():
 SPLIT_CONFIG = CONFIG if CUDA else dataclasses.replace(CONFIG, select_block_size=32)
 
 
-@pytest.mark.parametrize("num_q_heads,num_kv_heads,rows,keys", [
-    (2, 2, 16, None), (4, 2, 16, None), (6, 2, 16, None), (8, 2, 16, None), (32, 2, 16, None), (32, 2, 64, None),
-    (8, 2, 64, None), (16, 1, 32, None),
-    (32, 2, 16, 16), (32, 2, 16, 32), (8, 2, 64, 16), (6, 2, 16, 16)])
-def test_tiled_selected_attention_matches_reference(num_q_heads, num_kv_heads, rows, keys):
-    """rows: ROWS (tokens per program); keys: KEYS (keys per step of a block's walk, None: the whole block)."""
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,rows,keys,tma", [
+    (2, 2, 16, None, True), (4, 2, 16, None, True), (6, 2, 16, None, True), (8, 2, 16, None, True),
+    (32, 2, 16, None, True), (32, 2, 64, None, True), (8, 2, 64, None, True), (16, 1, 32, None, True),
+    (32, 2, 16, 16, True), (32, 2, 16, 32, True), (8, 2, 64, 16, True), (6, 2, 16, 16, True),
+    (32, 2, 16, 16, False), (8, 2, 64, 16, False)])
+def test_tiled_selected_attention_matches_reference(num_q_heads, num_kv_heads, rows, keys, tma):
+    """rows: ROWS (tokens per program); keys: KEYS (keys per step of a block's walk, None: the whole block);
+    tma: K/V read through tensor descriptors (where the GPU has the copy engine; the interpreter always) or
+    pointers. K and V end in NaN rows past the last document, which a descriptor's whole-step reads reach
+    and which must not reach any result."""
     config = CONFIG if keys is None else SPLIT_CONFIG
-    launch = dict(ROWS=rows) if keys is None else dict(ROWS=rows, KEYS=keys)
+    launch = dict(ROWS=rows, TMA=tma) if keys is None else dict(ROWS=rows, KEYS=keys, TMA=tma)
     group = num_q_heads // num_kv_heads
     gen = torch.Generator().manual_seed(num_q_heads * 100 + rows + (keys or 0))
     total = sum(DOC_LENS)
     mk = lambda *s: torch.randn(*s, generator=gen).to(DEVICE, DTYPE).requires_grad_()  # noqa: E731
-    q, k, v = mk(total, num_q_heads, HEAD_DIM), mk(total, num_kv_heads, HEAD_DIM), mk(total, num_kv_heads, HEAD_DIM)
+    nan_tail = lambda x: torch.cat([x, torch.full((3,) + x.shape[1:], float("nan"), device=DEVICE, dtype=DTYPE)])  # noqa: E731
+    q = mk(total, num_q_heads, HEAD_DIM)
+    k, v = (nan_tail(mk(total, num_kv_heads, HEAD_DIM)).detach().requires_grad_() for _ in range(2))
     idx = _selection(DOC_LENS, num_kv_heads, config, gen)
     scale = config.scale_for(HEAD_DIM)
     docs = nsa_kernels.make_docs(_cu(DOC_LENS), sum(DOC_LENS), config.compress_block_size, config.compress_stride,
@@ -115,7 +121,9 @@ def test_tiled_selected_attention_matches_reference(num_q_heads, num_kv_heads, r
         out, lse = selected_attention(q, k, v, idx.to(torch.int32), layout, config, scale)
         grad_out = torch.randn(out.shape, generator=gen).to(DEVICE, DTYPE)
         grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    up = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    assert all(torch.equal(g[total:], torch.zeros_like(g[total:])) for g in grads[1:]), "dK/dV of the NaN rows"
+    grads = [g[:total] for g in grads]
+    up = [t.detach()[:total].double().requires_grad_() for t in (q, k, v)]
     ref_out, ref_lse = _reference(*up, idx, DOC_LENS, config, scale)
     ref_grads = torch.autograd.grad(ref_out, up, grad_out.double())
     assert _rel(out, ref_out) < TOL
