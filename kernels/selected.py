@@ -17,9 +17,6 @@ sums the pieces of each block in a fixed order, so the result is bitwise reprodu
 
 Q and K rows, dQ, dK and the partial dK are handled as two power-of-two column parts when d_k is
 not a power of two (kernels/qk_parts.py).
-Forward and dQ read each step's K/V rows (consecutive rows of one block) through tensor descriptors
-(kernels/tma.py) where the launch parameter TMA is set and the tensors allow it; the rows a step must not
-use are zeroed after the load.
 """
 from __future__ import annotations
 
@@ -35,7 +32,6 @@ from .band import LOG2E
 from .delta import row_dot
 from .layout import LAYOUT_CACHE_SIZE, max_pieces, segment_of, upload
 from .qk_parts import acc_qk, dot_qk, load_qk, qk_parts, store_qk, tile_width, zeros_qk
-from .tma import streamed
 from .tuning import launch_params
 
 PIECE = 512
@@ -87,17 +83,14 @@ def _tile_selection(IDX, TILE_BLOCKS, RowKeyStart, RowSlcStart, tile, kv_head, t
 def _union_block(UNION, step, BlockDocs, num_blocks, doc_start, token_block_ids, t, row_ok,
                  SLC_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, TOKENS: tl.constexpr):
     """Step `step` of the walk over the program's union: part step % PARTS (BLOCK_N keys) of its block
-    step // PARTS. Returns (key rows [BLOCK_N] int64, the first of them (int32), key_ok [BLOCK_N],
-    visible [R, BLOCK_N]).
+    step // PARTS. Returns (key rows [BLOCK_N] int64, key_ok [BLOCK_N], visible [R, BLOCK_N]).
     A row sees a key when its token selected the block and the key is not after the token. One token:
     UNION holds its block ids within its document, whose first key row is doc_start. Several tokens:
     global block ids, placed through BlockDocs."""
     block = tl.load(UNION + step // PARTS)
     offs_n = (step % PARTS) * BLOCK_N + tl.arange(0, BLOCK_N)  # key offsets within the block
-    first = (step % PARTS) * BLOCK_N
     if TOKENS == 1:
         pos = block * SLC_BLOCK + offs_n
-        row0 = (doc_start + block * SLC_BLOCK + first).to(tl.int32)
         krow = (doc_start + pos).to(tl.int64)
         key_ok = (offs_n < SLC_BLOCK) & (pos <= tl.max(t, 0))
         visible = key_ok[None, :] & row_ok[:, None]
@@ -106,29 +99,11 @@ def _union_block(UNION, step, BlockDocs, num_blocks, doc_start, token_block_ids,
         local_block = tl.load(BlockDocs + num_blocks + block)
         doc_end = tl.load(BlockDocs + 2 * num_blocks + block)
         pos = local_block * SLC_BLOCK + offs_n
-        row0 = (doc + local_block * SLC_BLOCK + first).to(tl.int32)
         krow = (doc + pos).to(tl.int64)
         key_ok = (offs_n < SLC_BLOCK) & (krow < doc_end)
         picked = tl.sum((token_block_ids == block).to(tl.int32), 1) > 0
         visible = key_ok[None, :] & (pos[None, :] <= t[:, None]) & row_ok[:, None] & picked[:, None]
-    return krow, row0, key_ok, visible
-
-
-@triton.jit
-def _step_keys(K, V, krow, row0, key_ok, kv_head, skt, skh, svt, svh, DK: tl.constexpr, DV: tl.constexpr,
-               DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr):
-    """K parts and V of one step's keys (rows krow, the first row0), 0 where not key_ok. TMA: K and V are
-    descriptors of [rows, H_kv * d] (kernels/tma.py; d_k a power of two, so one part)."""
-    if TMA:
-        k_a = tl.where(key_ok[:, None], K.load([row0, kv_head * DK]), 0.0)
-        k_b = 0.0
-        v = tl.where(key_ok[:, None], V.load([row0, kv_head * DV]), 0.0)
-    else:
-        k_a, k_b = load_qk(K + krow * skt + kv_head * skh, key_ok, DK, DK_A, DK_B)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
-                    mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    return k_a, k_b, v
+    return krow, key_ok, visible
 
 
 @triton.jit
@@ -139,7 +114,7 @@ def _selected_fwd(
     G: tl.constexpr, GP: tl.constexpr, TOKENS: tl.constexpr, N_SELECT: tl.constexpr, N_SELECT_P2: tl.constexpr,
     N_UNION: tl.constexpr, N_UNION_P2: tl.constexpr, SLC_BLOCK: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PARTS: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PARTS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -153,10 +128,11 @@ def _selected_fwd(
     l_i = tl.zeros([TOKENS * GP], tl.float32)
     acc = tl.zeros([TOKENS * GP, BLOCK_DV], tl.float32)
     for step in range(0, _used_slots(union, N_UNION, N_UNION_P2) * PARTS):
-        krow, row0, key_ok, visible = _union_block(union, step, BlockDocs, num_blocks, doc_start, token_block_ids,
-                                                   t, row_ok, SLC_BLOCK, BLOCK_N, PARTS, TOKENS)
-        k_a, k_b, v = _step_keys(K, V, krow, row0, key_ok, kv_head, skt, skh, svt, svh, DK, DV, DK_A, DK_B,
-                                 BLOCK_DV, TMA)
+        krow, key_ok, visible = _union_block(union, step, BlockDocs, num_blocks, doc_start, token_block_ids, t,
+                                             row_ok, SLC_BLOCK, BLOCK_N, PARTS, TOKENS)
+        k_a, k_b = load_qk(K + krow * skt + kv_head * skh, key_ok, DK, DK_A, DK_B)
+        v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
+                    mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -180,7 +156,7 @@ def _selected_bwd_dq(
     G: tl.constexpr, GP: tl.constexpr, TOKENS: tl.constexpr, N_SELECT: tl.constexpr, N_SELECT_P2: tl.constexpr,
     N_UNION: tl.constexpr, N_UNION_P2: tl.constexpr, SLC_BLOCK: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PARTS: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PARTS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -196,10 +172,11 @@ def _selected_bwd_dq(
     delta = tl.load(DELTA + token * slt + heads * slh, mask=row_ok, other=0.0)
     dq_a, dq_b = zeros_qk(TOKENS * GP, DK_A, DK_B)
     for step in range(0, _used_slots(union, N_UNION, N_UNION_P2) * PARTS):
-        krow, row0, key_ok, visible = _union_block(union, step, BlockDocs, num_blocks, doc_start, token_block_ids,
-                                                   t, row_ok, SLC_BLOCK, BLOCK_N, PARTS, TOKENS)
-        k_a, k_b, v = _step_keys(K, V, krow, row0, key_ok, kv_head, skt, skh, svt, svh, DK, DV, DK_A, DK_B,
-                                 BLOCK_DV, TMA)
+        krow, key_ok, visible = _union_block(union, step, BlockDocs, num_blocks, doc_start, token_block_ids, t,
+                                             row_ok, SLC_BLOCK, BLOCK_N, PARTS, TOKENS)
+        k_a, k_b = load_qk(K + krow * skt + kv_head * skh, key_ok, DK, DK_A, DK_B)
+        v = tl.load(V + krow[:, None] * svt + kv_head * svh + offs_dv[None, :],
+                    mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
         p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
@@ -467,15 +444,14 @@ class SelectedAttention(torch.autograd.Function):
         lse = torch.empty(q.shape[0], num_q_heads, device=q.device, dtype=torch.float32)
         params, constexprs, tokens = _tiled_launch("selected_fwd", q, v, group, config, dims)
         union = tile_block_union(selected_block_idx, layout.row_slc_start, tokens)
-        (k_in, v_in), tma = streamed([k, v], constexprs["BLOCK_N"], params.pop("TMA", False))
         if q.shape[0]:
             _selected_fwd[(union.shape[0], num_kv_heads)](
-                q, k_in, v_in, out, lse, selected_block_idx, union, layout.row_pos, layout.row_key_start,
+                q, k, v, out, lse, selected_block_idx, union, layout.row_pos, layout.row_key_start,
                 layout.row_slc_start, layout.block_docs,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
                 selected_block_idx.stride(0), selected_block_idx.stride(1), union.stride(0), union.stride(1),
-                scale * LOG2E, q.shape[0], layout.num_blocks, **constexprs, **params, TMA=tma,
+                scale * LOG2E, q.shape[0], layout.num_blocks, **constexprs, **params,
             )
         ctx.save_for_backward(q, k, v, out, lse, selected_block_idx, union)
         ctx.layout, ctx.config, ctx.scale, ctx.tokens = layout, config, scale, tokens
@@ -513,15 +489,14 @@ def selected_backward(q, k, v, selected_block_idx, layout: SelectionLayout, conf
         union = forward_union[1]
     else:
         union = tile_block_union(selected_block_idx, layout.row_slc_start, tokens)
-    (k_in, v_in), tma = streamed([k, v], constexprs["BLOCK_N"], params.pop("TMA", False))
     _selected_bwd_dq[(union.shape[0], num_kv_heads)](
-        q, k_in, v_in, grad_out, lse, delta, dq, selected_block_idx, union, layout.row_pos, layout.row_key_start,
+        q, k, v, grad_out, lse, delta, dq, selected_block_idx, union, layout.row_pos, layout.row_key_start,
         layout.row_slc_start, layout.block_docs,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
         selected_block_idx.stride(0), selected_block_idx.stride(1), union.stride(0), union.stride(1),
         dq.stride(0), dq.stride(1),
-        scale * LOG2E, scale, q.shape[0], layout.num_blocks, **constexprs, **params, TMA=tma,
+        scale * LOG2E, scale, q.shape[0], layout.num_blocks, **constexprs, **params,
     )
     num_blocks = layout.num_blocks
     group_pad = triton.next_power_of_2(group)

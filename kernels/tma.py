@@ -1,7 +1,7 @@
 """Tensor descriptors for tiles streamed through a kernel's loop (TMA, the Hopper copy engine).
 
 A descriptor views a packed [rows, H, d] tensor as [rows, H * d] and reads [block_rows, d] boxes of it
-(rows past the tensor's end read as 0). The band, selected and top-n kernels take them where their launch
+(rows past the tensor's end read as 0). The band and top-n kernels take them where their launch
 parameter TMA is set and every tensor allows it; otherwise they read through pointers, as on GPUs before
 Hopper. A box holds whole tiles: the kernels zero, or mask out, the rows a tile must not use.
 """

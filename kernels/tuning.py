@@ -11,8 +11,9 @@ Kernels: band_fwd / band_dq / band_dkdv (per kind: 'window' or 'compressed'), se
 selected_dq, selected_dkdv, topk. ROWS of selected_fwd / selected_dq: query rows per program (tokens x
 the G heads of a group; one token when G >= ROWS), KEYS: keys per step of their walk over a selected
 block (a block of l' keys takes l' / KEYS steps); ROWS of selected_dkdv and topk: rows per query tile.
-TMA (band kernels, selected_fwd, selected_dq, topk): read the streamed tiles through tensor descriptors
-where the tensors allow it (kernels/tma.py).
+TMA (band kernels, topk): read the streamed tiles through tensor descriptors where the tensors allow it
+(kernels/tma.py). Selected forward / dQ through descriptors were slower on the H100 (64k: 24.7 against 16.5
+ms forward), so they read through pointers.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ _DEFAULTS: Dict[str, dict] = {
     # dK/dV: Q and dO tiles through descriptors were slower (64k, H100: compressed 54.6 vs 45.7 ms)
     "band_dkdv/window": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, TMA=False),
     "band_dkdv/compressed": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, TMA=False),
-    "selected_fwd": dict(ROWS=16, KEYS=32, num_warps=1, num_stages=2, TMA=True),
-    "selected_dq": dict(ROWS=16, KEYS=32, num_warps=1, num_stages=2, TMA=True),
+    "selected_fwd": dict(ROWS=16, KEYS=32, num_warps=1, num_stages=2),
+    "selected_dq": dict(ROWS=16, KEYS=32, num_warps=1, num_stages=2),
     "selected_dkdv": dict(ROWS=64, num_warps=4, num_stages=3),
     "topk": dict(ROWS=256, BLOCKS=16, num_warps=4, num_stages=2, TMA=True),
 }
@@ -61,8 +62,8 @@ _WIDEST: Dict[str, dict] = {
 
 _INTERPRETER = {
     "band": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, TMA=True),
-    "selected_fwd": dict(ROWS=16, KEYS=64, num_warps=4, num_stages=1, TMA=True),
-    "selected_dq": dict(ROWS=16, KEYS=64, num_warps=4, num_stages=1, TMA=True),
+    "selected_fwd": dict(ROWS=16, KEYS=64, num_warps=4, num_stages=1),
+    "selected_dq": dict(ROWS=16, KEYS=64, num_warps=4, num_stages=1),
     "selected_dkdv": dict(ROWS=64, num_warps=4, num_stages=1),
     "topk": dict(ROWS=16, BLOCKS=4, num_warps=4, num_stages=1, TMA=True),
 }

@@ -92,18 +92,15 @@ def test_tile_block_union_is_each_tiles_distinct_blocks():
 SPLIT_CONFIG = CONFIG if CUDA else dataclasses.replace(CONFIG, select_block_size=32)
 
 
-@pytest.mark.parametrize("num_q_heads,num_kv_heads,rows,keys,tma", [
-    (2, 2, 16, None, True), (4, 2, 16, None, True), (6, 2, 16, None, True), (8, 2, 16, None, True),
-    (32, 2, 16, None, True), (32, 2, 64, None, True), (8, 2, 64, None, True), (16, 1, 32, None, True),
-    (32, 2, 16, 16, True), (32, 2, 16, 32, True), (8, 2, 64, 16, True), (6, 2, 16, 16, True),
-    (32, 2, 16, 16, False), (8, 2, 64, 16, False)])
-def test_tiled_selected_attention_matches_reference(num_q_heads, num_kv_heads, rows, keys, tma):
-    """rows: ROWS (tokens per program); keys: KEYS (keys per step of a block's walk, None: the whole block);
-    tma: K/V read through tensor descriptors (where the GPU has the copy engine; the interpreter always) or
-    pointers. K and V end in NaN rows past the last document, which a descriptor's whole-step reads reach
-    and which must not reach any result."""
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,rows,keys", [
+    (2, 2, 16, None), (4, 2, 16, None), (6, 2, 16, None), (8, 2, 16, None), (32, 2, 16, None), (32, 2, 64, None),
+    (8, 2, 64, None), (16, 1, 32, None),
+    (32, 2, 16, 16), (32, 2, 16, 32), (8, 2, 64, 16), (6, 2, 16, 16)])
+def test_tiled_selected_attention_matches_reference(num_q_heads, num_kv_heads, rows, keys):
+    """rows: ROWS (tokens per program); keys: KEYS (keys per step of a block's walk, None: the whole block).
+    K and V end in NaN rows past the last document, which must not reach any result."""
     config = CONFIG if keys is None else SPLIT_CONFIG
-    launch = dict(ROWS=rows, TMA=tma) if keys is None else dict(ROWS=rows, KEYS=keys, TMA=tma)
+    launch = dict(ROWS=rows) if keys is None else dict(ROWS=rows, KEYS=keys)
     group = num_q_heads // num_kv_heads
     gen = torch.Generator().manual_seed(num_q_heads * 100 + rows + (keys or 0))
     total = sum(DOC_LENS)
