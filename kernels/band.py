@@ -15,7 +15,7 @@ Q and K rows (and dQ, dK) are handled as two power-of-two column parts when d_k 
 two (kernels/qk_parts.py). Tile sizes, warps and stages come from kernels/tuning.py.
 
 Streamed tiles (K/V in the forward and dQ, Q/dO in dK/dV) are read through tensor descriptors (TMA on
-Hopper) when the launch parameter TMA is set and the tensors allow it (`_tma_views`): a descriptor reads
+Hopper) when the launch parameter TMA is set and the tensors allow it (kernels/tma.py): a descriptor reads
 whole tiles, so on the masked tiles the rows past a segment's end are zeroed after the load, and the
 result does not depend on what those rows hold.
 """
@@ -27,8 +27,8 @@ import triton.language as tl
 
 from .delta import row_dot
 from .layout import as_segments
-from .tma import streamed
 from .qk_parts import acc_qk, dot_qk, load_qk, qk_parts, store_qk, tile_width, zeros_qk
+from .tma import streamed
 from .tuning import launch_params
 
 LOG2E = 1.4426950408889634

@@ -212,7 +212,10 @@ def test_top_n_matches_reference(num_q_heads, num_kv_heads, head_dim_qk, select_
     with torch.no_grad():
         compressed_k, compressed_v = R.compress_packed(k[0], v[0], cu, config)
         _, cmp_lse = band_attention(q[0], compressed_k, compressed_v, cu, docs.cu_cmp, "compressed", config, scale)
-        selected_block_idx = select_blocks(q[0], compressed_k, cmp_lse, cu, docs.cu_cmp, config, scale)
+        # NaN rows past the last document's compressed keys, which a descriptor's whole tiles reach
+        nan_rows = torch.full((3,) + compressed_k.shape[1:], float("nan"), device=q.device, dtype=q.dtype)
+        selected_block_idx = select_blocks(q[0], torch.cat([compressed_k, nan_rows]), cmp_lse, cu, docs.cu_cmp,
+                                           config, scale)
     _check_selection(selected_block_idx, q.detach(), k.detach(), v.detach(), cu, config, None)
 
 
