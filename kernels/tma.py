@@ -29,9 +29,12 @@ def _describable(x: torch.Tensor) -> bool:
 
 
 def _engine_present(device: torch.device) -> bool:
+    """An NVIDIA GPU with the copy engine (compute capability 9 or later: Hopper), or the interpreter, which
+    runs descriptors too. ROCm reports its own capability numbers through the same call: not taken."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return (device.type == "cuda" and torch.version.hip is None
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def tma_descriptors(tensors: List[torch.Tensor], block_rows: int, enabled: bool) -> Optional[list]:
