@@ -105,9 +105,9 @@ def test_tiled_selected_attention_matches_reference(num_q_heads, num_kv_heads, r
     gen = torch.Generator().manual_seed(num_q_heads * 100 + rows + (keys or 0))
     total = sum(DOC_LENS)
     mk = lambda *s: torch.randn(*s, generator=gen).to(DEVICE, DTYPE).requires_grad_()  # noqa: E731
-    nan_tail = lambda x: torch.cat([x, torch.full((3,) + x.shape[1:], float("nan"), device=DEVICE, dtype=DTYPE)])  # noqa: E731
     q = mk(total, num_q_heads, HEAD_DIM)
-    k, v = (nan_tail(mk(total, num_kv_heads, HEAD_DIM)).detach().requires_grad_() for _ in range(2))
+    nan_rows = torch.full((3, num_kv_heads, HEAD_DIM), float("nan"), device=DEVICE, dtype=DTYPE)
+    k, v = (torch.cat([mk(total, num_kv_heads, HEAD_DIM), nan_rows]).detach().requires_grad_() for _ in range(2))
     idx = _selection(DOC_LENS, num_kv_heads, config, gen)
     scale = config.scale_for(HEAD_DIM)
     docs = nsa_kernels.make_docs(_cu(DOC_LENS), sum(DOC_LENS), config.compress_block_size, config.compress_stride,
