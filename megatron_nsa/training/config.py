@@ -99,9 +99,10 @@ class RetrievalSection:
     num_keys: int = 16384  # key token ids [258, 258 + num_keys): one fresh key per definition
     num_values: int = 256  # value token ids right after the keys
     query_fraction: float = 0.25  # share of records that query an earlier key (the loss is on their values)
-    mean_gap: int = 0  # random byte tokens after each definition, uniform in [0, 2 * mean_gap]: fewer keys per sequence
+    mean_gap: int = 0  # filler tokens after each definition, uniform in [0, 2 * mean_gap]: fewer keys per sequence
     query_once: bool = False  # each key queried at most once, so that every answer is its definition's, however far
     queries_last: bool = False  # all definitions first, then one block of queries at the end, each key asked once
+    filler: str = "random"  # filler after definitions: random bytes, or "repeat" (one sentence over and over)
 
 
 @dataclasses.dataclass
