@@ -39,6 +39,7 @@ class ModelSection:
     rotary_percent: float = 1.0  # share of each head's q/k dims that RoPE rotates (Megatron's rotary_percent);
     # the rest carry no position, so matching on them works the same at every distance
     qk_layernorm: bool = False  # normalize each head's queries and keys (Megatron's qk_layernorm), both models
+    token_shift: bool = False  # add W e_(t-1) to each token's embedding e_t (W starts as the identity), both models
     max_position_embeddings: Optional[int] = None  # None: data.seq_length
     untie_embeddings_and_output_weights: bool = False
     make_vocab_size_divisible_by: int = 128
@@ -422,6 +423,12 @@ def check_layout(recipe: Recipe, world_size: int, on_cuda: bool) -> None:
         raise RecipeError(f"model.num_layers={model.num_layers} is not divisible by pipeline_model_parallel_size={pp}")
     if par.sequence_parallel and tp == 1:
         raise RecipeError("parallel.sequence_parallel=true needs tensor_model_parallel_size > 1")
+    if model.token_shift and (cp > 1 or par.sequence_parallel):
+        raise RecipeError(
+            f"model.token_shift=true needs the whole sequence on each rank, but context_parallel_size={cp} and "
+            f"sequence_parallel={str(par.sequence_parallel).lower()}: set context_parallel_size=1 and "
+            "sequence_parallel=false"
+        )
     max_positions = model.max_position_embeddings or data.seq_length
     if model.position_embedding_type == "learned_absolute" and max_positions < data.seq_length:
         raise RecipeError(
