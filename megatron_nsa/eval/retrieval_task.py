@@ -51,7 +51,7 @@ RECORD_LENGTH = 2  # key, value
 BYTE_RANGE = 256  # filler tokens between records are bytes 0..255
 FILLERS = ("random", "repeat")
 REPEATED_FILLER = numpy.frombuffer(b"The sky is blue and the grass is green. We walk on and on. ",
-                                   dtype=numpy.uint8).astype(numpy.int64)  # [60] bytes of filler: repeat
+                                   dtype=numpy.uint8).astype(numpy.int64)  # [59] bytes of filler: repeat
 
 
 @dataclasses.dataclass(frozen=True)
