@@ -3,11 +3,10 @@ import pytest
 import torch
 
 pytest.importorskip("nsa_kernels")
-from nsa_kernels.tma import streamed, tma_descriptors  # noqa: E402
+from nsa_kernels.tma import _engine_present, streamed, tma_descriptors  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-ENGINE = not CUDA or torch.cuda.get_device_capability()[0] >= 9  # the interpreter runs descriptors too
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ENGINE = _engine_present(torch.device(DEVICE))  # the interpreter runs descriptors too
 
 
 def _packed(rows, heads, dim, dtype=torch.float16):
