@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .delta import row_dot
 from .layout import as_segments
-from .qk_parts import acc_qk, dot_qk, load_qk, qk_parts, store_qk, tile_width, zeros_qk
+from .qk_parts import acc_qk, dot_qk, load_qk, qk_parts, store_or_add_qk, store_qk, tile_width, zeros_qk
 from .tma import streamed
 from .tuning import launch_params
 
@@ -227,7 +227,7 @@ def _band_bwd_dq(
     qk_scale, sm_scale,
     G: tl.constexpr, KEY_STRIDE: tl.constexpr, KEY_OFFSET: tl.constexpr, WINDOW: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr,
+    DK_A: tl.constexpr, DK_B: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr, ADD_DQ: tl.constexpr,
 ):
     head = tl.program_id(0)
     tile = tl.num_programs(1) - 1 - tl.program_id(1)  # later query tiles see more keys: start them first
@@ -265,7 +265,8 @@ def _band_bwd_dq(
         dq_a, dq_b = _dq_step(q_a, q_b, do, lse2, delta, dq_a, dq_b, K, V, k_doc, k_first, kv_head, skt, skh,
                               svt, svh, j_lo + tile_j * BLOCK_N, j_hi, t, qk_scale, KEY_STRIDE, KEY_OFFSET, WINDOW,
                               DK, DV, BLOCK_N, DK_A, DK_B, BLOCK_DV, True, TMA)
-    store_qk(DQ + rows64 * sdqt + head * sdqh, dq_a * sm_scale, dq_b * sm_scale, row_ok, DK, DK_A, DK_B)
+    store_or_add_qk(DQ + rows64 * sdqt + head * sdqh, dq_a * sm_scale, dq_b * sm_scale, row_ok, DK, DK_A, DK_B,
+                    ADD_DQ)
 
 
 @triton.jit
@@ -407,82 +408,104 @@ def _streamed(tensors, blocks: dict, block_rows: str):
     return streamed(tensors, blocks[block_rows], blocks.pop("TMA", False))
 
 
+def band_forward(q, k, v, q_segments, k_segments, q_pos0, k_first, kind, config, scale):
+    """(out [T, H_q, d_v], lse [T, H_q] float32) of band attention; arguments as BandAttention's."""
+    cu_q, cu_k = q_segments.cu, k_segments.cu
+    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
+    stride_, offset_, window = _geometry(kind, config)
+    blocks = _blocks("band_fwd", kind, q.shape[2], v.shape[2])
+    (k_in, v_in), tma = _streamed([k, v], blocks, "BLOCK_N")
+    out = torch.empty(q.shape[0], num_q_heads, v.shape[2], device=q.device, dtype=q.dtype)
+    lse = torch.empty(q.shape[0], num_q_heads, device=q.device, dtype=torch.float32)
+    q_tiles = q_segments.tiles(blocks["BLOCK_M"], q.shape[0])
+    if q_tiles[0].numel():
+        _band_fwd[(num_q_heads, q_tiles[0].numel())](
+            q, k_in, v_in, out, lse, *q_tiles, cu_q, cu_k, q_pos0, k_first,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+            scale * LOG2E, G=num_q_heads // num_kv_heads, KEY_STRIDE=stride_, KEY_OFFSET=offset_,
+            WINDOW=window, DK=q.shape[2], DV=v.shape[2], **blocks, TMA=tma,
+        )
+    return out, lse
+
+
+def band_backward(q, k, v, q_segments, k_segments, q_pos0, k_first, kind, config, scale, grad_out, lse, delta,
+                  dq=None):
+    """(dQ, dK, dV) of band attention from dO [T, H_q, d_v] (contiguous), the forward's lse and
+    delta = rowsum(dO * O) - dlse, both [T, H_q] float32 and contiguous. `dq`: a [T, H_q, d_k] gradient
+    that this branch's dQ is added to (returned), instead of a new tensor."""
+    cu_q, cu_k = q_segments.cu, k_segments.cu
+    stride_, offset_, window = _geometry(kind, config)
+    blocks = _blocks("band_dq", kind, q.shape[2], v.shape[2])
+    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
+    group = num_q_heads // num_kv_heads
+    add_dq = dq is not None
+    dq = dq if add_dq else torch.empty_like(q)
+    common = dict(G=group, KEY_STRIDE=stride_, KEY_OFFSET=offset_, WINDOW=window, DK=q.shape[2], DV=v.shape[2])
+    (k_in, v_in), tma = _streamed([k, v], blocks, "BLOCK_N")
+    q_tiles = q_segments.tiles(blocks["BLOCK_M"], q.shape[0])
+    if q_tiles[0].numel():
+        _band_bwd_dq[(num_q_heads, q_tiles[0].numel())](
+            q, k_in, v_in, grad_out, lse, delta, dq, *q_tiles, cu_q, cu_k, q_pos0, k_first,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1),
+            scale * LOG2E, scale, **common, **blocks, TMA=tma, ADD_DQ=add_dq,
+        )
+    # Compressed keys are few and each is seen by many queries: split the group's heads over
+    # programs (partial dK/dV per head, summed below in a fixed order). Window keys are many.
+    split = window == 0 and group > 1
+    kv_blocks = _blocks("band_dkdv", kind, q.shape[2], v.shape[2])
+    heads_out = num_q_heads if split else num_kv_heads
+    dk = torch.empty(k.shape[0], heads_out, k.shape[2], device=k.device, dtype=torch.float32 if split else k.dtype)
+    dv = torch.empty(v.shape[0], heads_out, v.shape[2], device=v.device, dtype=torch.float32 if split else v.dtype)
+    (q_in, grad_out_in), tma = _streamed([q, grad_out], kv_blocks, "BLOCK_M")
+    k_tiles = k_segments.tiles(kv_blocks["BLOCK_N"], k.shape[0])
+    if k_tiles[0].numel():
+        # dK/dV reads lse and delta of a query tile for one head: stored head-major, those values are
+        # contiguous (64k, H100: compressed forward+backward 44.3 -> 43.1 ms; 256k 747 -> 706 ms)
+        lse_by_head = lse.t().contiguous().t()  # [T, H_q], strides (1, T)
+        delta_by_head = delta.t().contiguous().t()
+        _band_bwd_dkdv[(heads_out, k_tiles[0].numel())](
+            q_in, k, v, grad_out_in, lse_by_head, delta_by_head, dk, dv, *k_tiles, cu_q, cu_k, q_pos0, k_first,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            grad_out.stride(0), grad_out.stride(1), lse_by_head.stride(0), lse_by_head.stride(1),
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            scale * LOG2E, scale, **common, **kv_blocks, SPLIT_HEADS=split, TMA=tma,
+        )
+    if split:
+        dk = dk.view(k.shape[0], num_kv_heads, group, k.shape[2]).sum(2).to(k.dtype)
+        dv = dv.view(v.shape[0], num_kv_heads, group, v.shape[2]).sum(2).to(v.dtype)
+    return dq, dk, dv
+
+
 class BandAttention(torch.autograd.Function):
     """q [T, H_q, d_k] packed with cu_q; k [Tk, H_kv, d_k], v [Tk, H_kv, d_v] packed with cu_k."""
 
     @staticmethod
     def forward(ctx, q, k, v, q_segments, k_segments, q_pos0, k_first, kind, config, scale):
-        cu_q, cu_k = q_segments.cu, k_segments.cu
-        num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
-        stride_, offset_, window = _geometry(kind, config)
-        blocks = _blocks("band_fwd", kind, q.shape[2], v.shape[2])
-        (k_in, v_in), tma = _streamed([k, v], blocks, "BLOCK_N")
-        out = torch.empty(q.shape[0], num_q_heads, v.shape[2], device=q.device, dtype=q.dtype)
-        lse = torch.empty(q.shape[0], num_q_heads, device=q.device, dtype=torch.float32)
-        q_tiles = q_segments.tiles(blocks["BLOCK_M"], q.shape[0])
-        if q_tiles[0].numel():
-            _band_fwd[(num_q_heads, q_tiles[0].numel())](
-                q, k_in, v_in, out, lse, *q_tiles, cu_q, cu_k, q_pos0, k_first,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-                scale * LOG2E, G=num_q_heads // num_kv_heads, KEY_STRIDE=stride_, KEY_OFFSET=offset_,
-                WINDOW=window, DK=q.shape[2], DV=v.shape[2], **blocks, TMA=tma,
-            )
+        out, lse = band_forward(q, k, v, q_segments, k_segments, q_pos0, k_first, kind, config, scale)
         ctx.save_for_backward(q, k, v, out, lse, q_pos0, k_first)
         ctx.segments = q_segments, k_segments
-        ctx.geometry, ctx.kind, ctx.scale = (stride_, offset_, window), kind, scale
+        ctx.kind, ctx.config, ctx.scale = kind, config, scale
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, q_pos0, k_first = ctx.saved_tensors
-        q_segments, k_segments = ctx.segments
-        cu_q, cu_k = q_segments.cu, k_segments.cu
-        stride_, offset_, window = ctx.geometry
-        kind, scale = ctx.kind, ctx.scale
-        blocks = _blocks("band_dq", kind, q.shape[2], v.shape[2])
-        num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
         grad_out = grad_out.contiguous()
         delta = row_dot(grad_out, out)  # [T, H_q]
         if grad_lse is not None:  # d lse / d s = p, so a gradient on lse shifts delta
             delta = delta - grad_lse
-        group = num_q_heads // num_kv_heads
-        dq = torch.empty_like(q)
-        common = dict(G=group, KEY_STRIDE=stride_, KEY_OFFSET=offset_, WINDOW=window, DK=q.shape[2], DV=v.shape[2])
-        (k_in, v_in), tma = _streamed([k, v], blocks, "BLOCK_N")
-        q_tiles = q_segments.tiles(blocks["BLOCK_M"], q.shape[0])
-        if q_tiles[0].numel():
-            _band_bwd_dq[(num_q_heads, q_tiles[0].numel())](
-                q, k_in, v_in, grad_out, lse, delta, dq, *q_tiles, cu_q, cu_k, q_pos0, k_first,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1),
-                scale * LOG2E, scale, **common, **blocks, TMA=tma,
-            )
-        # Compressed keys are few and each is seen by many queries: split the group's heads over
-        # programs (partial dK/dV per head, summed below in a fixed order). Window keys are many.
-        split = window == 0 and group > 1
-        kv_blocks = _blocks("band_dkdv", kind, q.shape[2], v.shape[2])
-        heads_out = num_q_heads if split else num_kv_heads
-        dk = torch.empty(k.shape[0], heads_out, k.shape[2], device=k.device, dtype=torch.float32 if split else k.dtype)
-        dv = torch.empty(v.shape[0], heads_out, v.shape[2], device=v.device, dtype=torch.float32 if split else v.dtype)
-        (q_in, grad_out_in), tma = _streamed([q, grad_out], kv_blocks, "BLOCK_M")
-        k_tiles = k_segments.tiles(kv_blocks["BLOCK_N"], k.shape[0])
-        if k_tiles[0].numel():
-            # dK/dV reads lse and delta of a query tile for one head: stored head-major, those values are
-            # contiguous (64k, H100: compressed forward+backward 44.3 -> 43.1 ms; 256k 747 -> 706 ms)
-            lse_by_head = lse.t().contiguous().t()  # [T, H_q], strides (1, T)
-            delta_by_head = delta.t().contiguous().t()
-            _band_bwd_dkdv[(heads_out, k_tiles[0].numel())](
-                q_in, k, v, grad_out_in, lse_by_head, delta_by_head, dk, dv, *k_tiles, cu_q, cu_k, q_pos0, k_first,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                grad_out.stride(0), grad_out.stride(1), lse_by_head.stride(0), lse_by_head.stride(1),
-                dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                scale * LOG2E, scale, **common, **kv_blocks, SPLIT_HEADS=split, TMA=tma,
-            )
-        if split:
-            dk = dk.view(k.shape[0], num_kv_heads, group, k.shape[2]).sum(2).to(k.dtype)
-            dv = dv.view(v.shape[0], num_kv_heads, group, v.shape[2]).sum(2).to(v.dtype)
+        dq, dk, dv = band_backward(q, k, v, *ctx.segments, q_pos0, k_first, ctx.kind, ctx.config, ctx.scale,
+                                   grad_out, lse, delta)
         return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def band_segments(cu_q, cu_k, device, q_pos0=None, k_first=None):
+    """(q_segments, k_segments, q_pos0, k_first) of band_attention's arguments: zeros where not given."""
+    q_segments, k_segments = as_segments(cu_q), as_segments(cu_k)
+    zeros = torch.zeros(q_segments.cu.numel() - 1, device=device, dtype=torch.int32)
+    return q_segments, k_segments, zeros if q_pos0 is None else q_pos0, zeros if k_first is None else k_first
 
 
 def band_attention(q, k, v, cu_q, cu_k, kind: str, config, scale: float, q_pos0=None, k_first=None):
@@ -492,9 +515,6 @@ def band_attention(q, k, v, cu_q, cu_k, kind: str, config, scale: float, q_pos0=
     indices k_first[i].. (both default 0: whole documents). cu_q / cu_k: int32 tensors, or
     layout.Segments that also hold them on the host.
     """
-    q_segments, k_segments = as_segments(cu_q), as_segments(cu_k)
-    zeros = torch.zeros(q_segments.cu.numel() - 1, device=q.device, dtype=torch.int32)
-    q_pos0 = zeros if q_pos0 is None else q_pos0
-    k_first = zeros if k_first is None else k_first
+    q_segments, k_segments, q_pos0, k_first = band_segments(cu_q, cu_k, q.device, q_pos0, k_first)
     return BandAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), q_segments, k_segments, q_pos0,
                                k_first, kind, config, scale)

@@ -1,13 +1,69 @@
-"""NSA on packed sequences with the Triton kernels: the three branches and the gated combination."""
+"""NSA on packed sequences with the Triton kernels: the three branches and the gated combination.
+
+One autograd function runs them all, so that the backward shares work between them: the gated
+combination's backward, which holds each branch's d_b and o_b anyway, also gives each branch its
+delta = rowsum(d_b * o_b) (no pass over d_b and o_b per branch), and the three dQ kernels add into
+one dQ tensor in turn (no dQ per branch and no sums of them).
+"""
 from __future__ import annotations
 
 import torch
 
-from .band import band_attention
-from .combine import gated_combine
+from .band import band_backward, band_forward
+from .combine import combine_backward, combine_forward
 from .layout import Docs, make_docs
-from .selected import packed_layout, selected_attention
+from .selected import packed_layout, selected_backward, selected_forward
 from .topk import select_blocks
+
+
+class NSACore(torch.autograd.Function):
+    """Arguments as nsa_core's, with the K/V pairs unpacked. Returns out and, not differentiable, the
+    branch outputs, their lse and the selected blocks."""
+
+    @staticmethod
+    def forward(ctx, q, k_slc, v_slc, k_win, v_win, compressed_k, compressed_v, gates, docs, config, scale):
+        # whole documents: each segment's first query position and first key index are 0
+        zeros = torch.zeros(docs.cu_seqlens.numel() - 1, device=q.device, dtype=torch.int32)
+        tokens, compressed = docs.token_segments, docs.cmp_segments
+        cmp_out, cmp_lse = band_forward(q, compressed_k, compressed_v, tokens, compressed, zeros, zeros, "compressed",
+                                        config, scale)
+        selected_block_idx = select_blocks(q, compressed_k, cmp_lse, tokens, compressed, config, scale)
+        slc_layout = packed_layout(docs, config.select_block_size)
+        slc_out, slc_lse, (union_tokens, union) = selected_forward(q, k_slc, v_slc, selected_block_idx, slc_layout,
+                                                                   config, scale)
+        win_out, win_lse = band_forward(q, k_win, v_win, tokens, tokens, zeros, zeros, "window", config, scale)
+        out = combine_forward(gates, cmp_out, slc_out, win_out)
+        ctx.save_for_backward(q, k_slc, v_slc, k_win, v_win, compressed_k, compressed_v, gates, cmp_out, cmp_lse,
+                              slc_out, slc_lse, win_out, win_lse, selected_block_idx, union, zeros)
+        ctx.docs, ctx.slc_layout, ctx.union_tokens = docs, slc_layout, union_tokens
+        ctx.config, ctx.scale = config, scale
+        intermediates = (cmp_out, cmp_lse, slc_out, slc_lse, win_out, win_lse, selected_block_idx)
+        ctx.mark_non_differentiable(*intermediates)
+        ctx.set_materialize_grads(False)  # no zero gradients made for the intermediates (4 x out's size)
+        return (out,) + intermediates
+
+    @staticmethod
+    def backward(ctx, grad_out, *unused_grads):
+        (q, k_slc, v_slc, k_win, v_win, compressed_k, compressed_v, gates, cmp_out, cmp_lse, slc_out, slc_lse,
+         win_out, win_lse, selected_block_idx, union, zeros) = ctx.saved_tensors
+        config, scale, docs = ctx.config, ctx.scale, ctx.docs
+        tokens, compressed = docs.token_segments, docs.cmp_segments
+        d_gates, d_cmp, d_slc, d_win, delta = combine_backward(gates, cmp_out, slc_out, win_out,
+                                                               grad_out.contiguous(), with_delta=True)
+        # window first, compressed last (as autograd would order the branches): the compressed branch's
+        # dK/dV per query head then runs after the other branches' dO are freed
+        dq, dk_win, dv_win = band_backward(q, k_win, v_win, tokens, tokens, zeros, zeros, "window", config, scale,
+                                           d_win, win_lse, delta[2])
+        del d_win  # each branch's dO is freed once its backward is done
+        _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, selected_block_idx, ctx.slc_layout, config, scale,
+                                              d_slc, slc_lse, delta[1], forward_union=(ctx.union_tokens, union),
+                                              dq=dq)
+        del d_slc
+        _, d_compressed_k, d_compressed_v = band_backward(q, compressed_k, compressed_v, tokens, compressed, zeros,
+                                                          zeros, "compressed", config, scale, d_cmp, cmp_lse,
+                                                          delta[0], dq=dq)
+        return (dq, dk_slc, dv_slc, dk_win, dv_win, d_compressed_k, d_compressed_v, d_gates.to(gates.dtype),
+                None, None, None)
 
 
 def nsa_core(q, kv_slc, kv_win, compressed_kv, gates, docs: Docs, config, scale: float, return_intermediates=False):
@@ -16,18 +72,12 @@ def nsa_core(q, kv_slc, kv_win, compressed_kv, gates, docs: Docs, config, scale:
 
     Returns out [T, H_q, d_v] (and a dict of per-branch results when asked).
     """
-    tokens, compressed = docs.token_segments, docs.cmp_segments
-    cmp_out, cmp_lse = band_attention(q, *compressed_kv, tokens, compressed, "compressed", config, scale)
-    selected_block_idx = select_blocks(q.detach(), compressed_kv[0].detach(), cmp_lse, tokens, compressed, config,
-                                       scale)
-    slc_layout = packed_layout(docs, config.select_block_size)
-    slc_out, slc_lse = selected_attention(q, *kv_slc, selected_block_idx, slc_layout, config, scale)
-    win_out, win_lse = band_attention(q, *kv_win, tokens, tokens, "window", config, scale)
-    out = gated_combine(gates, cmp_out, slc_out, win_out)
+    tensors = [t.contiguous() for t in (q, *kv_slc, *kv_win, *compressed_kv, gates)]
+    out, *intermediates = NSACore.apply(*tensors, docs, config, scale)
     if not return_intermediates:
         return out
-    return out, dict(cmp_out=cmp_out, cmp_lse=cmp_lse, slc_out=slc_out, slc_lse=slc_lse, win_out=win_out,
-                     win_lse=win_lse, selected_block_idx=selected_block_idx)
+    names = ("cmp_out", "cmp_lse", "slc_out", "slc_lse", "win_out", "win_lse", "selected_block_idx")
+    return out, dict(zip(names, intermediates))
 
 
 __all__ = ["nsa_core", "make_docs", "Docs"]

@@ -55,6 +55,19 @@ def store_qk(row_ptrs, part_a, part_b, row_ok, DK: tl.constexpr, DK_A: tl.conste
 
 
 @triton.jit
+def store_or_add_qk(row_ptrs, part_a, part_b, row_ok, DK: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr,
+                    ADD: tl.constexpr):
+    """store_qk, or with ADD the rows already there plus the parts (in float32, then stored in the
+    pointers' dtype): one kernel adds its share of a gradient that another wrote first."""
+    if ADD:
+        old_a, old_b = load_qk(row_ptrs, row_ok, DK, DK_A, DK_B)
+        part_a += old_a.to(tl.float32)
+        if DK_B > 0:
+            part_b += old_b.to(tl.float32)
+    store_qk(row_ptrs, part_a, part_b, row_ok, DK, DK_A, DK_B)
+
+
+@triton.jit
 def zeros_qk(ROWS: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr):
     """fp32 accumulators for the parts of rows [ROWS, d_k]."""
     part_b = 0.0

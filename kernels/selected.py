@@ -31,7 +31,7 @@ import triton.language as tl
 from .band import LOG2E
 from .delta import row_dot
 from .layout import LAYOUT_CACHE_SIZE, max_pieces, segment_of, upload
-from .qk_parts import acc_qk, dot_qk, load_qk, qk_parts, store_qk, tile_width, zeros_qk
+from .qk_parts import acc_qk, dot_qk, load_qk, qk_parts, store_or_add_qk, store_qk, tile_width, zeros_qk
 from .tuning import launch_params
 
 PIECE = 512
@@ -156,7 +156,7 @@ def _selected_bwd_dq(
     G: tl.constexpr, GP: tl.constexpr, TOKENS: tl.constexpr, N_SELECT: tl.constexpr, N_SELECT_P2: tl.constexpr,
     N_UNION: tl.constexpr, N_UNION_P2: tl.constexpr, SLC_BLOCK: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, DK_A: tl.constexpr, DK_B: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PARTS: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PARTS: tl.constexpr, ADD_DQ: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -182,7 +182,8 @@ def _selected_bwd_dq(
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq_a, dq_b = acc_qk(dq_a, dq_b, ds.to(k_a.dtype), k_a, k_b, DK_B)
-    store_qk(DQ + token * sdqt + heads * sdqh, dq_a * sm_scale, dq_b * sm_scale, row_ok, DK, DK_A, DK_B)
+    store_or_add_qk(DQ + token * sdqt + heads * sdqh, dq_a * sm_scale, dq_b * sm_scale, row_ok, DK, DK_A, DK_B,
+                    ADD_DQ)
 
 
 @triton.jit
@@ -431,28 +432,36 @@ def _tiled_launch(kernel: str, q, v, group: int, config, dims: dict) -> tuple:
     return params, constexprs, tokens
 
 
+def selected_forward(q, k, v, selected_block_idx, layout: SelectionLayout, config, scale):
+    """(out [T, H_q, d_v], lse [T, H_q] float32, (tokens per tile, the tiles' block union)) of selected
+    attention; the last is what selected_backward can reuse. Arguments as SelectedAttention's."""
+    dims, num_q_heads = _dims(q, v, config.select_block_size)
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    out = torch.empty(q.shape[0], num_q_heads, v.shape[2], device=q.device, dtype=q.dtype)
+    lse = torch.empty(q.shape[0], num_q_heads, device=q.device, dtype=torch.float32)
+    params, constexprs, tokens = _tiled_launch("selected_fwd", q, v, group, config, dims)
+    union = tile_block_union(selected_block_idx, layout.row_slc_start, tokens)
+    if q.shape[0]:
+        _selected_fwd[(union.shape[0], num_kv_heads)](
+            q, k, v, out, lse, selected_block_idx, union, layout.row_pos, layout.row_key_start,
+            layout.row_slc_start, layout.block_docs,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+            selected_block_idx.stride(0), selected_block_idx.stride(1), union.stride(0), union.stride(1),
+            scale * LOG2E, q.shape[0], layout.num_blocks, **constexprs, **params,
+        )
+    return out, lse, (tokens, union)
+
+
 class SelectedAttention(torch.autograd.Function):
     """q [T, H_q, d_k]; k, v [T, H_kv, d]; selected_block_idx [T, H_kv, n] (block ids within each document,
     per row the used slots first, then -1: top-n's order; used_slots_first() makes any selection so)."""
 
     @staticmethod
     def forward(ctx, q, k, v, selected_block_idx, layout, config, scale):
-        dims, num_q_heads = _dims(q, v, config.select_block_size)
-        num_kv_heads = k.shape[1]
-        group = num_q_heads // num_kv_heads
-        out = torch.empty(q.shape[0], num_q_heads, v.shape[2], device=q.device, dtype=q.dtype)
-        lse = torch.empty(q.shape[0], num_q_heads, device=q.device, dtype=torch.float32)
-        params, constexprs, tokens = _tiled_launch("selected_fwd", q, v, group, config, dims)
-        union = tile_block_union(selected_block_idx, layout.row_slc_start, tokens)
-        if q.shape[0]:
-            _selected_fwd[(union.shape[0], num_kv_heads)](
-                q, k, v, out, lse, selected_block_idx, union, layout.row_pos, layout.row_key_start,
-                layout.row_slc_start, layout.block_docs,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-                selected_block_idx.stride(0), selected_block_idx.stride(1), union.stride(0), union.stride(1),
-                scale * LOG2E, q.shape[0], layout.num_blocks, **constexprs, **params,
-            )
+        out, lse, forward_union = selected_forward(q, k, v, selected_block_idx, layout, config, scale)
+        tokens, union = forward_union
         ctx.save_for_backward(q, k, v, out, lse, selected_block_idx, union)
         ctx.layout, ctx.config, ctx.scale, ctx.tokens = layout, config, scale, tokens
         return out, lse
@@ -470,16 +479,18 @@ class SelectedAttention(torch.autograd.Function):
 
 
 def selected_backward(q, k, v, selected_block_idx, layout: SelectionLayout, config, scale, grad_out, lse, delta,
-                      forward_union=None):
+                      forward_union=None, dq=None):
     """(dQ, dK, dV) of selected attention given dO [T, H_q, d_v], the softmax's lse [T, H_q] and
     delta = rowsum(dO * O) - dlse [T, H_q] (float32). With the lse and delta of a softmax that also
     spans keys elsewhere, these are this block set's share of that attention's gradients.
     `forward_union`: optional (tokens, tile_block_union(...)) the forward built, reused when dQ tiles as
-    many tokens."""
+    many tokens. `dq`: a [T, H_q, d_k] gradient that this branch's dQ is added to (returned), instead of
+    a new tensor."""
     dims, num_q_heads = _dims(q, v, config.select_block_size)
     num_kv_heads = k.shape[1]
     group = num_q_heads // num_kv_heads
-    dq = torch.empty_like(q)
+    add_dq = dq is not None
+    dq = dq if add_dq else torch.empty_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
     if q.shape[0] == 0:
@@ -496,7 +507,7 @@ def selected_backward(q, k, v, selected_block_idx, layout: SelectionLayout, conf
         grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
         selected_block_idx.stride(0), selected_block_idx.stride(1), union.stride(0), union.stride(1),
         dq.stride(0), dq.stride(1),
-        scale * LOG2E, scale, q.shape[0], layout.num_blocks, **constexprs, **params,
+        scale * LOG2E, scale, q.shape[0], layout.num_blocks, **constexprs, **params, ADD_DQ=add_dq,
     )
     num_blocks = layout.num_blocks
     group_pad = triton.next_power_of_2(group)
