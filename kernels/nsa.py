@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .band import band_backward, band_forward
+from .band import band_backward, band_forward, band_segments
 from .combine import combine_backward, combine_forward
 from .layout import Docs, make_docs
 from .selected import packed_layout, selected_backward, selected_forward
@@ -22,9 +22,8 @@ class NSACore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k_slc, v_slc, k_win, v_win, compressed_k, compressed_v, gates, docs, config, scale):
-        # whole documents: each segment's first query position and first key index are 0
-        zeros = torch.zeros(docs.cu_seqlens.numel() - 1, device=q.device, dtype=torch.int32)
-        tokens, compressed = docs.token_segments, docs.cmp_segments
+        # whole documents: each segment's first query position and first key index are 0 (one tensor)
+        tokens, compressed, zeros, _ = band_segments(docs.token_segments, docs.cmp_segments, q.device)
         cmp_out, cmp_lse = band_forward(q, compressed_k, compressed_v, tokens, compressed, zeros, zeros, "compressed",
                                         config, scale)
         selected_block_idx = select_blocks(q, compressed_k, cmp_lse, tokens, compressed, config, scale)
@@ -39,7 +38,7 @@ class NSACore(torch.autograd.Function):
         ctx.config, ctx.scale = config, scale
         intermediates = (cmp_out, cmp_lse, slc_out, slc_lse, win_out, win_lse, selected_block_idx)
         ctx.mark_non_differentiable(*intermediates)
-        ctx.set_materialize_grads(False)  # no zero gradients made for the intermediates (4 x out's size)
+        ctx.set_materialize_grads(False)  # no zero gradients for the intermediates (three of them out's size)
         return (out,) + intermediates
 
     @staticmethod
