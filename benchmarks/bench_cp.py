@@ -148,7 +148,7 @@ def model_flops(seq_len: int, config: NSAConfig, heads: int, head_dim: int) -> f
 
 
 def design_bytes(seq_len: int, cp_size: int, config: NSAConfig, kv_heads: int, head_dim: int, item: int) -> dict:
-    """DESIGN.md's forward volumes received per GPU (bytes)."""
+    """docs/design.md's forward volumes received per GPU (bytes)."""
     share = (cp_size - 1) / cp_size
     per_token = kv_heads * 2 * head_dim * item
     return {
@@ -485,7 +485,7 @@ def _gib(value: float) -> str:
 def table(rows, speedups) -> str:
     lines = [
         "| S | GPUs | mode | step ms | tokens/s | TFLOP/s/GPU | peak GiB/GPU (gathered buffer) | selection recv MiB: "
-        "fwd / bwd / bwd grads (formula) | other recv MiB: compressed / halo fwd (DESIGN.md) | comm-only ms | "
+        "fwd / bwd / bwd grads (formula) | other recv MiB: compressed / halo fwd (docs/design.md) | comm-only ms | "
         "step without comm ms | exposed ms (% of step) | speed-up vs 1 GPU |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

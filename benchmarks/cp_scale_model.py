@@ -32,7 +32,7 @@ nodes at the same time.
 fetch fraction: a rank's L queries pick n - (forced) blocks each per KV head among the
 N = (S - L)/l' remote blocks; if every --fetch-corr-tokens consecutive queries pick alike and
 groups pick independently, f = 1 - exp(-(L / corr) (n - forced) / N). corr = 1 (independent
-queries) is DESIGN.md's estimate and the default; bench_cp's measured f (random inputs) is
+queries) is docs/design.md's estimate and the default; bench_cp's measured f (random inputs) is
 printed beside it. A second table uses corr = l' (the queries of one block choose alike).
 
 Overlap (which compute hides which communication; the rest is exposed and adds to the step):

@@ -1,4 +1,4 @@
-"""phi: maps the l keys (or values) of one compressed block to one token (NSA_SPEC.md, Eq. 7).
+"""phi: maps the l keys (or values) of one compressed block to one token (docs/semantics.md, Eq. 7).
 
 Parameters are shared across heads. 'mean' has none; 'linear' and 'mlp' add a learned
 intra-block position embedding to each of the l tokens, flatten the block and map it back

@@ -1,4 +1,4 @@
-"""NSA hyper-parameters (../shared/NSA_SPEC.md, table "Shapes and names")."""
+"""NSA hyper-parameters (docs/semantics.md, table "Shapes and names")."""
 from __future__ import annotations
 
 import dataclasses

@@ -4,7 +4,7 @@ Readable, differentiable, runs on CPU and GPU. One sequence at a time (a batch r
 packed document); queries processed in chunks so that memory stays
 O(T * (T/d + n*l' + w)) per head. Half-precision inputs are computed in float32.
 
-Conventions (NSA_SPEC.md, 0-indexed):
+Conventions (docs/semantics.md, 0-indexed):
 - compressed block i covers tokens [i*d, i*d + l); query t sees it when i*d + l - 1 <= t;
   its representative position (for RoPE) is its last token, i*d + l - 1.
 - selection block j covers tokens [j*l', (j+1)*l'); its score is the overlap-weighted sum of
@@ -64,7 +64,7 @@ def compressed_block_positions(num_blocks: int, config: NSAConfig, device=None) 
 def selection_overlap_weights(num_cmp: int, num_slc: int, config: NSAConfig, device=None, dtype=None) -> torch.Tensor:
     """weight[i, j] = |[i*d, i*d + l) ∩ [j*l', (j+1)*l')| / d: how compressed block i scores selection block j.
 
-    The single place of this convention (NSA_SPEC.md, Eq. 9). Shape [N_cmp, N_slc].
+    The single place of this convention (docs/semantics.md, Eq. 9). Shape [N_cmp, N_slc].
     """
     l, d, lp = config.compress_block_size, config.compress_stride, config.select_block_size
     cmp_start = torch.arange(num_cmp, device=device)[:, None] * d
@@ -163,7 +163,7 @@ def block_scores(cmp_probs: torch.Tensor, num_slc: int, num_kv_heads: int, confi
 
 @torch.no_grad()
 def select_blocks(cmp_probs: torch.Tensor, q_pos: torch.Tensor, num_slc: int, num_kv_heads: int, config: NSAConfig):
-    """Top-n selection blocks per query and KV head (NSA_SPEC.md, Eq. 9-12).
+    """Top-n selection blocks per query and KV head (docs/semantics.md, Eq. 9-12).
 
     cmp_probs [Tq, H_q, N_cmp]. Returns selected_block_idx [Tq, H_kv, n] int64: ascending block ids,
     -1 for unused slots. Forced blocks (first n_init, the n_local ending at the one holding t) always

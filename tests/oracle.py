@@ -1,4 +1,4 @@
-"""A deliberately simple NSA oracle: one query token and one head at a time (NSA_SPEC.md).
+"""A deliberately simple NSA oracle: one query token and one head at a time (docs/semantics.md).
 
 Written from the spec alone; it shares no code with megatron_nsa.reference. Slow on purpose:
 every rule is a plain loop or a plain comparison, so that a reader can check it line by line.

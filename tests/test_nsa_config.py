@@ -12,7 +12,7 @@ from megatron_nsa.config import nsa_config_from
 
 
 def test_defaults_are_the_papers():
-    """NSA_SPEC.md, table "Shapes and names": l=32, d=16, l'=64, n=16, 1 initial and 2 local blocks, w=512."""
+    """docs/semantics.md, table "Shapes and names": l=32, d=16, l'=64, n=16, 1 initial and 2 local blocks, w=512."""
     config = NSAConfig()
     assert (config.compress_block_size, config.compress_stride, config.select_block_size) == (32, 16, 64)
     assert (config.select_count, config.select_init_blocks, config.select_local_blocks) == (16, 1, 2)

@@ -195,7 +195,7 @@ def test_overlap_weights_count_shared_tokens(l, d, lp):
 
 
 def test_overlap_weights_paper_example():
-    """NSA_SPEC.md: for l=32, d=16, l'=64, selection block j is scored by blocks 4j-1 .. 4j+3 with 1,2,2,2,1."""
+    """docs/semantics.md: for l=32, d=16, l'=64, selection block j is scored by blocks 4j-1 .. 4j+3 with 1,2,2,2,1."""
     config = NSAConfig()
     weights = reference.selection_overlap_weights(20, 4, config)
     j = 2

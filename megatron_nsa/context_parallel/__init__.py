@@ -1,4 +1,4 @@
-"""Context parallelism for NSA: the sequence sharded over a process group (DESIGN.md, "Context parallelism")."""
+"""Context parallelism for NSA: the sequence sharded over a process group (docs/design.md, "Context parallelism")."""
 from .attention import nsa_attention_cp
 from .branches import Branches, resolve_branches, torch_branches
 from .comm import Communicator, LocalCommunicator

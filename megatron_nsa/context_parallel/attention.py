@@ -2,7 +2,7 @@
 
 Each rank passes its share in the load-balanced layout (layout.py) and gets the NSA output of
 exactly those tokens: the single-GPU nsa_attention on the whole sequence, sliced to the rank.
-Per call (DESIGN.md, "Context parallelism"):
+Per call (docs/design.md, "Context parallelism"):
 
 1. halo exchange: each chunk gets the last w-1 window tokens and the last compressed-branch
    tokens (l-d, or l-1 with unaligned documents) of the chunk before it;

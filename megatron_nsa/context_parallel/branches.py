@@ -33,7 +33,7 @@ BRANCH_FUNCTIONS = ("compressed_attention", "select_blocks", "selected_attention
 
 
 def torch_gated_combine(gates, cmp_out, slc_out, win_out):
-    """NSA_SPEC.md, Eq. 5."""
+    """docs/semantics.md, Eq. 5."""
     return gates[..., 0:1] * cmp_out + gates[..., 1:2] * slc_out + gates[..., 2:3] * win_out
 
 

@@ -52,7 +52,7 @@ class ModelSection:
 
 @dataclasses.dataclass
 class NSASection:
-    """NSA hyper-parameters (see ../shared/NSA_SPEC.md); used when model.attention = nsa."""
+    """NSA hyper-parameters (see docs/semantics.md); used when model.attention = nsa."""
 
     compress_block_size: int = 32
     compress_stride: int = 16

@@ -1,7 +1,7 @@
 """CP = 1, 2, 4 give the single-process NSA's outputs and gradients (gloo, torch backend, float64).
 
 One spawn per CP size runs every case (process start-up dominates on the CI machine): the
-comparisons, the bytes each exchange moves against DESIGN.md's volumes, and the input errors.
+comparisons, the bytes each exchange moves against docs/design.md's volumes, and the input errors.
 Every case runs with 'allgather'; the 'ring' and 'hierarchical' exchanges join the cases with
 packed documents (blocks straddling chunk edges), separate K/V, one KV head at a time and batch
 rows, attending a few query rows at a time.
@@ -56,7 +56,7 @@ def _cases(rank, world):
 
 
 def _check_bytes(group):
-    """Bytes received per exchange against DESIGN.md: selection (C-1)/C * S * h * D * bytes, compressed the same
+    """Bytes received per exchange against docs/design.md: selection (C-1)/C * S * h * D * bytes, compressed the same
     over S/d tokens (padded to whole chunks here), halos 2 per rank but one on the first and last rank."""
     cp_size, rank = dist.get_world_size(group), dist.get_rank(group)
     batch, heads, dim_k, dim_v, item = 2, 2, 8, 6, 8
