@@ -1,14 +1,19 @@
-"""NSAConfig: the paper's defaults and every validation error (field, value and what is allowed)."""
+"""NSAConfig: the paper's defaults, every validation error (field, value and what is allowed), frozen
+instances, suggestions for misspelled settings, choices and help read from the one declaration."""
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import typing
 
 import pytest
 import torch
 
 from megatron_nsa import KVCompressor, NSAConfig
-from megatron_nsa.config import nsa_config_from
+from megatron_nsa.config import (
+    COMPRESSION_KINDS, NSA_FIELD_NAMES, Compression, literal_choices, nsa_config_from, setting_choices,
+)
 
 
 def test_defaults_are_the_papers():
@@ -128,3 +133,73 @@ def test_linear_compressor_starts_near_mean_pooling():
     mean = windows.mean(dim=1)
     error = (compressor.compress_k(windows) - mean).norm() / mean.norm()
     assert error < 0.5
+
+
+def test_frozen_a_changed_setting_is_never_used_unchecked():
+    config = NSAConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.window_size = -5
+    assert config.window_size == 512
+
+
+def test_replace_makes_a_new_checked_config():
+    config = NSAConfig()
+    smaller = dataclasses.replace(config, window_size=64)
+    assert smaller.window_size == 64 and config.window_size == 512
+    with pytest.raises(ValueError, match="window_size=-5 is not allowed: it must be an integer >= 1"):
+        dataclasses.replace(config, window_size=-5)
+    with pytest.raises(ValueError, match="compress_stride=5 must divide compress_block_size=32"):
+        dataclasses.replace(config, compress_stride=5)
+
+
+@pytest.mark.parametrize("key,suggested", [("windw_size", "window_size"), ("select_cout", "select_count"),
+                                           ("compresion", "compression")])
+def test_misspelled_keyword_names_the_closest_setting(key, suggested):
+    with pytest.raises(TypeError, match=f"unknown NSA setting '{key}'; did you mean '{suggested}'\\?"):
+        NSAConfig(**{key: 64})
+
+
+def test_unrelated_keyword_gets_no_suggestion():
+    with pytest.raises(TypeError, match=r"unknown NSA setting 'temperature'$"):
+        NSAConfig(temperature=1.0)
+
+
+def test_from_mapping_reads_prefixed_keys_and_refuses_unknown_ones():
+    config = NSAConfig.from_mapping({"nsa.window_size": 64, "nsa.compression": "linear"}, key_prefix="nsa.")
+    assert config == NSAConfig(window_size=64, compression="linear")
+    assert NSAConfig.from_mapping({}) == NSAConfig()
+    with pytest.raises(ValueError, match=r"unknown NSA setting 'nsa.windw_size'; did you mean 'nsa.window_size'\?"):
+        NSAConfig.from_mapping({"nsa.windw_size": 64}, key_prefix="nsa.")
+    with pytest.raises(ValueError, match="unknown NSA setting 'window_size'"):  # the prefix is required
+        NSAConfig.from_mapping({"window_size": 64}, key_prefix="nsa_")
+    with pytest.raises(ValueError, match="select_count=2 is smaller than the forced blocks"):
+        NSAConfig.from_mapping({"select_count": 2})
+
+
+def test_nsa_config_from_reads_prefixed_attributes_and_names_them_in_errors():
+    class Carrier:
+        pass
+
+    carrier = Carrier()
+    for name in NSA_FIELD_NAMES:
+        setattr(carrier, "nsa_" + name, getattr(NSAConfig(window_size=8), name))
+    assert nsa_config_from(carrier, key_prefix="nsa_") == NSAConfig(window_size=8)
+    from megatron_nsa.config import validate_nsa_fields
+
+    carrier.nsa_compress_stride = 5
+    with pytest.raises(ValueError, match="nsa_compress_stride=5 must divide nsa_compress_block_size=32"):
+        validate_nsa_fields(carrier, key_prefix="nsa_")
+
+
+def test_choices_come_from_the_literal_type():
+    assert COMPRESSION_KINDS == setting_choices("compression") == typing.get_args(Compression)
+    assert setting_choices("window_size") is None
+    assert literal_choices(typing.Optional[typing.Literal["a", "b"]]) == (None, "a", "b")
+    with pytest.raises(ValueError, match=rf"choose one of {re.escape(repr(typing.get_args(Compression)))}"):
+        NSAConfig(compression="max")
+
+
+def test_every_setting_carries_a_one_line_help():
+    for field in dataclasses.fields(NSAConfig):
+        text = field.metadata.get("help")
+        assert text and "\n" not in text, field.name
