@@ -39,7 +39,7 @@ _DEFAULTS: Dict[str, dict] = {
 
 # tiles of 129..192 columns (d_k = 192 = 128 + 64, the paper's shape), where they differ from the
 # above: the H100 sweep's winners at 64/4/192/128
-# (benchmarks/results/tune_kernels_NVIDIA_H100_80GB_HBM3_64-4-192-128.md)
+# (benchmarks/results/tune_kernels_h100_64-4-192-128.md)
 _WIDE: Dict[str, dict] = {
     "band_fwd/window": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
     "band_dkdv/window": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
