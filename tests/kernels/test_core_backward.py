@@ -1,5 +1,9 @@
 """The pieces nsa_core's one backward relies on: the combination's backward gives each branch's delta,
-and the dQ kernels add their share to a dQ another kernel wrote (ADD_DQ)."""
+and the dQ kernels add their share to a dQ another kernel wrote (ADD_DQ).
+
+The add's contract: the earlier dQ plus the branch's dQ, summed in float32 and rounded to the dtype once.
+The branch's dQ alone (a separate call) is rounded once too, so the two results differ by at most the
+two roundings: half a unit in the last place of the sum and of the branch's dQ."""
 import pytest
 import torch
 
@@ -45,6 +49,20 @@ def _inputs(dtype, num_tokens=70, num_q_heads=4, num_kv_heads=2, head_dim=16, se
     return q, k, v, grad_out, delta, earlier_dq
 
 
+def assert_added_once_rounded(added, earlier_dq, alone):
+    """added == round(earlier_dq + x) where alone == round(x), x the branch's float32 dQ: within
+    eps/2 * |earlier_dq + x| + eps/2 * |x| of earlier_dq + alone (eps of the dtype; here bounded by
+    eps * (|earlier_dq + alone| + |alone|), which holds the roundings of the bound itself too). The bound
+    must reject a kernel that overwrote the earlier dQ or did not write at all."""
+    eps = torch.finfo(added.dtype).eps
+    expected = earlier_dq.float() + alone.float()
+    bound = eps * (expected.abs() + alone.float().abs())
+    excess = ((added.float() - expected).abs() - bound).max().item()
+    assert excess <= 0, f"added dQ is {excess:.3g} past the one-rounding bound"
+    for wrong in (alone, earlier_dq):  # overwritten, or left as it was
+        assert ((wrong.float() - expected).abs() > bound).any(), "the bound cannot tell a missing add"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_band_dq_adds_to_an_earlier_dq(dtype):
     q, k, v, grad_out, delta, earlier_dq = _inputs(dtype)
@@ -57,8 +75,7 @@ def test_band_dq_adds_to_an_earlier_dq(dtype):
     added, dk_added, dv_added = band_backward(q, k, v, *segments, "window", CONFIG, scale, grad_out, lse, delta,
                                               dq=target)
     assert added is target
-    torch.testing.assert_close(added.float(), (earlier_dq.float() + alone.float()).to(dtype).float(),
-                               rtol=2e-3, atol=2e-3)
+    assert_added_once_rounded(added, earlier_dq, alone)
     assert torch.equal(dk, dk_added) and torch.equal(dv, dv_added)
 
 
@@ -82,6 +99,5 @@ def test_selected_dq_adds_to_an_earlier_dq(dtype):
     added, dk_added, dv_added = selected_backward(q, k, v, idx, layout, CONFIG, scale, grad_out, lse, delta,
                                                   dq=target)
     assert added is target
-    torch.testing.assert_close(added.float(), (earlier_dq.float() + alone.float()).to(dtype).float(),
-                               rtol=2e-3, atol=2e-3)
+    assert_added_once_rounded(added, earlier_dq, alone)
     assert torch.equal(dk, dk_added) and torch.equal(dv, dv_added)
