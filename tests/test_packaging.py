@@ -101,6 +101,22 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert command.split()[:3] == ["python", "-m", "pytest"]
 
 
+def test_readme_setup_commands_are_the_ones_ci_runs():
+    """The two set-up commands: the first installs torch and the package as .ci/run does, then trains the tiny
+    recipe with a launcher that exists; the second is the test command."""
+    lines = [line.strip() for line in readme_block("Set up and run \\(two commands\\)", "bash").splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert len(lines) == 2, f"expected two set-up commands, found {lines}"
+    install_torch, install_package, train = [part.strip() for part in lines[0].split("&&")]
+    ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert install_torch in ci_lines, f"{install_torch!r} (README) is not a line of .ci/run"
+    assert f"python -m {install_package}" in ci_lines, f"{install_package!r} (README) differs from .ci/run's install"
+    launcher, recipe = train.split()
+    assert os.access(REPO / launcher, os.X_OK), f"{launcher} is missing or not executable"
+    assert (REPO / recipe).is_file(), f"{recipe} does not exist"
+    assert lines[1] == readme_test_command()
+
+
 @pytest.mark.usefixtures("single_thread")
 def test_readme_quick_start_runs():
     exec(compile(readme_block("Quick start", "python"), "README.md (Quick start)", "exec"), {})
