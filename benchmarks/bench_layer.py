@@ -30,11 +30,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-PAPER_LAYER = dict(hidden_size=2560, num_attention_heads=64, num_query_groups=4, qk_head_dim=192, v_head_dim=128,
-                   ffn_hidden_size=6912)
-TINY_LAYER = dict(hidden_size=64, num_attention_heads=4, num_query_groups=2, qk_head_dim=24, v_head_dim=16,
-                  ffn_hidden_size=96, compress_block_size=16, compress_stride=8, select_block_size=16, select_count=4,
-                  window_size=32)
+PAPER_LAYER = dict(hidden_size=2560, num_attention_heads=64, num_query_groups=4, nsa_qk_head_dim=192,
+                   nsa_v_head_dim=128, ffn_hidden_size=6912)
+TINY_LAYER = dict(hidden_size=64, num_attention_heads=4, num_query_groups=2, nsa_qk_head_dim=24, nsa_v_head_dim=16,
+                  ffn_hidden_size=96, nsa_compress_block_size=16, nsa_compress_stride=8, nsa_select_block_size=16,
+                  nsa_select_count=4, nsa_window_size=32)
 SDPA_ORDER = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
               SDPBackend.MATH)
 VARIANTS = ("nsa", "nsa_recompute", "dense")
@@ -129,7 +129,7 @@ def build_layer(args, variant: str):
     config = NSATransformerConfig(
         num_layers=1, **sizes, normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
-        compression=args.compression, separate_kv=args.separate_kv, nsa_backend=args.backend,
+        nsa_compression=args.compression, nsa_separate_kv=args.separate_kv, nsa_backend=args.backend,
         nsa_rotary_base=10000.0, **recompute,
     )
     core = DenseSDPACore if variant == "dense" else None
@@ -255,7 +255,7 @@ def main(argv=None):
 
     init_single_process(args.device)
     dtype = getattr(torch, args.dtype)
-    head_dim = (TINY_LAYER if args.tiny else PAPER_LAYER)["qk_head_dim"]
+    head_dim = (TINY_LAYER if args.tiny else PAPER_LAYER)["nsa_qk_head_dim"]
     DenseSDPACore.sdpa_backend = SDPBackend.MATH if args.device == "cpu" else pick_sdpa_backend("cuda", dtype,
                                                                                                  head_dim)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"

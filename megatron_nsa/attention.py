@@ -36,7 +36,7 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 from .compat import module_name_kwargs
 from .compression import KVCompressor
 from .config import NSAConfig
-from .functional import nsa_attention
+from .functional import default_backend, nsa_attention
 from .rope import Rotary
 from .transformer_config import check_megatron_fields, nsa_layer_settings
 
@@ -97,7 +97,7 @@ class NSASelfAttention(Attention):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          attn_mask_type=attn_mask_type, attention_type="self", cp_comm_type=cp_comm_type,
                          pg_collection=pg_collection, **attention_kwargs)
-        self.settings = settings
+        self.settings = dataclasses.replace(settings, backend=bound_backend(settings.backend))
         self.core_config = dataclasses.replace(settings.nsa, separate_kv=True)  # k / v always reach the core as triples
         self.key_hidden_size, self.val_hidden_size = settings.qk_head_dim, settings.v_head_dim
         self.heads_per_group = config.num_attention_heads // config.num_query_groups
@@ -277,6 +277,14 @@ def sum_grads_over_group(params, group) -> None:
 
     for param in params:
         param.register_hook(all_reduce)
+
+
+def bound_backend(requested: Optional[str]) -> str:
+    """The NSA core's backend, decided once when the layer is built: the requested one, else 'triton'
+    when this machine has CUDA and the kernels, else 'torch'."""
+    if requested is not None:
+        return requested
+    return default_backend(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _param_device(config):

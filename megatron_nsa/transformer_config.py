@@ -1,108 +1,126 @@
 """`NSATransformerConfig`: Megatron-Core's TransformerConfig plus the NSA fields, validated.
 
-NSA layers also run from a plain TransformerConfig (Megatron-LM's `--spec` path): then the NSA
-hyper-parameters come from the layer spec (`get_gpt_layer_nsa_spec(nsa_config=...)`) and both head
-dims are `kv_channels`. `nsa_layer_settings` resolves either case into one `NSALayerSettings`.
+Every NSA field carries the prefix `nsa_`, as Megatron's own `dsa_indexer_*` fields do, so that
+none shadows a TransformerConfig field (Megatron has its own `window_size` and `softmax_scale`):
+
+- one `nsa_<name>` per NSAConfig field, generated from `dataclasses.fields(NSAConfig)` (default,
+  type and help text are NSAConfig's: every NSA hyper-parameter is declared once, in config.py);
+- the layer's own settings, declared here: head dims, backend, NSA's own RoPE, the
+  context-parallel exchange.
+
+Megatron-LM's `core_transformer_config_from_args(args, NSATransformerConfig)` copies every args
+attribute named like a field, so the `--nsa-*` flags (megatron_nsa.megatron_lm.arguments,
+generated from these fields) reach the config without a mapping table.
+
+NSA layers also run from a plain TransformerConfig (`--spec megatron_nsa.spec nsa_layer_spec`):
+then the NSA hyper-parameters come from the layer spec (`get_gpt_layer_nsa_spec(nsa_config=...)`)
+and both head dims are `kv_channels`. `nsa_layer_settings` resolves either case into one
+`NSALayerSettings`.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+import typing
+from typing import Literal, Optional
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from .config import NSAConfig, nsa_config_from, validate_nsa_fields
+from .config import NSA_FIELD_NAMES, NSAConfig, nsa_config_from, validate_nsa_fields
 
-NSA_BACKENDS = (None, "torch", "triton")
+NSA_PREFIX = "nsa_"
+NSABackend = Literal["torch", "triton"]
+NSA_BACKENDS = (None, *typing.get_args(NSABackend))
+CPExchange = Literal["allgather", "ring", "hierarchical", "fetch"]
 
-_NSA_DEFAULTS = NSAConfig()
+
+def _nsa_config_fields_with_prefix() -> list:
+    """(nsa_<name>, type, field) for make_dataclass: NSAConfig's default, type and metadata (help)."""
+    hints = typing.get_type_hints(NSAConfig)
+    return [(NSA_PREFIX + f.name, hints[f.name], dataclasses.field(default=f.default, metadata=f.metadata))
+            for f in dataclasses.fields(NSAConfig)]
+
+
+_TransformerConfigWithNSAConfig = dataclasses.make_dataclass(
+    "_TransformerConfigWithNSAConfig", _nsa_config_fields_with_prefix(), bases=(TransformerConfig,))
+
+
+def _layer_field(default, help: str):
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass
-class NSATransformerConfig(TransformerConfig):
+class NSATransformerConfig(_TransformerConfigWithNSAConfig):
     """TransformerConfig for models whose attention is Native Sparse Attention.
 
-    The NSA fields mean what they mean in NSAConfig (megatron_nsa/config.py). Two names are shared
-    with TransformerConfig: `softmax_scale` (same meaning: None gives 1/sqrt(qk_head_dim)) and
-    `window_size`, which here is NSA's sliding window in tokens (an int), not Megatron's
-    (left, right) tuple for dense sliding-window attention.
+    Fields `nsa_<name>` for every NSAConfig field (megatron_nsa/config.py, same meaning, default
+    and allowed values), plus the layer's settings below. Megatron's own `window_size` (dense
+    sliding-window attention) and `softmax_scale` must stay None: NSA's are `nsa_window_size`
+    and `nsa_softmax_scale`.
 
     Selective recompute of the NSA core uses Megatron's own switch:
     recompute_granularity='selective' with 'core_attn' in recompute_modules (the default list).
+    q/k norms use Megatron's `qk_layernorm` (with a spec built with qk_layernorm=True).
     """
 
-    compress_block_size: int = _NSA_DEFAULTS.compress_block_size
-    """l: tokens per compressed block."""
-
-    compress_stride: int = _NSA_DEFAULTS.compress_stride
-    """d: stride between compressed blocks (divides l and l')."""
-
-    select_block_size: int = _NSA_DEFAULTS.select_block_size
-    """l': tokens per selection block."""
-
-    select_count: int = _NSA_DEFAULTS.select_count
-    """n: selected blocks per query, forced ones included."""
-
-    select_init_blocks: int = _NSA_DEFAULTS.select_init_blocks
-    """First selection blocks always selected."""
-
-    select_local_blocks: int = _NSA_DEFAULTS.select_local_blocks
-    """Most recent selection blocks always selected (the one holding the query included)."""
-
-    window_size: int = _NSA_DEFAULTS.window_size
-    """w: NSA sliding-window length in tokens, the query included (replaces Megatron's tuple)."""
-
-    compression: str = _NSA_DEFAULTS.compression
-    """phi: 'mean' | 'linear' | 'mlp'; its parameters are shared across heads."""
-
-    compress_mlp_hidden: Optional[int] = _NSA_DEFAULTS.compress_mlp_hidden
-    """Hidden width of phi='mlp' (None: 2 * head dim)."""
-
-    separate_kv: bool = _NSA_DEFAULTS.separate_kv
-    """Independent K/V projections per branch (the paper's choice) instead of one shared K/V."""
-
-    qk_head_dim: Optional[int] = None
-    """Head dim of queries and keys (None: kv_channels)."""
-
-    v_head_dim: Optional[int] = None
-    """Head dim of values (None: kv_channels). kv_channels is set to it when left unset."""
-
-    nsa_backend: Optional[str] = None
-    """NSA core: 'torch' (reference), 'triton' (kernels), None (triton on CUDA when available)."""
-
-    nsa_rotary_base: Optional[float] = None
-    """When set, NSA layers apply their own RoPE with this base (use the GPTModel with
-    position_embedding_type 'none' or 'learned_absolute'). When None, they use the rotary table
-    that GPTModel passes with position_embedding_type='rope', or no RoPE at all."""
-
-    nsa_rotary_dim: Optional[int] = None
-    """Leading dims of each q/k head that NSA's own RoPE rotates (None: all of qk_head_dim)."""
-
-    nsa_cp_exchange: str = "allgather"
-    """How NSA K/V cross context-parallel ranks: 'allgather' | 'ring' | 'hierarchical' | 'fetch'
-    (megatron_nsa.context_parallel.exchange; same result, different memory and traffic)."""
-
-    nsa_cp_node_size: Optional[int] = None
-    """Consecutive CP ranks per node, for nsa_cp_exchange='hierarchical' (a divisor of context_parallel_size)."""
+    nsa_qk_head_dim: Optional[int] = _layer_field(None, "Head dim of queries and keys (None: kv_channels).")
+    nsa_v_head_dim: Optional[int] = _layer_field(
+        None, "Head dim of values (None: kv_channels); kv_channels is set to it when left unset.")
+    nsa_backend: Optional[NSABackend] = _layer_field(
+        None, "NSA core: 'torch' (pure-PyTorch reference) or 'triton' (kernels); None: triton on CUDA when "
+              "available, else torch, decided once when the layer is built.")
+    nsa_rotary_base: Optional[float] = _layer_field(
+        None, "When set, NSA layers apply their own RoPE with this base (the GPTModel then needs "
+              "position_embedding_type 'none'). None: the rotary table GPTModel passes with "
+              "position_embedding_type 'rope', or no RoPE.")
+    nsa_rotary_dim: Optional[int] = _layer_field(
+        None, "Leading dims of each q/k head that NSA's own RoPE rotates (None: all of the q/k head dim).")
+    nsa_cp_exchange: CPExchange = _layer_field(
+        "allgather", "How NSA's keys and values cross context-parallel ranks (same result, different memory "
+                     "and traffic; see docs/context_parallel.md).")
+    nsa_cp_node_size: Optional[int] = _layer_field(
+        None, "Consecutive context-parallel ranks per node, for nsa_cp_exchange 'hierarchical' "
+              "(a divisor of context_parallel_size).")
 
     def __post_init__(self):
-        if self.kv_channels is None and self.v_head_dim is not None:
-            self.kv_channels = self.v_head_dim
+        if self.kv_channels is None and self.nsa_v_head_dim is not None:
+            self.kv_channels = self.nsa_v_head_dim
+        _reject_shadowed_megatron_fields(self)
         super().__post_init__()
-        if self.v_head_dim is None:
-            self.v_head_dim = self.kv_channels
-        if self.qk_head_dim is None:
-            self.qk_head_dim = self.kv_channels
-        validate_nsa_fields(self)
+        if self.nsa_v_head_dim is None:
+            self.nsa_v_head_dim = self.kv_channels
+        if self.nsa_qk_head_dim is None:
+            self.nsa_qk_head_dim = self.kv_channels
+        validate_nsa_fields(self, key_prefix=NSA_PREFIX)
         _validate_head_dims(self)
-        _validate_backend(self.nsa_backend, "nsa_backend")
+        _validate_choice(self.nsa_backend, NSA_BACKENDS, "nsa_backend")
         _validate_rotary(self)
         _validate_cp_exchange(self)
         check_megatron_fields(self, self.tensor_model_parallel_size)
 
     def nsa_config(self) -> NSAConfig:
-        return nsa_config_from(self)
+        """The NSAConfig these fields hold."""
+        return nsa_config_from(self, key_prefix=NSA_PREFIX)
+
+
+def nsa_transformer_fields(nsa: NSAConfig) -> dict:
+    """The NSATransformerConfig keywords that hold `nsa`: {nsa_<name>: value}."""
+    return {NSA_PREFIX + name: getattr(nsa, name) for name in NSA_FIELD_NAMES}
+
+
+def nsa_layer_field_names() -> tuple:
+    """Every NSA field of NSATransformerConfig (NSAConfig's with the prefix, then the layer's own)."""
+    megatron = {f.name for f in dataclasses.fields(TransformerConfig)}
+    return tuple(f.name for f in dataclasses.fields(NSATransformerConfig) if f.name not in megatron)
+
+
+def _reject_shadowed_megatron_fields(cfg: NSATransformerConfig) -> None:
+    for name in ("window_size", "softmax_scale"):
+        if getattr(cfg, name) is not None:
+            raise ValueError(
+                f"{name}={getattr(cfg, name)!r} is Megatron's dense-attention setting, which NSA layers do not use; "
+                f"allowed: None. NSA's own is {NSA_PREFIX}{name}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,15 +146,15 @@ def nsa_layer_settings(config: TransformerConfig, nsa_config: Optional[NSAConfig
                 "and build the spec without nsa_config / nsa_backend"
             )
         return NSALayerSettings(
-            nsa=config.nsa_config(), qk_head_dim=config.qk_head_dim, v_head_dim=config.v_head_dim,
+            nsa=config.nsa_config(), qk_head_dim=config.nsa_qk_head_dim, v_head_dim=config.nsa_v_head_dim,
             backend=config.nsa_backend, rotary_base=config.nsa_rotary_base,
-            rotary_dim=config.nsa_rotary_dim or config.qk_head_dim,
+            rotary_dim=config.nsa_rotary_dim or config.nsa_qk_head_dim,
         )
     if nsa_config is None:
         nsa_config = NSAConfig(softmax_scale=config.softmax_scale)
     if not isinstance(nsa_config, NSAConfig):
         raise TypeError(f"nsa_config must be an NSAConfig, got {type(nsa_config).__name__}")
-    _validate_backend(nsa_backend, "nsa_backend")
+    _validate_choice(nsa_backend, NSA_BACKENDS, "nsa_backend")
     return NSALayerSettings(nsa=nsa_config, qk_head_dim=config.kv_channels, v_head_dim=config.kv_channels,
                             backend=nsa_backend)
 
@@ -160,27 +178,25 @@ def _require_positive_int(name: str, value) -> None:
 
 
 def _validate_head_dims(cfg: NSATransformerConfig) -> None:
-    _require_positive_int("qk_head_dim", cfg.qk_head_dim)
-    _require_positive_int("v_head_dim", cfg.v_head_dim)
-    if cfg.kv_channels != cfg.v_head_dim:
+    _require_positive_int("nsa_qk_head_dim", cfg.nsa_qk_head_dim)
+    _require_positive_int("nsa_v_head_dim", cfg.nsa_v_head_dim)
+    if cfg.kv_channels != cfg.nsa_v_head_dim:
         raise ValueError(
-            f"kv_channels={cfg.kv_channels} must equal v_head_dim={cfg.v_head_dim}: NSA layers use kv_channels "
-            f"as the value head dim (the output projection's input is num_attention_heads * v_head_dim); "
-            f"leave kv_channels unset"
+            f"kv_channels={cfg.kv_channels} must equal nsa_v_head_dim={cfg.nsa_v_head_dim}: NSA layers use "
+            f"kv_channels as the value head dim (the output projection's input is num_attention_heads * "
+            f"nsa_v_head_dim); leave kv_channels unset"
         )
 
 
-def _validate_backend(backend, name: str) -> None:
-    if backend not in NSA_BACKENDS:
-        raise ValueError(f"{name}={backend!r} is not allowed; choose one of {NSA_BACKENDS}")
+def _validate_choice(value, allowed: tuple, name: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of {allowed}")
 
 
 def _validate_cp_exchange(cfg: NSATransformerConfig) -> None:
-    from .context_parallel.exchange import EXCHANGE_MODES
-    from .context_parallel.exchange_hierarchical import check_node_size
+    from .context_parallel.exchange import EXCHANGE_MODES, check_node_size
 
-    if cfg.nsa_cp_exchange not in EXCHANGE_MODES:
-        raise ValueError(f"nsa_cp_exchange={cfg.nsa_cp_exchange!r} is not allowed; choose one of {EXCHANGE_MODES}")
+    _validate_choice(cfg.nsa_cp_exchange, EXCHANGE_MODES, "nsa_cp_exchange")
     if cfg.nsa_cp_exchange == "hierarchical":
         check_node_size(cfg.nsa_cp_node_size, cfg.context_parallel_size, "nsa_cp_node_size")
 
@@ -191,16 +207,15 @@ def _validate_rotary(cfg: NSATransformerConfig) -> None:
                              or not math.isfinite(base) or base <= 0):
         raise ValueError(f"nsa_rotary_base={base!r} is not allowed: it must be None or a finite number > 0")
     if dim is None:
-        if base is not None and cfg.qk_head_dim % 2:
+        if base is not None and cfg.nsa_qk_head_dim % 2:
             raise ValueError(
-                f"qk_head_dim={cfg.qk_head_dim} is odd, so RoPE cannot rotate all of it; "
-                f"set nsa_rotary_dim to an even number <= {cfg.qk_head_dim}"
+                f"nsa_qk_head_dim={cfg.nsa_qk_head_dim} is odd, so RoPE cannot rotate all of it; "
+                f"set nsa_rotary_dim to an even number <= {cfg.nsa_qk_head_dim}"
             )
         return
     if base is None:
         raise ValueError(f"nsa_rotary_dim={dim} needs nsa_rotary_base (NSA's own RoPE); set both or neither")
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2 or dim > cfg.qk_head_dim:
-        raise ValueError(
-            f"nsa_rotary_dim={dim!r} is not allowed: it must be an even integer in [2, qk_head_dim={cfg.qk_head_dim}]"
-        )
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2 or dim > cfg.nsa_qk_head_dim:
+        raise ValueError(f"nsa_rotary_dim={dim!r} is not allowed: it must be an even integer in "
+                         f"[2, nsa_qk_head_dim={cfg.nsa_qk_head_dim}]")
 

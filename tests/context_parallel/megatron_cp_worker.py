@@ -39,9 +39,9 @@ def build_model(tp: int, cp: int, exchange: str = "allgather"):
     from megatron_nsa import NSATransformerConfig, get_gpt_layer_nsa_spec
 
     config = NSATransformerConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, qk_head_dim=12, v_head_dim=8,
-        ffn_hidden_size=64, compress_block_size=8, compress_stride=4, select_block_size=8, select_count=3,
-        window_size=8, compression="linear", nsa_backend="torch", nsa_rotary_base=10000.0,
+        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, nsa_qk_head_dim=12, nsa_v_head_dim=8,
+        ffn_hidden_size=64, nsa_compress_block_size=8, nsa_compress_stride=4, nsa_select_block_size=8,
+        nsa_select_count=3, nsa_window_size=8, nsa_compression="linear", nsa_backend="torch", nsa_rotary_base=10000.0,
         use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=False,
         init_method_std=0.05, tensor_model_parallel_size=tp, context_parallel_size=cp, nsa_cp_exchange=exchange,
         nsa_cp_node_size=1 if exchange == "hierarchical" else None,

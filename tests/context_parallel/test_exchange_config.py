@@ -13,8 +13,8 @@ def _config(**kw):
     from megatron_nsa import NSATransformerConfig
 
     return NSATransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                                compress_block_size=8, compress_stride=4, select_block_size=8, select_count=3,
-                                window_size=8, use_cpu_initialization=True, **kw)
+                                nsa_compress_block_size=8, nsa_compress_stride=4, nsa_select_block_size=8,
+                                nsa_select_count=3, nsa_window_size=8, use_cpu_initialization=True, **kw)
 
 
 def test_transformer_config_takes_every_mode_and_rejects_others():

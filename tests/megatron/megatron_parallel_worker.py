@@ -22,8 +22,8 @@ import torch.distributed as dist
 from mcore_harness import build_gpt, megatron_cuda_calls_on_cpu, set_parallel, tiny_config, token_batch
 
 TINY = {}  # tiny_config's defaults: CPU sized
-GPU_SIZED = dict(hidden_size=256, qk_head_dim=64, v_head_dim=64, ffn_hidden_size=512, compress_block_size=32,
-                 compress_stride=16, select_block_size=64, select_count=4, window_size=64)
+GPU_SIZED = dict(hidden_size=256, nsa_qk_head_dim=64, nsa_v_head_dim=64, ffn_hidden_size=512,
+                 nsa_compress_block_size=32, nsa_compress_stride=16, nsa_select_block_size=64, nsa_select_count=4, nsa_window_size=64)
 
 
 def parse_args():

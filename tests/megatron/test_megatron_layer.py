@@ -49,8 +49,8 @@ def layer_by_hand(layer, x, config, head_norms: bool = False):
 
     seq_len, batch = x.shape[:2]
     heads, groups = config.num_attention_heads, config.num_query_groups
-    per_group, dk, dv = heads // groups, config.qk_head_dim, config.v_head_dim
-    branches = 3 if config.separate_kv else 1
+    per_group, dk, dv = heads // groups, config.nsa_qk_head_dim, config.nsa_v_head_dim
+    branches = 3 if config.nsa_separate_kv else 1
     mixed = (x @ layer.linear_qkv.weight.T).view(seq_len, batch, groups, -1)
     sizes = [per_group * dk, branches * dk, branches * dv, per_group * 3]
     q, k, v, gate_logits = torch.split(mixed, sizes, dim=-1)
@@ -61,7 +61,7 @@ def layer_by_hand(layer, x, config, head_norms: bool = False):
         q, k = head_norm_by_hand(q, layer.q_layernorm, config), head_norm_by_hand(k, layer.k_layernorm, config)
     gates = torch.sigmoid(gate_logits.reshape(seq_len, batch, heads, 3))
     positions = torch.arange(seq_len)
-    rope = lambda t, pos: complex_rope(t, pos, config.qk_head_dim, config.nsa_rotary_base)  # noqa: E731
+    rope = lambda t, pos: complex_rope(t, pos, config.nsa_qk_head_dim, config.nsa_rotary_base)  # noqa: E731
     branch = lambda t, i: t[:, :, :, i % branches].transpose(0, 1)  # noqa: E731  -> [b, s, H_kv, d]
     kv_cmp = (branch(k, 0), branch(v, 0))
     kv_slc = (rope(k[:, :, :, 1 % branches], positions).transpose(0, 1), branch(v, 1))
@@ -73,7 +73,7 @@ def layer_by_hand(layer, x, config, head_norms: bool = False):
 
 @pytest.mark.parametrize("separate_kv,compression", [(False, "linear"), (True, "mlp"), (False, "mean")])
 def test_layer_matches_hand_computation(separate_kv, compression):
-    config = tiny_config(separate_kv=separate_kv, compression=compression, params_dtype=torch.float64)
+    config = tiny_config(nsa_separate_kv=separate_kv, nsa_compression=compression, params_dtype=torch.float64)
     torch.manual_seed(0)
     layer = build_attention(config)
     x = torch.randn(37, 2, config.hidden_size, dtype=torch.float64)
@@ -86,9 +86,9 @@ def test_layer_matches_hand_computation(separate_kv, compression):
 def test_qk_layernorm_matches_hand_computation(separate_kv, normalization):
     """Per-head q/k norms (random weights, so that a norm applied to the wrong tensor or dims shows),
     before RoPE; the key norm is shared by the three key branches."""
-    config = tiny_config(separate_kv=separate_kv, normalization=normalization, params_dtype=torch.float64)
+    config = tiny_config(nsa_separate_kv=separate_kv, normalization=normalization, params_dtype=torch.float64)
     layer = build_attention(config, qk_layernorm=True)
-    assert layer.q_layernorm.weight.shape == layer.k_layernorm.weight.shape == (config.qk_head_dim,)
+    assert layer.q_layernorm.weight.shape == layer.k_layernorm.weight.shape == (config.nsa_qk_head_dim,)
     with torch.no_grad():
         for param in [*layer.q_layernorm.parameters(), *layer.k_layernorm.parameters()]:
             param.copy_(torch.randn_like(param))
@@ -112,7 +112,7 @@ def test_triton_backend_matches_torch_backend():
     pytest.importorskip("nsa_kernels")
     results = {}
     for backend in ("torch", "triton"):
-        config = tiny_config(nsa_backend=backend, qk_head_dim=16, v_head_dim=16, separate_kv=True)
+        config = tiny_config(nsa_backend=backend, nsa_qk_head_dim=16, nsa_v_head_dim=16, nsa_separate_kv=True)
         torch.manual_seed(0)
         layer = build_attention(config)
         x = torch.randn(40, 1, config.hidden_size, generator=torch.Generator().manual_seed(1), requires_grad=True)
@@ -150,7 +150,7 @@ def test_packed_documents_match_documents_one_by_one():
 
 
 def test_gpt_model_forward_backward_reaches_every_parameter():
-    config = tiny_config(separate_kv=True, compression="mlp")
+    config = tiny_config(nsa_separate_kv=True, nsa_compression="mlp")
     model = build_gpt(config, seed=2)
     tokens, labels, positions = token_batch(3, batch=2, seq_len=40)
     loss = model(tokens, positions, None, labels=labels).mean()
