@@ -104,45 +104,41 @@ def nsa(seq_len, shape, config):
 
 def nsa_stages(seq_len, shape, config):
     """Forward time of each stage and backward time of each branch (ms), and the selected kernel's TFLOP/s."""
-    import nsa_kernels
+    from nsa_kernels import KernelParams, packed_documents
     from nsa_kernels.band import band_attention
     from nsa_kernels.combine import gated_combine
-    from nsa_kernels.selected import packed_layout, selected_attention
+    from nsa_kernels.selected import selected_attention
     from nsa_kernels.topk import select_blocks
 
     q, k, v, gates = nsa_inputs(seq_len, shape)
     q, k, v, gates = q[0], k[0], v[0], gates[0]
-    scale = config.scale_for(q.shape[-1])
+    params = KernelParams.from_config(config, config.scale_for(q.shape[-1]))
     cu = torch.tensor([0, seq_len], device="cuda", dtype=torch.int32)
     bounds = [0, seq_len]  # on the host, as nsa_attention has them: layouts built there, as in a real call
-    docs = nsa_kernels.make_docs(cu, seq_len, config.compress_block_size, config.compress_stride,
-                                 config.select_block_size, bounds)
-    tokens, compressed = docs.token_segments, docs.cmp_segments
+    layout = packed_documents(cu, seq_len, params, bounds)
     ck, cv = compress_documents(k, v, cu, config, bounds=bounds)
-    layout = packed_layout(docs, config.select_block_size)
-    cmp_out, cmp_lse = band_attention(q, ck, cv, tokens, compressed, "compressed", config, scale)
-    idx = select_blocks(q, ck, cmp_lse, tokens, compressed, config, scale)
-    slc_out, _ = selected_attention(q, k, v, idx, layout, config, scale)
-    win_out, _ = band_attention(q, k, v, tokens, tokens, "window", config, scale)
+    cmp_out, cmp_lse = band_attention(q, ck, cv, layout, "compressed", params)
+    idx = select_blocks(q, ck, cmp_lse, layout, params)
+    slc_out, _ = selected_attention(q, k, v, idx, layout, params)
+    win_out, _ = band_attention(q, k, v, layout, "window", params)
     grad = torch.randn_like(cmp_out)
     with torch.no_grad():
         stages = {
             "compression": time_ms(lambda: compress_documents(k, v, cu, config, bounds=bounds)),
-            "compressed_attn": time_ms(
-                lambda: band_attention(q, ck, cv, tokens, compressed, "compressed", config, scale)),
-            "scoring_topn": time_ms(lambda: select_blocks(q, ck, cmp_lse, tokens, compressed, config, scale)),
-            "selected_attn": time_ms(lambda: selected_attention(q, k, v, idx, layout, config, scale)),
-            "window_attn": time_ms(lambda: band_attention(q, k, v, tokens, tokens, "window", config, scale)),
+            "compressed_attn": time_ms(lambda: band_attention(q, ck, cv, layout, "compressed", params)),
+            "scoring_topn": time_ms(lambda: select_blocks(q, ck, cmp_lse, layout, params)),
+            "selected_attn": time_ms(lambda: selected_attention(q, k, v, idx, layout, params)),
+            "window_attn": time_ms(lambda: band_attention(q, k, v, layout, "window", params)),
             "combine": time_ms(lambda: gated_combine(gates, cmp_out, slc_out, win_out)),
         }
     ck, cv = ck.detach().requires_grad_(), cv.detach().requires_grad_()
     bwd = {
         "compressed_bwd": time_ms(lambda: torch.autograd.grad(
-            band_attention(q, ck, cv, tokens, compressed, "compressed", config, scale)[0], (q, ck, cv), grad)),
+            band_attention(q, ck, cv, layout, "compressed", params)[0], (q, ck, cv), grad)),
         "selected_bwd": time_ms(lambda: torch.autograd.grad(
-            selected_attention(q, k, v, idx, layout, config, scale)[0], (q, k, v), grad)),
+            selected_attention(q, k, v, idx, layout, params)[0], (q, k, v), grad)),
         "window_bwd": time_ms(lambda: torch.autograd.grad(
-            band_attention(q, k, v, tokens, tokens, "window", config, scale)[0], (q, k, v), grad)),
+            band_attention(q, k, v, layout, "window", params)[0], (q, k, v), grad)),
     }
     bwd["compressed_bwd"] -= stages["compressed_attn"]
     bwd["selected_bwd"] -= stages["selected_attn"]

@@ -89,14 +89,13 @@ def block_config(recipe):
 
 def one_document(config, shape, num_tokens: int):
     """Random bf16 q [T, H_q, d_k], k [T, H_kv, d_k], v [T, H_kv, d_v] on the GPU (bench_attention's
-    inputs) as one document: (q, k, v, cu_seqlens, docs)."""
-    import nsa_kernels
+    inputs) as one document: (q, k, v, cu_seqlens, its layout, the kernels' parameters)."""
+    from nsa_kernels import KernelParams, packed_documents
 
     q, k, v = (t[0] for t in nsa_inputs(num_tokens, shape)[:3])
     cu = torch.tensor([0, num_tokens], device="cuda", dtype=torch.int32)
-    docs = nsa_kernels.make_docs(cu, num_tokens, config.compress_block_size, config.compress_stride,
-                                 config.select_block_size)
-    return q, k, v, cu, docs
+    params = KernelParams.from_config(config, config.scale_for(shape[2]))
+    return q, k, v, cu, packed_documents(cu, num_tokens, params), params
 
 
 def random_selections(config, shape, num_tokens: int) -> torch.Tensor:
@@ -106,34 +105,31 @@ def random_selections(config, shape, num_tokens: int) -> torch.Tensor:
 
     from megatron_nsa.compression import compress_documents
 
-    q, k, v, cu, docs = one_document(config, shape, num_tokens)
-    scale = config.scale_for(shape[2])
+    q, k, v, cu, layout, params = one_document(config, shape, num_tokens)
     with torch.no_grad():
         ck, cv = compress_documents(k, v, cu, config)
-        _, cmp_lse = band_attention(q, ck, cv, cu, docs.cu_cmp, "compressed", config, scale)
-        return select_blocks(q, ck, cmp_lse, cu, docs.cu_cmp, config, scale)
+        _, cmp_lse = band_attention(q, ck, cv, layout, "compressed", params)
+        return select_blocks(q, ck, cmp_lse, layout, params)
 
 
 def time_tilings(config, shape, selected_block_idx: torch.Tensor, tile_tokens) -> Dict[str, float]:
     """Selected attention at `shape` with these selections ([T, H_kv, n], one document): forward and
     forward+backward ms with programs of m tokens, for each m in tile_tokens."""
     from nsa_kernels import tuning
-    from nsa_kernels.selected import packed_layout, selected_attention
+    from nsa_kernels.selected import selected_attention
 
     num_tokens = selected_block_idx.shape[0]
-    q, k, v, _, docs = one_document(config, shape, num_tokens)
-    layout = packed_layout(docs, config.select_block_size)
-    scale = config.scale_for(shape[2])
+    q, k, v, _, layout, params = one_document(config, shape, num_tokens)
     grad = torch.randn(num_tokens, shape[0], shape[3], device="cuda", dtype=torch.bfloat16)
     idx = selected_block_idx.to(device="cuda", dtype=torch.int32).contiguous()
     group = shape[0] // shape[1]
 
     def forward():
         with torch.no_grad():
-            selected_attention(q, k, v, idx, layout, config, scale)
+            selected_attention(q, k, v, idx, layout, params)
 
     def forward_backward():
-        torch.autograd.grad(selected_attention(q, k, v, idx, layout, config, scale)[0], (q, k, v), grad)
+        torch.autograd.grad(selected_attention(q, k, v, idx, layout, params)[0], (q, k, v), grad)
 
     result = {}
     for tokens in tile_tokens:

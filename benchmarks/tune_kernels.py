@@ -60,29 +60,27 @@ def time_ms(fn, warmup=2, reps=5):
 
 def stage_functions(seq_len, hq, hkv, dk, dv, config):
     """kernel name -> a function running the stage that kernel belongs to."""
-    import nsa_kernels
+    from nsa_kernels import KernelParams, packed_documents
     from nsa_kernels.band import band_attention
-    from nsa_kernels.selected import packed_layout, selected_attention
+    from nsa_kernels.selected import selected_attention
     from nsa_kernels.topk import select_blocks
 
     mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # noqa: E731
     q, k, v = mk(seq_len, hq, dk), mk(seq_len, hkv, dk), mk(seq_len, hkv, dv)
-    scale = config.scale_for(dk)
+    params = KernelParams.from_config(config, config.scale_for(dk))
     cu = torch.tensor([0, seq_len], device="cuda", dtype=torch.int32)
-    docs = nsa_kernels.make_docs(cu, seq_len, config.compress_block_size, config.compress_stride,
-                                 config.select_block_size)
+    layout = packed_documents(cu, seq_len, params)
     with torch.no_grad():
         ck, cv = compress_documents(k, v, cu, config)
     ck, cv = ck.requires_grad_(), cv.requires_grad_()
-    layout = packed_layout(docs, config.select_block_size)
     with torch.no_grad():
-        _, cmp_lse = band_attention(q, ck, cv, cu, docs.cu_cmp, "compressed", config, scale)
-        idx = select_blocks(q, ck, cmp_lse, cu, docs.cu_cmp, config, scale)
+        _, cmp_lse = band_attention(q, ck, cv, layout, "compressed", params)
+        idx = select_blocks(q, ck, cmp_lse, layout, params)
     grad = torch.randn(seq_len, hq, dv, device="cuda", dtype=torch.bfloat16)
 
-    compressed = lambda: band_attention(q, ck, cv, cu, docs.cu_cmp, "compressed", config, scale)[0]  # noqa: E731
-    window = lambda: band_attention(q, k, v, cu, cu, "window", config, scale)[0]  # noqa: E731
-    selected = lambda: selected_attention(q, k, v, idx, layout, config, scale)[0]  # noqa: E731
+    compressed = lambda: band_attention(q, ck, cv, layout, "compressed", params)[0]  # noqa: E731
+    window = lambda: band_attention(q, k, v, layout, "window", params)[0]  # noqa: E731
+    selected = lambda: selected_attention(q, k, v, idx, layout, params)[0]  # noqa: E731
 
     def no_grad(fn):
         def run():
@@ -99,7 +97,7 @@ def stage_functions(seq_len, hq, hkv, dk, dv, config):
         "band_dq/window": fwd_bwd(window, (q, k, v)), "band_dkdv/window": fwd_bwd(window, (q, k, v)),
         "selected_fwd": no_grad(selected), "selected_dq": fwd_bwd(selected, (q, k, v)),
         "selected_dkdv": fwd_bwd(selected, (q, k, v)),
-        "topk": no_grad(lambda: select_blocks(q, ck, cmp_lse, cu, docs.cu_cmp, config, scale)),
+        "topk": no_grad(lambda: select_blocks(q, ck, cmp_lse, layout, params)),
     }
 
 

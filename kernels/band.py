@@ -25,14 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .constants import LN2, LOG2E
 from .delta import row_dot
-from .layout import as_segments
+from .layout import Layout
+from .params import KernelParams
 from .qk_parts import acc_qk, dot_qk, load_qk, qk_parts, store_or_add_qk, store_qk, tile_width, zeros_qk
 from .tma import streamed
 from .tuning import launch_params
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -140,7 +139,7 @@ def _query_rows(Q, DO, LSE, DELTA, rows64, row_ok, head, sqt, sqh, sdot, sdoh, s
 def _row_stats(LSE, DELTA, rows64, row_ok, head, slt, slh):
     """lse of query rows in log2 units (+inf where a row has no key or is not row_ok) and delta (0 there)."""
     lse = tl.load(LSE + rows64 * slt + head * slh, mask=row_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     delta = tl.load(DELTA + rows64 * slt + head * slh, mask=row_ok, other=0.0)
     return lse2, delta
 
@@ -214,7 +213,7 @@ def _band_fwd(
 
     has_key = l_i > 0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * LN2, float("-inf"))
     tl.store(O + rows64[:, None] * sot + head * soh + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + rows64 * slt + head * slh, lse, mask=row_ok)
@@ -391,11 +390,18 @@ def _band_bwd_dkdv(
              mask=key_ok[:, None] & (offs_dv[None, :] < DV))
 
 
-def _geometry(kind: str, config):
+def _geometry(kind: str, params: KernelParams):
     """(KEY_STRIDE, KEY_OFFSET, WINDOW) of a branch."""
     if kind == "window":
-        return 1, 0, config.window_size
-    return config.compress_stride, config.compress_block_size - 1, 0
+        return 1, 0, params.window
+    if kind == "compressed":
+        return params.compress_stride, params.compress_block - 1, 0
+    raise ValueError(f"kind={kind!r} is not allowed; choose 'window' or 'compressed'")
+
+
+def _key_rows(kind: str):
+    """Which rows of the layout are a branch's keys."""
+    return "keys" if kind == "window" else "compressed"
 
 
 def _blocks(kernel: str, kind: str, dk: int, dv: int) -> dict:
@@ -408,48 +414,55 @@ def _streamed(tensors, blocks: dict, block_rows: str):
     return streamed(tensors, blocks[block_rows], blocks.pop("TMA", False))
 
 
-def band_forward(q, k, v, q_segments, k_segments, q_pos0, k_first, kind, config, scale):
-    """(out [T, H_q, d_v], lse [T, H_q] float32) of band attention; arguments as BandAttention's."""
-    cu_q, cu_k = q_segments.cu, k_segments.cu
+def band_forward(q, k, v, layout: Layout, kind: str, params: KernelParams):
+    """(out [T, H_q, d_v], lse [T, H_q] float32) of band attention; arguments as band_attention's."""
+    cu_q, q_pos0, _ = layout.bounds("queries")
+    cu_k, k_first, _ = layout.bounds(_key_rows(kind))
     num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
-    stride_, offset_, window = _geometry(kind, config)
+    key_stride, key_offset, window = _geometry(kind, params)
     blocks = _blocks("band_fwd", kind, q.shape[2], v.shape[2])
     (k_in, v_in), tma = _streamed([k, v], blocks, "BLOCK_N")
     out = torch.empty(q.shape[0], num_q_heads, v.shape[2], device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[0], num_q_heads, device=q.device, dtype=torch.float32)
-    q_tiles = q_segments.tiles(blocks["BLOCK_M"], q.shape[0])
-    if q_tiles[0].numel():
-        _band_fwd[(num_q_heads, q_tiles[0].numel())](
-            q, k_in, v_in, out, lse, *q_tiles, cu_q, cu_k, q_pos0, k_first,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-            scale * LOG2E, G=num_q_heads // num_kv_heads, KEY_STRIDE=stride_, KEY_OFFSET=offset_,
-            WINDOW=window, DK=q.shape[2], DV=v.shape[2], **blocks, TMA=tma,
+    tile_start, tile_end, tile_seg = layout.tiles("queries", blocks["BLOCK_M"], q.shape[0])
+    if tile_start.numel():
+        _band_fwd[(num_q_heads, tile_start.numel())](
+            Q=q, K=k_in, V=v_in, O=out, LSE=lse, TileStart=tile_start, TileEnd=tile_end, TileSeg=tile_seg,
+            CuQ=cu_q, CuK=cu_k, QPos0=q_pos0, KFirst=k_first,
+            sqt=q.stride(0), sqh=q.stride(1), skt=k.stride(0), skh=k.stride(1), svt=v.stride(0), svh=v.stride(1),
+            sot=out.stride(0), soh=out.stride(1), slt=lse.stride(0), slh=lse.stride(1),
+            qk_scale=params.scale * LOG2E.value, G=num_q_heads // num_kv_heads, KEY_STRIDE=key_stride,
+            KEY_OFFSET=key_offset, WINDOW=window, DK=q.shape[2], DV=v.shape[2], **blocks, TMA=tma,
         )
     return out, lse
 
 
-def band_backward(q, k, v, q_segments, k_segments, q_pos0, k_first, kind, config, scale, grad_out, lse, delta,
-                  dq=None):
+def band_backward(q, k, v, layout: Layout, kind: str, params: KernelParams, grad_out, lse, delta, dq=None):
     """(dQ, dK, dV) of band attention from dO [T, H_q, d_v] (contiguous), the forward's lse and
     delta = rowsum(dO * O) - dlse, both [T, H_q] float32 and contiguous. `dq`: a [T, H_q, d_k] gradient
-    that this branch's dQ is added to (returned), instead of a new tensor."""
-    cu_q, cu_k = q_segments.cu, k_segments.cu
-    stride_, offset_, window = _geometry(kind, config)
+    that this branch's dQ is added to (returned), instead of a new tensor: the sum is taken in float32
+    and rounded to dq's dtype once."""
+    key_rows = _key_rows(kind)
+    cu_q, q_pos0, _ = layout.bounds("queries")
+    cu_k, k_first, _ = layout.bounds(key_rows)
+    key_stride, key_offset, window = _geometry(kind, params)
     blocks = _blocks("band_dq", kind, q.shape[2], v.shape[2])
     num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
     group = num_q_heads // num_kv_heads
     add_dq = dq is not None
     dq = dq if add_dq else torch.empty_like(q)
-    common = dict(G=group, KEY_STRIDE=stride_, KEY_OFFSET=offset_, WINDOW=window, DK=q.shape[2], DV=v.shape[2])
+    common = dict(CuQ=cu_q, CuK=cu_k, QPos0=q_pos0, KFirst=k_first, qk_scale=params.scale * LOG2E.value,
+                  sm_scale=params.scale, G=group, KEY_STRIDE=key_stride, KEY_OFFSET=key_offset, WINDOW=window,
+                  DK=q.shape[2], DV=v.shape[2])
     (k_in, v_in), tma = _streamed([k, v], blocks, "BLOCK_N")
-    q_tiles = q_segments.tiles(blocks["BLOCK_M"], q.shape[0])
-    if q_tiles[0].numel():
-        _band_bwd_dq[(num_q_heads, q_tiles[0].numel())](
-            q, k_in, v_in, grad_out, lse, delta, dq, *q_tiles, cu_q, cu_k, q_pos0, k_first,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1),
-            scale * LOG2E, scale, **common, **blocks, TMA=tma, ADD_DQ=add_dq,
+    tile_start, tile_end, tile_seg = layout.tiles("queries", blocks["BLOCK_M"], q.shape[0])
+    if tile_start.numel():
+        _band_bwd_dq[(num_q_heads, tile_start.numel())](
+            Q=q, K=k_in, V=v_in, DO=grad_out, LSE=lse, DELTA=delta, DQ=dq, TileStart=tile_start, TileEnd=tile_end,
+            TileSeg=tile_seg, sqt=q.stride(0), sqh=q.stride(1), skt=k.stride(0), skh=k.stride(1),
+            svt=v.stride(0), svh=v.stride(1), sdot=grad_out.stride(0), sdoh=grad_out.stride(1),
+            slt=lse.stride(0), slh=lse.stride(1), sdqt=dq.stride(0), sdqh=dq.stride(1),
+            **common, **blocks, TMA=tma, ADD_DQ=add_dq,
         )
     # Compressed keys are few and each is seen by many queries: split the group's heads over
     # programs (partial dK/dV per head, summed below in a fixed order). Window keys are many.
@@ -459,18 +472,19 @@ def band_backward(q, k, v, q_segments, k_segments, q_pos0, k_first, kind, config
     dk = torch.empty(k.shape[0], heads_out, k.shape[2], device=k.device, dtype=torch.float32 if split else k.dtype)
     dv = torch.empty(v.shape[0], heads_out, v.shape[2], device=v.device, dtype=torch.float32 if split else v.dtype)
     (q_in, grad_out_in), tma = _streamed([q, grad_out], kv_blocks, "BLOCK_M")
-    k_tiles = k_segments.tiles(kv_blocks["BLOCK_N"], k.shape[0])
-    if k_tiles[0].numel():
+    tile_start, tile_end, tile_seg = layout.tiles(key_rows, kv_blocks["BLOCK_N"], k.shape[0])
+    if tile_start.numel():
         # dK/dV reads lse and delta of a query tile for one head: stored head-major, those values are
-        # contiguous (64k, H100: compressed forward+backward 44.3 -> 43.1 ms; 256k 747 -> 706 ms)
+        # contiguous
         lse_by_head = lse.t().contiguous().t()  # [T, H_q], strides (1, T)
         delta_by_head = delta.t().contiguous().t()
-        _band_bwd_dkdv[(heads_out, k_tiles[0].numel())](
-            q_in, k, v, grad_out_in, lse_by_head, delta_by_head, dk, dv, *k_tiles, cu_q, cu_k, q_pos0, k_first,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            grad_out.stride(0), grad_out.stride(1), lse_by_head.stride(0), lse_by_head.stride(1),
-            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            scale * LOG2E, scale, **common, **kv_blocks, SPLIT_HEADS=split, TMA=tma,
+        _band_bwd_dkdv[(heads_out, tile_start.numel())](
+            Q=q_in, K=k, V=v, DO=grad_out_in, LSE=lse_by_head, DELTA=delta_by_head, DK_=dk, DV_=dv,
+            TileStart=tile_start, TileEnd=tile_end, TileSeg=tile_seg,
+            sqt=q.stride(0), sqh=q.stride(1), skt=k.stride(0), skh=k.stride(1), svt=v.stride(0), svh=v.stride(1),
+            sdot=grad_out.stride(0), sdoh=grad_out.stride(1), slt=lse_by_head.stride(0), slh=lse_by_head.stride(1),
+            sdkt=dk.stride(0), sdkh=dk.stride(1), sdvt=dv.stride(0), sdvh=dv.stride(1),
+            **common, **kv_blocks, SPLIT_HEADS=split, TMA=tma,
         )
     if split:
         dk = dk.view(k.shape[0], num_kv_heads, group, k.shape[2]).sum(2).to(k.dtype)
@@ -479,42 +493,30 @@ def band_backward(q, k, v, q_segments, k_segments, q_pos0, k_first, kind, config
 
 
 class BandAttention(torch.autograd.Function):
-    """q [T, H_q, d_k] packed with cu_q; k [Tk, H_kv, d_k], v [Tk, H_kv, d_v] packed with cu_k."""
+    """Arguments as band_attention's (q, k, v contiguous)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_segments, k_segments, q_pos0, k_first, kind, config, scale):
-        out, lse = band_forward(q, k, v, q_segments, k_segments, q_pos0, k_first, kind, config, scale)
-        ctx.save_for_backward(q, k, v, out, lse, q_pos0, k_first)
-        ctx.segments = q_segments, k_segments
-        ctx.kind, ctx.config, ctx.scale = kind, config, scale
+    def forward(ctx, q, k, v, layout, kind, params):
+        out, lse = band_forward(q, k, v, layout, kind, params)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.kind, ctx.params = layout, kind, params
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, q_pos0, k_first = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         delta = row_dot(grad_out, out)  # [T, H_q]
         if grad_lse is not None:  # d lse / d s = p, so a gradient on lse shifts delta
             delta = delta - grad_lse
-        dq, dk, dv = band_backward(q, k, v, *ctx.segments, q_pos0, k_first, ctx.kind, ctx.config, ctx.scale,
-                                   grad_out, lse, delta)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        dq, dk, dv = band_backward(q, k, v, ctx.layout, ctx.kind, ctx.params, grad_out, lse, delta)
+        return dq, dk, dv, None, None, None
 
 
-def band_segments(cu_q, cu_k, device, q_pos0=None, k_first=None):
-    """(q_segments, k_segments, q_pos0, k_first) of band_attention's arguments: zeros where not given."""
-    q_segments, k_segments = as_segments(cu_q), as_segments(cu_k)
-    zeros = torch.zeros(q_segments.cu.numel() - 1, device=device, dtype=torch.int32)
-    return q_segments, k_segments, zeros if q_pos0 is None else q_pos0, zeros if k_first is None else k_first
-
-
-def band_attention(q, k, v, cu_q, cu_k, kind: str, config, scale: float, q_pos0=None, k_first=None):
+def band_attention(q, k, v, layout: Layout, kind: str, params: KernelParams):
     """Window (kind='window') or compressed (kind='compressed') attention. Returns (out [T, H_q, d_v], lse [T, H_q]).
 
-    Segment i: queries cu_q[i]..cu_q[i+1] at positions q_pos0[i].., keys cu_k[i]..cu_k[i+1] with key
-    indices k_first[i].. (both default 0: whole documents). cu_q / cu_k: int32 tensors, or
-    layout.Segments that also hold them on the host.
+    q [T, H_q, d_k] holds the layout's queries; k [Tk, H_kv, d_k], v [Tk, H_kv, d_v] its token keys
+    (window) or its compressed keys (compressed), segment by segment.
     """
-    q_segments, k_segments, q_pos0, k_first = band_segments(cu_q, cu_k, q.device, q_pos0, k_first)
-    return BandAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), q_segments, k_segments, q_pos0,
-                               k_first, kind, config, scale)
+    return BandAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), layout, kind, params)

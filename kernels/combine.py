@@ -1,4 +1,5 @@
-"""The gated combination o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win (NSA_SPEC.md, Eq. 5), fused.
+"""The gated combination o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win (docs/semantics.md; the NSA
+paper, Eq. 5), fused.
 
 Forward reads the three branch outputs once; backward reads dO and the branch outputs once and
 writes the three branch gradients and dgates (and, for nsa_core, each branch's softmax-backward
@@ -6,16 +7,12 @@ delta). Rows are (token, query head) pairs.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .constants import COMBINE_ROWS
 from .delta import row_tile
-
-# rows per program; the CPU interpreter pays per program, so it takes larger tiles
-BLOCK_R = 256 if os.environ.get("TRITON_INTERPRET") == "1" else 16
 
 
 @triton.jit
@@ -60,8 +57,8 @@ def combine_forward(gates, cmp_out, slc_out, win_out):
     out = torch.empty_like(cmp_out)
     num_rows, dv = cmp_out.shape[0] * cmp_out.shape[1], cmp_out.shape[2]
     if num_rows:
-        _combine_fwd[(triton.cdiv(num_rows, BLOCK_R),)](
-            gates, cmp_out, slc_out, win_out, out, num_rows, DV=dv, BLOCK_R=BLOCK_R,
+        _combine_fwd[(triton.cdiv(num_rows, COMBINE_ROWS),)](
+            G_=gates, C=cmp_out, S=slc_out, W=win_out, O=out, num_rows=num_rows, DV=dv, BLOCK_R=COMBINE_ROWS,
             BLOCK_DV=triton.next_power_of_2(dv), num_warps=4)
     return out
 
@@ -75,9 +72,10 @@ def combine_backward(gates, cmp_out, slc_out, win_out, grad_out, with_delta=Fals
     d_cmp, d_slc, d_win = torch.empty_like(cmp_out), torch.empty_like(slc_out), torch.empty_like(win_out)
     delta = torch.empty(3, *cmp_out.shape[:2], device=gates.device, dtype=torch.float32) if with_delta else None
     if num_rows:
-        _combine_bwd[(triton.cdiv(num_rows, BLOCK_R),)](
-            gates, cmp_out, slc_out, win_out, grad_out, d_gates, d_cmp, d_slc, d_win, delta, num_rows,
-            DV=dv, BLOCK_R=BLOCK_R, BLOCK_DV=triton.next_power_of_2(dv), WITH_DELTA=with_delta, num_warps=4)
+        _combine_bwd[(triton.cdiv(num_rows, COMBINE_ROWS),)](
+            G_=gates, C=cmp_out, S=slc_out, W=win_out, DO=grad_out, DG=d_gates, DC=d_cmp, DS=d_slc, DW=d_win,
+            DELTA=delta, num_rows=num_rows, DV=dv, BLOCK_R=COMBINE_ROWS, BLOCK_DV=triton.next_power_of_2(dv),
+            WITH_DELTA=with_delta, num_warps=4)
     return d_gates, d_cmp, d_slc, d_win, delta
 
 

@@ -4,14 +4,11 @@ One pass over dO and O in their own dtype; no full-size float32 temporaries.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# rows per program; the CPU interpreter pays per program, so it takes larger tiles
-BLOCK_R = 512 if os.environ.get("TRITON_INTERPRET") == "1" else 32
+from .constants import ROW_DOT_ROWS
 
 
 @triton.jit
@@ -40,8 +37,8 @@ def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out = torch.empty(a.shape[:-1], device=a.device, dtype=torch.float32)
     num_rows, dim = out.numel(), a.shape[-1]
     if num_rows:
-        _row_dot[(triton.cdiv(num_rows, BLOCK_R),)](a, b, out, num_rows, D=dim, BLOCK_R=BLOCK_R,
-                                                   BLOCK_D=triton.next_power_of_2(dim))
+        _row_dot[(triton.cdiv(num_rows, ROW_DOT_ROWS),)](A=a, B=b, OUT=out, num_rows=num_rows, D=dim,
+                                                        BLOCK_R=ROW_DOT_ROWS, BLOCK_D=triton.next_power_of_2(dim))
     return out
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-MIN_PART = 16
+from .constants import MIN_PART
 
 
 def qk_parts(head_dim: int) -> dict:

@@ -20,21 +20,16 @@ not a power of two (kernels/qk_parts.py).
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-
-import numpy
 import torch
 import triton
 import triton.language as tl
 
-from .band import LOG2E
+from .constants import LN2, LOG2E, PIECE
 from .delta import row_dot
-from .layout import LAYOUT_CACHE_SIZE, max_pieces, segment_of, upload
+from .layout import Layout, max_pieces, segment_of
+from .params import KernelParams
 from .qk_parts import acc_qk, dot_qk, load_qk, qk_parts, store_or_add_qk, store_qk, tile_width, zeros_qk
 from .tuning import launch_params
-
-PIECE = 512
 
 
 @triton.jit
@@ -145,7 +140,7 @@ def _selected_fwd(
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no visible key gives 0 (and lse -inf)
     tl.store(O + token[:, None] * sot + heads[:, None] * soh + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSE + token * slt + heads * slh, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+    tl.store(LSE + token * slt + heads * slh, (m_i + tl.log2(l_i)) * LN2, mask=row_ok)
 
 
 @triton.jit
@@ -168,7 +163,7 @@ def _selected_bwd_dq(
     q_a, q_b = load_qk(Q + token * sqt + heads * sqh, row_ok, DK, DK_A, DK_B)
     do = tl.load(DO + token[:, None] * sdot + heads[:, None] * sdoh + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse2 = tl.load(LSE + token * slt + heads * slh, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + token * slt + heads * slh, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + token * slt + heads * slh, mask=row_ok, other=0.0)
     dq_a, dq_b = zeros_qk(TOKENS * GP, DK_A, DK_B)
     for step in range(0, _used_slots(union, N_UNION, N_UNION_P2) * PARTS):
@@ -227,7 +222,7 @@ def _selected_bwd_dkdv_pieces(
         q_a, q_b = load_qk(Q + qrow * sqt + head * sqh, r_ok, DK, DK_A, DK_B)
         do = tl.load(DO + qrow[:, None] * sdot + head[:, None] * sdoh + offs_dv[None, :],
                      mask=r_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        lse2 = tl.load(LSE + qrow * slt + head * slh, mask=r_ok, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSE + qrow * slt + head * slh, mask=r_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + qrow * slt + head * slh, mask=r_ok, other=0.0)
         s = dot_qk(q_a, q_b, k_a, k_b, DK_B) * qk_scale
         ok = r_ok[:, None] & col_ok[None, :] & (pos[None, :] <= t[:, None])
@@ -311,80 +306,9 @@ def _invert_selection(selected_block_idx, row_slc_start, num_blocks: int):
     return query_list, piece_key, torch.where(real, piece_start, 0), piece_end, pieces_of_key
 
 
-@dataclasses.dataclass
-class SelectionLayout:
-    """Where each query sits and where its keys are, for the selected branch.
-
-    row_pos [Tq]: position of each query in its document; row_key_start [Tq]: key row of its
-    document's first token; row_slc_start [Tq]: global id of its document's first selection block;
-    block_docs [3, num_blocks] int64: per global block, its document's first key row, its id in the
-    document, the document's end row.
-    """
-
-    row_pos: torch.Tensor
-    row_key_start: torch.Tensor
-    row_slc_start: torch.Tensor
-    block_docs: torch.Tensor
-
-    @property
-    def num_blocks(self) -> int:
-        return self.block_docs.shape[1]
-
-
-def packed_layout(docs, slc_block: int) -> SelectionLayout:
-    """Queries and keys are the same packed documents, in selection blocks of slc_block tokens. Built on
-    the host (cached per layout) when docs hold their bounds there, else on the device."""
-    if docs.host_cu is not None:
-        row_pos, block_docs = _host_packed_layout(docs.host_cu, slc_block, docs.cu_seqlens.device)
-        return SelectionLayout(row_pos, docs.row_doc_start, docs.row_slc_start, block_docs)
-    cu_slc = docs.cu_slc.to(torch.int64)
-    cu = docs.cu_seqlens.to(torch.int64)
-    num_rows, num_docs = docs.row_doc_start.numel(), cu.numel() - 1
-    block_ids = torch.arange(max_pieces(num_rows, num_docs, slc_block), device=cu.device)  # a host-known bound
-    doc_of_block = segment_of(cu_slc, block_ids).clamp(max=num_docs - 1)
-    real = block_ids < cu_slc[-1]  # ids past the real blocks: no keys (document end 0)
-    block_docs = torch.stack([torch.where(real, cu[:-1][doc_of_block], 0),
-                              torch.where(real, block_ids - cu_slc[:-1][doc_of_block], 0),
-                              torch.where(real, cu[1:][doc_of_block], 0)]).contiguous()
-    rows = torch.arange(num_rows, device=cu.device, dtype=torch.int32)
-    return SelectionLayout(rows - docs.row_doc_start, docs.row_doc_start, docs.row_slc_start, block_docs)
-
-
-@functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
-def _host_packed_layout(host_cu: tuple, slc_block: int, device):
-    """(row_pos [T] int32, block_docs [3, num_blocks] int64) of packed_layout, from bounds on the host."""
-    cu = numpy.asarray(host_cu, dtype=numpy.int64)
-    lens = numpy.diff(cu)
-    blocks_per_doc = -(-lens // slc_block)
-    doc_of_block = numpy.repeat(numpy.arange(len(lens)), blocks_per_doc)
-    first_block = numpy.concatenate([[0], numpy.cumsum(blocks_per_doc)])[:-1]
-    num_real = len(doc_of_block)
-    block_docs = numpy.zeros((3, max_pieces(int(cu[-1]), len(lens), slc_block)), dtype=numpy.int64)
-    block_docs[0, :num_real] = cu[:-1][doc_of_block]
-    block_docs[1, :num_real] = numpy.arange(num_real) - first_block[doc_of_block]
-    block_docs[2, :num_real] = cu[1:][doc_of_block]
-    row_pos = (numpy.arange(cu[-1]) - numpy.repeat(cu[:-1], lens)).astype(numpy.int32)
-    return upload(row_pos, device), upload(block_docs, device)
-
-
-def piece_layout(q_pos: torch.Tensor, num_keys: int, select_block_size: int) -> SelectionLayout:
-    """Queries of one document at positions q_pos; keys are that document's tokens 0..num_keys-1."""
-    device = q_pos.device
-    num_blocks = -(-num_keys // select_block_size)
-    zeros = torch.zeros(q_pos.numel(), device=device, dtype=torch.int32)
-    block_docs = torch.stack([torch.zeros(num_blocks, dtype=torch.int64, device=device),
-                              torch.arange(num_blocks, device=device),
-                              torch.full((num_blocks,), num_keys, dtype=torch.int64, device=device)]).contiguous()
-    return SelectionLayout(q_pos.to(torch.int32).contiguous(), zeros, zeros, block_docs)
-
-
-def _dims(q, v, select_block_size):
-    num_q_heads = q.shape[1]
-    return dict(
-        SLC_BLOCK=select_block_size, DK=q.shape[2], DV=v.shape[2],
-        BLOCK_N=triton.next_power_of_2(select_block_size), **qk_parts(q.shape[2]),
-        BLOCK_DV=triton.next_power_of_2(v.shape[2]),
-    ), num_q_heads
+def _dims(q, v, select_block: int) -> dict:
+    return dict(SLC_BLOCK=select_block, DK=q.shape[2], DV=v.shape[2], BLOCK_N=triton.next_power_of_2(select_block),
+                **qk_parts(q.shape[2]), BLOCK_DV=triton.next_power_of_2(v.shape[2]))
 
 
 def _launch(kernel: str, q, v) -> dict:
@@ -417,39 +341,47 @@ def tile_block_union(selected_block_idx: torch.Tensor, row_slc_start: torch.Tens
     return torch.where(per_tile == unused, -1, per_tile).to(torch.int32)
 
 
-def _tiled_launch(kernel: str, q, v, group: int, config, dims: dict) -> tuple:
+def _tiled_launch(kernel: str, q, v, group: int, params: KernelParams, dims: dict) -> tuple:
     """(launch parameters without ROWS and KEYS, the kernel's constexprs: `dims` with the tile's, tokens
     per tile). A step of the walk covers KEYS keys of a block (the whole block when KEYS is larger), so
     that a program's K/V tiles, and the shared memory that holds them, can be smaller than a block."""
-    params = _launch(kernel, q, v)
-    tokens = tokens_per_tile(group, params.pop("ROWS"))
-    keys_per_step = min(params.pop("KEYS"), dims["BLOCK_N"])
-    n = config.select_count
-    constexprs = dict(dims, BLOCK_N=keys_per_step, PARTS=-(-config.select_block_size // keys_per_step),
+    launch = _launch(kernel, q, v)
+    tokens = tokens_per_tile(group, launch.pop("ROWS"))
+    keys_per_step = min(launch.pop("KEYS"), dims["BLOCK_N"])
+    n = params.select_count
+    constexprs = dict(dims, BLOCK_N=keys_per_step, PARTS=-(-params.select_block // keys_per_step),
                       G=group, GP=triton.next_power_of_2(group), TOKENS=tokens, N_SELECT=n,
                       N_SELECT_P2=triton.next_power_of_2(n), N_UNION=tokens * n,
                       N_UNION_P2=triton.next_power_of_2(tokens * n))
-    return params, constexprs, tokens
+    return launch, constexprs, tokens
 
 
-def selected_forward(q, k, v, selected_block_idx, layout: SelectionLayout, config, scale):
+def _selection_tables(layout: Layout) -> dict:
+    """The layout's tables the forward and dQ kernels read, by kernel argument name."""
+    if layout.block_docs is None:
+        raise ValueError("the selected branch needs a layout with its selection tables: packed_documents(), or "
+                         "document_piece(..., select_block=...)")
+    return dict(RowPos=layout.row_pos, RowKeyStart=layout.row_key_start, RowSlcStart=layout.row_slc_start,
+                BlockDocs=layout.block_docs, num_blocks=layout.num_blocks)
+
+
+def selected_forward(q, k, v, selected_block_idx, layout: Layout, params: KernelParams):
     """(out [T, H_q, d_v], lse [T, H_q] float32, (tokens per tile, the tiles' block union)) of selected
     attention; the last is what selected_backward can reuse. Arguments as SelectedAttention's."""
-    dims, num_q_heads = _dims(q, v, config.select_block_size)
-    num_kv_heads = k.shape[1]
+    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
     group = num_q_heads // num_kv_heads
+    tables = _selection_tables(layout)
     out = torch.empty(q.shape[0], num_q_heads, v.shape[2], device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[0], num_q_heads, device=q.device, dtype=torch.float32)
-    params, constexprs, tokens = _tiled_launch("selected_fwd", q, v, group, config, dims)
+    launch, constexprs, tokens = _tiled_launch("selected_fwd", q, v, group, params, _dims(q, v, params.select_block))
     union = tile_block_union(selected_block_idx, layout.row_slc_start, tokens)
     if q.shape[0]:
         _selected_fwd[(union.shape[0], num_kv_heads)](
-            q, k, v, out, lse, selected_block_idx, union, layout.row_pos, layout.row_key_start,
-            layout.row_slc_start, layout.block_docs,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-            selected_block_idx.stride(0), selected_block_idx.stride(1), union.stride(0), union.stride(1),
-            scale * LOG2E, q.shape[0], layout.num_blocks, **constexprs, **params,
+            Q=q, K=k, V=v, O=out, LSE=lse, IDX=selected_block_idx, TILE_BLOCKS=union, **tables,
+            sqt=q.stride(0), sqh=q.stride(1), skt=k.stride(0), skh=k.stride(1), svt=v.stride(0), svh=v.stride(1),
+            sot=out.stride(0), soh=out.stride(1), slt=lse.stride(0), slh=lse.stride(1),
+            sit=selected_block_idx.stride(0), sih=selected_block_idx.stride(1), stt=union.stride(0),
+            sth=union.stride(1), qk_scale=params.scale * LOG2E.value, num_rows=q.shape[0], **constexprs, **launch,
         )
     return out, lse, (tokens, union)
 
@@ -459,11 +391,11 @@ class SelectedAttention(torch.autograd.Function):
     per row the used slots first, then -1: top-n's order; used_slots_first() makes any selection so)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, selected_block_idx, layout, config, scale):
-        out, lse, forward_union = selected_forward(q, k, v, selected_block_idx, layout, config, scale)
+    def forward(ctx, q, k, v, selected_block_idx, layout, params):
+        out, lse, forward_union = selected_forward(q, k, v, selected_block_idx, layout, params)
         tokens, union = forward_union
         ctx.save_for_backward(q, k, v, out, lse, selected_block_idx, union)
-        ctx.layout, ctx.config, ctx.scale, ctx.tokens = layout, config, scale, tokens
+        ctx.layout, ctx.params, ctx.tokens = layout, params, tokens
         return out, lse
 
     @staticmethod
@@ -473,70 +405,71 @@ class SelectedAttention(torch.autograd.Function):
         delta = row_dot(grad_out, out)  # [T, H_q]
         if grad_lse is not None:  # d lse / d s = p, so a gradient on lse shifts delta
             delta = delta - grad_lse
-        dq, dk, dv = selected_backward(q, k, v, selected_block_idx, ctx.layout, ctx.config, ctx.scale,
-                                       grad_out, lse, delta, forward_union=(ctx.tokens, union))
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = selected_backward(q, k, v, selected_block_idx, ctx.layout, ctx.params, grad_out, lse, delta,
+                                       forward_union=(ctx.tokens, union))
+        return dq, dk, dv, None, None, None
 
 
-def selected_backward(q, k, v, selected_block_idx, layout: SelectionLayout, config, scale, grad_out, lse, delta,
+def selected_backward(q, k, v, selected_block_idx, layout: Layout, params: KernelParams, grad_out, lse, delta,
                       forward_union=None, dq=None):
     """(dQ, dK, dV) of selected attention given dO [T, H_q, d_v], the softmax's lse [T, H_q] and
     delta = rowsum(dO * O) - dlse [T, H_q] (float32). With the lse and delta of a softmax that also
     spans keys elsewhere, these are this block set's share of that attention's gradients.
     `forward_union`: optional (tokens, tile_block_union(...)) the forward built, reused when dQ tiles as
     many tokens. `dq`: a [T, H_q, d_k] gradient that this branch's dQ is added to (returned), instead of
-    a new tensor."""
-    dims, num_q_heads = _dims(q, v, config.select_block_size)
-    num_kv_heads = k.shape[1]
+    a new tensor: the sum is taken in float32 and rounded to dq's dtype once."""
+    dims = _dims(q, v, params.select_block)
+    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
     group = num_q_heads // num_kv_heads
+    tables = _selection_tables(layout)
     add_dq = dq is not None
     dq = dq if add_dq else torch.empty_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
     if q.shape[0] == 0:
         return dq, dk, dv
-    params, constexprs, tokens = _tiled_launch("selected_dq", q, v, group, config, dims)
+    launch, constexprs, tokens = _tiled_launch("selected_dq", q, v, group, params, dims)
     if forward_union is not None and forward_union[0] == tokens:
         union = forward_union[1]
     else:
         union = tile_block_union(selected_block_idx, layout.row_slc_start, tokens)
     _selected_bwd_dq[(union.shape[0], num_kv_heads)](
-        q, k, v, grad_out, lse, delta, dq, selected_block_idx, union, layout.row_pos, layout.row_key_start,
-        layout.row_slc_start, layout.block_docs,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
-        selected_block_idx.stride(0), selected_block_idx.stride(1), union.stride(0), union.stride(1),
-        dq.stride(0), dq.stride(1),
-        scale * LOG2E, scale, q.shape[0], layout.num_blocks, **constexprs, **params, ADD_DQ=add_dq,
+        Q=q, K=k, V=v, DO=grad_out, LSE=lse, DELTA=delta, DQ=dq, IDX=selected_block_idx, TILE_BLOCKS=union, **tables,
+        sqt=q.stride(0), sqh=q.stride(1), skt=k.stride(0), skh=k.stride(1), svt=v.stride(0), svh=v.stride(1),
+        sdot=grad_out.stride(0), sdoh=grad_out.stride(1), slt=lse.stride(0), slh=lse.stride(1),
+        sit=selected_block_idx.stride(0), sih=selected_block_idx.stride(1), stt=union.stride(0), sth=union.stride(1),
+        sdqt=dq.stride(0), sdqh=dq.stride(1), qk_scale=params.scale * LOG2E.value, sm_scale=params.scale,
+        num_rows=q.shape[0], **constexprs, **launch, ADD_DQ=add_dq,
     )
     num_blocks = layout.num_blocks
     group_pad = triton.next_power_of_2(group)
     query_list, piece_key, piece_start, piece_end, pieces_of_key = _invert_selection(
         selected_block_idx, layout.row_slc_start, num_blocks)
-    block_docs = layout.block_docs
     num_pieces = piece_key.numel()
     partial_dk = torch.empty(num_pieces, dims["BLOCK_N"], dims["DK_A"] + dims["DK_B"], device=q.device,
                              dtype=torch.float32)
     partial_dv = torch.empty(num_pieces, dims["BLOCK_N"], dims["BLOCK_DV"], device=q.device, dtype=torch.float32)
     if num_pieces:
-        dkdv_params = _launch("selected_dkdv", q, v)
-        rows = dkdv_params.pop("ROWS")
+        dkdv_launch = _launch("selected_dkdv", q, v)
+        rows = dkdv_launch.pop("ROWS")
         _selected_bwd_dkdv_pieces[(num_pieces,)](
-            q, k, v, grad_out, lse, delta, partial_dk, partial_dv, piece_key, piece_start, piece_end,
-            query_list, block_docs, layout.row_pos,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            grad_out.stride(0), grad_out.stride(1), lse.stride(0), lse.stride(1),
-            scale * LOG2E, num_blocks, G=group, GP=group_pad, TQ=max(1, rows // group_pad), **dkdv_params, **dims,
+            Q=q, K=k, V=v, DO=grad_out, LSE=lse, DELTA=delta, PDK=partial_dk, PDV=partial_dv, PieceKey=piece_key,
+            PieceStart=piece_start, PieceEnd=piece_end, QueryList=query_list, BlockDocStart=layout.block_docs,
+            RowPos=layout.row_pos, sqt=q.stride(0), sqh=q.stride(1), skt=k.stride(0), skh=k.stride(1),
+            svt=v.stride(0), svh=v.stride(1), sdot=grad_out.stride(0), sdoh=grad_out.stride(1),
+            slt=lse.stride(0), slh=lse.stride(1), qk_scale=params.scale * LOG2E.value, num_blocks=num_blocks,
+            G=group, GP=group_pad, TQ=max(1, rows // group_pad), **dkdv_launch, **dims,
         )
     _selected_bwd_dkdv_sum[(num_kv_heads * num_blocks,)](
-        partial_dk, partial_dv, dk, dv, pieces_of_key, block_docs,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), scale, num_blocks,
-        num_warps=4, **dims,
+        PDK=partial_dk, PDV=partial_dv, DK_=dk, DV_=dv, PiecesOfKey=pieces_of_key, BlockDocStart=layout.block_docs,
+        sdkt=dk.stride(0), sdkh=dk.stride(1), sdvt=dv.stride(0), sdvh=dv.stride(1), sm_scale=params.scale,
+        num_blocks=num_blocks, num_warps=4, **dims,
     )
     return dq, dk, dv
 
 
-def selected_attention(q, k, v, selected_block_idx, layout: SelectionLayout, config, scale):
-    """Returns (out [T, H_q, d_v], lse [T, H_q]). `layout`: packed_layout(docs) or piece_layout(...)."""
+def selected_attention(q, k, v, selected_block_idx, layout: Layout, params: KernelParams):
+    """Returns (out [T, H_q, d_v], lse [T, H_q]). `layout`: packed_documents(...) or
+    document_piece(..., select_block=...)."""
     return SelectedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(),
-                                   selected_block_idx.contiguous(), layout, config, scale)
+                                   selected_block_idx.contiguous(), layout, params)

@@ -12,12 +12,12 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .constants import ALIGN_BYTES
+
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # a Triton without host-side descriptors: pointers only
     TensorDescriptor = None
-
-ALIGN_BYTES = 16  # base address and row stride of a descriptor
 
 
 def _describable(x: torch.Tensor) -> bool:

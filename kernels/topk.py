@@ -1,4 +1,4 @@
-"""Fused block importance and top-n selection (NSA_SPEC.md, Eq. 9-12).
+"""Fused block importance and top-n selection (docs/semantics.md; the NSA paper, Eq. 9-12).
 
 One program per (query tile, KV head). The tile's rows are (token, head) pairs for the G query
 heads of the group, so Q is read once and one dot serves the whole group. The program walks the
@@ -21,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .band import LOG2E
-from .layout import as_segments
+from .constants import INT32_MAX, INT64_MAX, LOG2E
+from .layout import Layout
+from .params import KernelParams
 from .qk_parts import dot_qk, load_qk, qk_parts, tile_width
 from .tma import streamed
 from .tuning import launch_params
@@ -35,7 +36,7 @@ def _load_rows(Q, LSE, rows64, heads, ok, sqt, sqh, slt, slh, DK: tl.constexpr, 
     compressed key)."""
     q_a, q_b = load_qk(Q + rows64 * sqt + heads * sqh, ok, DK, DK_A, DK_B)
     lse = tl.load(LSE + rows64 * slt + heads * slh, mask=ok, other=float("-inf"))
-    return q_a, q_b, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return q_a, q_b, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
 
 
 @triton.jit
@@ -83,7 +84,7 @@ def _topk_kernel(
 
     # running top-n keys [BLOCK_T, BS] (BS >= n), sorted descending; the BS - n padding slots in front
     # hold the largest key, so they are never replaced
-    best = tl.where(offs_bs[None, :] < BS - N_SELECT, tl.full([BLOCK_T, BS], 9223372036854775807, tl.int64), -1)
+    best = tl.where(offs_bs[None, :] < BS - N_SELECT, tl.full([BLOCK_T, BS], INT64_MAX, tl.int64), -1)
     carry = tl.zeros([BLOCK_T], tl.float32)
     j_end = (end - 1 - q_doc + q_pos0) // SLC_BLOCK + 1
     for j0 in range(0, j_end, BS):
@@ -124,53 +125,46 @@ def _topk_kernel(
         forced = valid & ((slc[None, :] < N_INIT) | (slc[None, :] > current[:, None] - N_LOCAL))
         score = tl.where(forced, float("inf"), score)
         bits = score.to(tl.int32, bitcast=True).to(tl.int64)
-        key = (bits << 32) | (2147483647 - slc[None, :]).to(tl.int64)
+        key = (bits << 32) | (-slc[None, :] + INT32_MAX).to(tl.int64)
         key = tl.where(valid, key, -1)
         # merge this tile into the running top-n. best is sorted descending and the tile's keys ascending,
         # so their elementwise maximum holds the n largest of both (a bitonic split); sorting it again
         # keeps best descending. No data-dependent loop: every row does the same work.
         best = tl.sort(tl.maximum(best, tl.sort(key, 1)), 1, descending=True)
 
-    kept = (best >= 0) & (best != 9223372036854775807)
-    block = tl.where(kept, 2147483647 - (best & 2147483647), 2147483647).to(tl.int32)
+    kept = (best >= 0) & (best != INT64_MAX)
+    block = tl.where(kept, -(best & INT32_MAX) + INT32_MAX, INT32_MAX).to(tl.int32)
     block = tl.sort(block, 1)
-    block = tl.where(block == 2147483647, -1, block)
+    block = tl.where(block == INT32_MAX, -1, block)
     tl.store(IDX + tokens.to(tl.int64)[:, None] * sit + kv_head * sih + offs_bs[None, :], block,
              mask=token_ok[:, None] & (offs_bs[None, :] < N_SELECT))
 
 
-def select_blocks(q, compressed_k, cmp_lse, cu_q, cu_cmp, config, scale, q_pos0=None):
-    """selected_block_idx [T, H_kv, n] int32 (ascending, -1 padded) for packed q [T, H_q, d_k].
-
-    Segment i: queries cu_q[i]..cu_q[i+1] at positions q_pos0[i].. (default 0), compressed keys
-    cu_cmp[i]..cu_cmp[i+1] from the start of their document. cu_q / cu_cmp: int32 tensors, or
-    layout.Segments that also hold them on the host.
-    """
-    q_segments = as_segments(cu_q)
-    cu_q, cu_cmp = q_segments.cu, as_segments(cu_cmp).cu
-    if q_pos0 is None:
-        q_pos0 = torch.zeros(cu_q.numel() - 1, device=q.device, dtype=torch.int32)
+def select_blocks(q, compressed_k, cmp_lse, layout: Layout, params: KernelParams):
+    """selected_block_idx [T, H_kv, n] int32 (ascending, -1 padded) for the layout's queries q [T, H_q, d_k],
+    from its compressed keys compressed_k [N_cmp, H_kv, d_k] and the compressed branch's lse [T, H_q]."""
+    cu_q, q_pos0, _ = layout.bounds("queries")
+    cu_cmp, _, _ = layout.bounds("compressed")
     num_q_heads, num_kv_heads, head_dim = q.shape[1], compressed_k.shape[1], q.shape[2]
-    n = config.select_count
+    n = params.select_count
     idx = torch.empty(q.shape[0], num_kv_heads, n, device=q.device, dtype=torch.int32)
     group = num_q_heads // num_kv_heads
     heads_per_chunk = min(triton.next_power_of_2(group), 16)
-    params = launch_params("topk", tile_width(head_dim))
-    block_t = max(16, params.pop("ROWS") // heads_per_chunk)  # tile rows: block_t tokens x heads_per_chunk heads
-    bs = max(params.pop("BLOCKS"), triton.next_power_of_2(n))  # blocks per tile = width of the running top-n
-    cmp_per_slc = config.select_block_size // config.compress_stride
+    launch = launch_params("topk", tile_width(head_dim))
+    block_t = max(16, launch.pop("ROWS") // heads_per_chunk)  # tile rows: block_t tokens x heads_per_chunk heads
+    bs = max(launch.pop("BLOCKS"), triton.next_power_of_2(n))  # blocks per tile = width of the running top-n
+    cmp_per_slc = params.select_block // params.compress_stride
     bn = triton.next_power_of_2(bs * cmp_per_slc)  # compressed keys per tile
-    (ck_in,), tma = streamed([compressed_k], bn, params.pop("TMA", False))
-    q_tiles = q_segments.tiles(block_t, q.shape[0])
-    if q_tiles[0].numel():
-        _topk_kernel[(q_tiles[0].numel(), num_kv_heads)](
-            q, ck_in, cmp_lse, idx, *q_tiles, cu_q, cu_cmp, q_pos0,
-            q.stride(0), q.stride(1), compressed_k.stride(0), compressed_k.stride(1),
-            cmp_lse.stride(0), cmp_lse.stride(1), idx.stride(0), idx.stride(1),
-            scale * LOG2E,
-            G=group, HC=heads_per_chunk, CMP_BLOCK=config.compress_block_size, CMP_STRIDE=config.compress_stride,
-            SLC_BLOCK=config.select_block_size, N_SELECT=n, N_INIT=config.select_init_blocks,
-            N_LOCAL=config.select_local_blocks, DK=head_dim, BLOCK_T=block_t, **qk_parts(head_dim),
-            BS=bs, BN=bn, TMA=tma, **params,
+    (ck_in,), tma = streamed([compressed_k], bn, launch.pop("TMA", False))
+    tile_start, tile_end, tile_seg = layout.tiles("queries", block_t, q.shape[0])
+    if tile_start.numel():
+        _topk_kernel[(tile_start.numel(), num_kv_heads)](
+            Q=q, CK=ck_in, LSE=cmp_lse, IDX=idx, TileStart=tile_start, TileEnd=tile_end, TileSeg=tile_seg,
+            CuQ=cu_q, CuC=cu_cmp, QPos0=q_pos0, sqt=q.stride(0), sqh=q.stride(1), skt=compressed_k.stride(0),
+            skh=compressed_k.stride(1), slt=cmp_lse.stride(0), slh=cmp_lse.stride(1), sit=idx.stride(0),
+            sih=idx.stride(1), qk_scale=params.scale * LOG2E.value,
+            G=group, HC=heads_per_chunk, CMP_BLOCK=params.compress_block, CMP_STRIDE=params.compress_stride,
+            SLC_BLOCK=params.select_block, N_SELECT=n, N_INIT=params.init_blocks, N_LOCAL=params.local_blocks,
+            DK=head_dim, BLOCK_T=block_t, **qk_parts(head_dim), BS=bs, BN=bn, TMA=tma, **launch,
         )
     return idx

@@ -12,8 +12,8 @@ selected_dq, selected_dkdv, topk. ROWS of selected_fwd / selected_dq: query rows
 the G heads of a group; one token when G >= ROWS), KEYS: keys per step of their walk over a selected
 block (a block of l' keys takes l' / KEYS steps); ROWS of selected_dkdv and topk: rows per query tile.
 TMA (band kernels, topk): read the streamed tiles through tensor descriptors where the tensors allow it
-(kernels/tma.py). Selected forward / dQ through descriptors were slower on the H100 (64k: 24.7 against 16.5
-ms forward), so they read through pointers.
+(kernels/tma.py). The selected forward / dQ read through pointers: their gathered blocks measured slower
+through descriptors on the H100.
 """
 from __future__ import annotations
 
@@ -27,8 +27,7 @@ _DEFAULTS: Dict[str, dict] = {
     "band_fwd/compressed": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=True),
     "band_dq/window": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=True),
     "band_dq/compressed": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=True),
-    # dK/dV: Q and dO tiles through descriptors were slower (64k, H100, branch forward+backward with the
-    # head-major lse: compressed 52.6 vs 43.1 ms, window 20.1 vs 18.1 ms)
+    # dK/dV: Q and dO tiles read through pointers (through descriptors they measured slower on the H100)
     "band_dkdv/window": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, TMA=False),
     "band_dkdv/compressed": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, TMA=False),
     "selected_fwd": dict(ROWS=16, KEYS=32, num_warps=1, num_stages=2),
@@ -45,7 +44,7 @@ _WIDE: Dict[str, dict] = {
     "band_dkdv/window": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
     "band_dkdv/compressed": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
     "selected_fwd": dict(ROWS=16, KEYS=64, num_warps=4, num_stages=2),
-    "selected_dq": dict(ROWS=16, KEYS=64, num_warps=2, num_stages=2),  # as before KEYS: not swept at 192
+    "selected_dq": dict(ROWS=16, KEYS=64, num_warps=2, num_stages=2),  # KEYS not swept at this width
     "selected_dkdv": dict(ROWS=128, num_warps=8, num_stages=2),
     "topk": dict(ROWS=256, BLOCKS=16, num_warps=8, num_stages=2),
 }

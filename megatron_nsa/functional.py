@@ -36,7 +36,7 @@ def _nsa_triton(q, ks, vs, gates, config: NSAConfig, cu_seqlens, bounds, compres
     """The Triton path: batch rows become packed documents; compression runs in PyTorch
     (batched over the documents: megatron_nsa.compression.compress_documents). `bounds`: cu_seqlens on
     the host (None without cu_seqlens). Nothing here waits for the GPU: sizes come from the host."""
-    from nsa_kernels import make_docs, nsa_core
+    from nsa_kernels import KernelParams, nsa_core, packed_documents
 
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
@@ -47,12 +47,12 @@ def _nsa_triton(q, ks, vs, gates, config: NSAConfig, cu_seqlens, bounds, compres
         cu_seqlens = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seq_len
         bounds = numpy.arange(batch + 1) * seq_len
     packed = lambda t: t.reshape(batch * seq_len, *t.shape[2:])  # noqa: E731
-    docs = make_docs(cu_seqlens, batch * seq_len, config.compress_block_size, config.compress_stride,
-                     config.select_block_size, bounds)
+    params = KernelParams.from_config(config, config.scale_for(q.shape[-1]))
+    layout = packed_documents(cu_seqlens, batch * seq_len, params, bounds)
     compressed_kv = compress_documents(packed(ks[0]), packed(vs[0]), cu_seqlens, config, compressor, compressed_rope,
                                        bounds)
     out = nsa_core(packed(q), (packed(ks[1]), packed(vs[1])), (packed(ks[2]), packed(vs[2])), compressed_kv,
-                   packed(gates), docs, config, config.scale_for(q.shape[-1]))
+                   packed(gates), layout, params)
     return out.view(batch, seq_len, num_q_heads, -1)
 
 

@@ -14,6 +14,7 @@ from megatron_nsa import reference as R
 pytest.importorskip("nsa_kernels")
 from nsa_kernels import tma as tma_module  # noqa: E402
 from nsa_kernels import tuning  # noqa: E402
+from nsa_kernels import KernelParams, Layout  # noqa: E402
 from nsa_kernels.band import band_attention  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -95,7 +96,10 @@ def _check_band_kernel(kind):
     cu_q = torch.tensor([0] + torch.tensor([len(x) for x in qs]).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0] + torch.tensor([len(x) for x in ks]).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     as_int = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEVICE)  # noqa: E731
-    out, lse = band_attention(q, k, v, cu_q, cu_k, kind, CONFIG, scale, as_int(q_pos0), as_int(k_first))
+    # segment i: queries at positions q_pos0[i].., keys (token or compressed) from key index k_first[i]
+    layout = Layout(q_bounds=cu_q, k_bounds=cu_k, c_bounds=cu_k, q_start=as_int(q_pos0), k_start=as_int(k_first),
+                    c_start=as_int(k_first))
+    out, lse = band_attention(q, k, v, layout, kind, KernelParams.from_config(CONFIG, scale))
     assert torch.equal(out[num_q_rows:], torch.zeros_like(out[num_q_rows:]))  # queries without keys
     assert torch.equal(lse[num_q_rows:], torch.full_like(lse[num_q_rows:], float("-inf")))
 

@@ -10,11 +10,11 @@ import torch
 from megatron_nsa import NSAConfig
 
 pytest.importorskip("nsa_kernels")
-from nsa_kernels.band import band_backward, band_forward, band_segments  # noqa: E402
+from nsa_kernels import KernelParams, packed_documents  # noqa: E402
+from nsa_kernels.band import band_backward, band_forward  # noqa: E402
 from nsa_kernels.combine import combine_backward  # noqa: E402
 from nsa_kernels.delta import row_dot_reference  # noqa: E402
-from nsa_kernels.layout import make_docs  # noqa: E402
-from nsa_kernels.selected import packed_layout, selected_backward, selected_forward  # noqa: E402
+from nsa_kernels.selected import selected_backward, selected_forward  # noqa: E402
 from nsa_kernels.topk import select_blocks  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,13 +67,12 @@ def assert_added_once_rounded(added, earlier_dq, alone):
 def test_band_dq_adds_to_an_earlier_dq(dtype):
     q, k, v, grad_out, delta, earlier_dq = _inputs(dtype)
     cu = torch.tensor([0, 45, q.shape[0]], device=DEVICE, dtype=torch.int32)
-    segments = band_segments(cu, cu, DEVICE)
-    scale = CONFIG.scale_for(q.shape[-1])
-    _, lse = band_forward(q, k, v, *segments, "window", CONFIG, scale)
-    alone, dk, dv = band_backward(q, k, v, *segments, "window", CONFIG, scale, grad_out, lse, delta)
+    params = KernelParams.from_config(CONFIG, CONFIG.scale_for(q.shape[-1]))
+    layout = packed_documents(cu, q.shape[0], params)
+    _, lse = band_forward(q, k, v, layout, "window", params)
+    alone, dk, dv = band_backward(q, k, v, layout, "window", params, grad_out, lse, delta)
     target = earlier_dq.clone()
-    added, dk_added, dv_added = band_backward(q, k, v, *segments, "window", CONFIG, scale, grad_out, lse, delta,
-                                              dq=target)
+    added, dk_added, dv_added = band_backward(q, k, v, layout, "window", params, grad_out, lse, delta, dq=target)
     assert added is target
     assert_added_once_rounded(added, earlier_dq, alone)
     assert torch.equal(dk, dk_added) and torch.equal(dv, dv_added)
@@ -84,20 +83,16 @@ def test_selected_dq_adds_to_an_earlier_dq(dtype):
     q, k, v, grad_out, delta, earlier_dq = _inputs(dtype)
     num_tokens = q.shape[0]
     cu = torch.tensor([0, num_tokens], device=DEVICE, dtype=torch.int32)
-    docs = make_docs(cu, num_tokens, CONFIG.compress_block_size, CONFIG.compress_stride, CONFIG.select_block_size)
-    scale = CONFIG.scale_for(q.shape[-1])
-    num_compressed = int(docs.cu_cmp[-1])
+    params = KernelParams.from_config(CONFIG, CONFIG.scale_for(q.shape[-1]))
+    layout = packed_documents(cu, num_tokens, params)
+    num_compressed = int(layout.c_bounds[-1])
     compressed_k, compressed_v = k[:num_compressed].contiguous(), v[:num_compressed].contiguous()  # any keys will do
-    whole_documents = band_segments(cu, cu, DEVICE)[2:]  # first query position and first key index 0
-    _, cmp_lse = band_forward(q, compressed_k, compressed_v, docs.token_segments, docs.cmp_segments, *whole_documents,
-                              "compressed", CONFIG, scale)
-    idx = select_blocks(q, compressed_k, cmp_lse, docs.token_segments, docs.cmp_segments, CONFIG, scale)
-    layout = packed_layout(docs, CONFIG.select_block_size)
-    _, lse, _ = selected_forward(q, k, v, idx, layout, CONFIG, scale)
-    alone, dk, dv = selected_backward(q, k, v, idx, layout, CONFIG, scale, grad_out, lse, delta)
+    _, cmp_lse = band_forward(q, compressed_k, compressed_v, layout, "compressed", params)
+    idx = select_blocks(q, compressed_k, cmp_lse, layout, params)
+    _, lse, _ = selected_forward(q, k, v, idx, layout, params)
+    alone, dk, dv = selected_backward(q, k, v, idx, layout, params, grad_out, lse, delta)
     target = earlier_dq.clone()
-    added, dk_added, dv_added = selected_backward(q, k, v, idx, layout, CONFIG, scale, grad_out, lse, delta,
-                                                  dq=target)
+    added, dk_added, dv_added = selected_backward(q, k, v, idx, layout, params, grad_out, lse, delta, dq=target)
     assert added is target
     assert_added_once_rounded(added, earlier_dq, alone)
     assert torch.equal(dk, dk_added) and torch.equal(dv, dv_added)

@@ -13,8 +13,9 @@ import torch
 from megatron_nsa import NSAConfig
 from megatron_nsa import reference as R
 
-nsa_kernels = pytest.importorskip("nsa_kernels")
-from nsa_kernels.selected import packed_layout, selected_attention, tile_block_union, tokens_per_tile  # noqa: E402
+pytest.importorskip("nsa_kernels")
+from nsa_kernels import KernelParams, packed_documents  # noqa: E402
+from nsa_kernels.selected import selected_attention, tile_block_union, tokens_per_tile  # noqa: E402
 from nsa_kernels.tuning import overrides  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -69,11 +70,10 @@ def _reference(q, k, v, idx, doc_lens, config, scale):
 def test_tile_block_union_is_each_tiles_distinct_blocks():
     gen = torch.Generator().manual_seed(0)
     idx = _selection(DOC_LENS, 2, CONFIG, gen)
-    docs = nsa_kernels.make_docs(_cu(DOC_LENS), sum(DOC_LENS), CONFIG.compress_block_size, CONFIG.compress_stride,
-                                 CONFIG.select_block_size)
-    global_ids = torch.where(idx >= 0, idx + docs.row_slc_start.long()[:, None, None], -1)
+    layout = packed_documents(_cu(DOC_LENS), sum(DOC_LENS), KernelParams.from_config(CONFIG, 1.0))
+    global_ids = torch.where(idx >= 0, idx + layout.row_slc_start.long()[:, None, None], -1)
     for tokens in (1, 3, 4, 16):
-        union = tile_block_union(idx, docs.row_slc_start, tokens)
+        union = tile_block_union(idx, layout.row_slc_start, tokens)
         assert union.dtype == torch.int32 and union.shape == (-(-idx.shape[0] // tokens), 2, tokens * idx.shape[2])
         for tile in range(union.shape[0]):
             for head in range(2):
@@ -110,12 +110,11 @@ def test_tiled_selected_attention_matches_reference(num_q_heads, num_kv_heads, r
     k, v = (torch.cat([mk(total, num_kv_heads, HEAD_DIM), nan_rows]).detach().requires_grad_() for _ in range(2))
     idx = _selection(DOC_LENS, num_kv_heads, config, gen)
     scale = config.scale_for(HEAD_DIM)
-    docs = nsa_kernels.make_docs(_cu(DOC_LENS), sum(DOC_LENS), config.compress_block_size, config.compress_stride,
-                                 config.select_block_size)
+    params = KernelParams.from_config(config, scale)
+    layout = packed_documents(_cu(DOC_LENS), sum(DOC_LENS), params)
     assert tokens_per_tile(group, rows) == max(1, rows // (1 << (group - 1).bit_length()))
     with overrides("selected_fwd", **launch), overrides("selected_dq", **launch):
-        layout = packed_layout(docs, config.select_block_size)
-        out, lse = selected_attention(q, k, v, idx.to(torch.int32), layout, config, scale)
+        out, lse = selected_attention(q, k, v, idx.to(torch.int32), layout, params)
         grad_out = torch.randn(out.shape, generator=gen).to(DEVICE, DTYPE)
         grads = torch.autograd.grad(out, (q, k, v), grad_out)
     assert all(torch.equal(g[total:], torch.zeros_like(g[total:])) for g in grads[1:]), "dK/dV of the NaN rows"
@@ -140,13 +139,12 @@ def test_tiled_outputs_are_fully_written(monkeypatch):
     mk = lambda *s: torch.randn(*s, generator=gen).to(DEVICE, DTYPE).requires_grad_()  # noqa: E731
     q, k, v = mk(total, 4, HEAD_DIM), mk(total, 2, HEAD_DIM), mk(total, 2, HEAD_DIM)
     idx = _selection(DOC_LENS, 2, CONFIG, gen).to(torch.int32)
-    docs = nsa_kernels.make_docs(_cu(DOC_LENS), sum(DOC_LENS), CONFIG.compress_block_size, CONFIG.compress_stride,
-                                 CONFIG.select_block_size)
-    scale = CONFIG.scale_for(HEAD_DIM)
+    params = KernelParams.from_config(CONFIG, CONFIG.scale_for(HEAD_DIM))
+    layout = packed_documents(_cu(DOC_LENS), sum(DOC_LENS), params)
     grad_out = torch.randn(total, 4, HEAD_DIM, generator=gen).to(DEVICE, DTYPE)
 
     def run():
-        out, lse = selected_attention(q, k, v, idx, packed_layout(docs, CONFIG.select_block_size), CONFIG, scale)
+        out, lse = selected_attention(q, k, v, idx, layout, params)
         return (out.detach(), lse) + torch.autograd.grad(out, (q, k, v), grad_out)
 
     clean = run()

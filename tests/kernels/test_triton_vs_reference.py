@@ -180,11 +180,11 @@ def test_triton_matches_reference(case):
 
 
 def _triton_with_intermediates(q, k, v, gates, cu, config, compressor):
-    docs = nsa_kernels.make_docs(cu, q.shape[1], config.compress_block_size, config.compress_stride,
-                                 config.select_block_size)
+    params = nsa_kernels.KernelParams.from_config(config, config.scale_for(q.shape[-1]))
+    layout = nsa_kernels.packed_documents(cu, q.shape[1], params)
     compressed = R.compress_packed(k[0], v[0], cu, config, compressor)
-    return nsa_kernels.nsa_core(q[0], (k[0], v[0]), (k[0], v[0]), compressed, gates[0], docs, config,
-                                config.scale_for(q.shape[-1]), return_intermediates=True)
+    return nsa_kernels.nsa_core(q[0], (k[0], v[0]), (k[0], v[0]), compressed, gates[0], layout, params,
+                                return_intermediates=True)
 
 
 # (H_q, H_kv, d_k, n): G = 1 and G > 1, d_k of one part and of two; n of the config, or n above 16 (the
@@ -206,16 +206,15 @@ def test_top_n_matches_reference(num_q_heads, num_kv_heads, head_dim_qk, select_
     case = Case(doc_lens, num_q_heads, num_kv_heads, head_dim_qk, 16, config,
                 torch.float32 if not CUDA else torch.bfloat16)
     q, k, v, _, cu, _ = _inputs(case, seed=head_dim_qk)
-    config, scale = case.config, case.config.scale_for(head_dim_qk)
-    docs = nsa_kernels.make_docs(cu, q.shape[1], config.compress_block_size, config.compress_stride,
-                                 config.select_block_size)
+    config = case.config
+    params = nsa_kernels.KernelParams.from_config(config, config.scale_for(head_dim_qk))
+    layout = nsa_kernels.packed_documents(cu, q.shape[1], params)
     with torch.no_grad():
         compressed_k, compressed_v = R.compress_packed(k[0], v[0], cu, config)
-        _, cmp_lse = band_attention(q[0], compressed_k, compressed_v, cu, docs.cu_cmp, "compressed", config, scale)
+        _, cmp_lse = band_attention(q[0], compressed_k, compressed_v, layout, "compressed", params)
         # NaN rows past the last document's compressed keys, which a descriptor's whole tiles reach
         nan_rows = torch.full((3,) + compressed_k.shape[1:], float("nan"), device=q.device, dtype=q.dtype)
-        selected_block_idx = select_blocks(q[0], torch.cat([compressed_k, nan_rows]), cmp_lse, cu, docs.cu_cmp,
-                                           config, scale)
+        selected_block_idx = select_blocks(q[0], torch.cat([compressed_k, nan_rows]), cmp_lse, layout, params)
     _check_selection(selected_block_idx, q.detach(), k.detach(), v.detach(), cu, config, None)
 
 
