@@ -24,7 +24,7 @@ setup(
     entry_points={
         "console_scripts": [
             "megatron-nsa-train=megatron_nsa.training.train:main",
-            "megatron-nsa-build-dataset=megatron_nsa.training.build_dataset:main",
+            "megatron-nsa-build-dataset=megatron_nsa.data.build_dataset:main",
             "megatron-nsa-eval-loss=megatron_nsa.eval.loss:main",
             "megatron-nsa-needle=megatron_nsa.eval.needle:main",
         ],

@@ -1,7 +1,7 @@
 """NSA (Triton) against dense attention (torch SDPA: cuDNN and FlashAttention-2 backends), one GPU, one run.
 
-    python benchmarks/bench_attention.py                 # the default sweep, writes benchmarks/results/
-    python benchmarks/bench_attention.py --seqlens 8192 --nsa-only-seqlens "" --shapes main
+    python -m benchmarks.bench_attention                 # the default sweep, writes benchmarks/results/
+    python -m benchmarks.bench_attention --seqlens 8192 --nsa-only-seqlens "" --shapes main
 
 Causal dense attention with K/V expanded for GQA; batch 1, bf16. NSA: l/d/l'/n/w = 32/16/64/16/512,
 mean compression, all stages included. Per NSA stage (forward): compression, compressed attention,
@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from megatron_nsa import NSAConfig, nsa_attention  # noqa: E402
-from megatron_nsa.compression import compress_documents  # noqa: E402
+from benchmarks.recording import RESULTS_DIR, gpu_tag, recorded, recorded_line, result_stem
+from megatron_nsa import NSAConfig, nsa_attention
+from megatron_nsa.compression import compress_documents
 
 SHAPES = {  # name: (H_q, H_kv, d_k, d_v)
     "main": (64, 4, 128, 128),
@@ -156,10 +155,11 @@ def main():
     parser.add_argument("--shapes", default="main,paper,small-group")
     parser.add_argument("--shape-seqlens", default="8192,65536", help="sequence lengths for the non-main shapes")
     parser.add_argument("--bf16-peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
+    parser.add_argument("--variant", default=None, help="what differs from the default sweep (file name suffix)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench_attention.py needs a CUDA GPU")
+        sys.exit("benchmarks.bench_attention needs a CUDA GPU")
     gpu = torch.cuda.get_device_name()
     config = NSAConfig()
     rows = []
@@ -187,11 +187,13 @@ def main():
 
 
 def write_results(rows, gpu, args, quiet=False):
-    tag = gpu.replace(" ", "_").replace("/", "_")
+    stem = result_stem("bench_attention", gpu_tag(), args.variant, args.out_dir)
+    info = recorded(gpu)
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, f"bench_attention_{tag}.json"), "w") as f:
-        json.dump({"gpu": gpu, "torch": torch.__version__, "rows": rows}, f, indent=1)
+    with open(stem + ".json", "w") as f:
+        json.dump({"gpu": gpu, "torch": torch.__version__, "rows": rows, "recorded": info}, f, indent=1)
     lines = [f"### NSA (Triton) vs dense SDPA on {gpu}, bf16, batch 1, causal, l/d/l'/n/w = 32/16/64/16/512", "",
+             recorded_line(info), "",
              "| shape H_q/H_kv/d_k/d_v | T | NSA fwd / bwd / total ms | cuDNN fwd / bwd ms | FA2 fwd / bwd ms "
              "| speed-up vs cuDNN fwd / bwd / total | vs FA2 total | NSA peak GiB | cuDNN peak GiB |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -222,7 +224,7 @@ def write_results(rows, gpu, args, quiet=False):
             "compressed_bwd", "selected_bwd", "window_bwd")] + [
             f"{s['selected_tflops']:.0f} ({100 * s['selected_tflops'] / args.bf16_peak_tflops:.0f}%)"]) + " |")
     table = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out_dir, f"bench_attention_{tag}.md"), "w") as f:
+    with open(stem + ".md", "w") as f:
         f.write(table)
     if not quiet:
         print(table)

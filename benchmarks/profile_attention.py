@@ -1,12 +1,12 @@
 """Where one NSA forward+backward (Triton) spends its time on one GPU: the host's time to queue the step,
 the GPU's kernel time, the wall time, kernels per step, and the kernels that take the most GPU time.
 
-    python benchmarks/profile_attention.py                          # 64/4/128/128 and 16/4/128/128 at 8k
-    python benchmarks/profile_attention.py --shapes main --seqlens 4096,65536 --top 20
+    python -m benchmarks.profile_attention                          # 64/4/128/128 and 16/4/128/128 at 8k
+    python -m benchmarks.profile_attention --shapes main --seqlens 4096,65536 --top 20
 
 When the host time is close to the wall time and above the kernel time, the step is bound by the host
 (Python, launches, bookkeeping), not by the GPU. Shapes and NSA settings as in bench_attention.py.
-Writes benchmarks/results/profile_attention_<gpu>.{json,md}.
+Writes benchmarks/results/profile_attention_<gpu>[_<variant>].{json,md}.
 """
 from __future__ import annotations
 
@@ -19,11 +19,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from bench_attention import SHAPES, nsa_inputs  # noqa: E402
-from megatron_nsa import NSAConfig, nsa_attention  # noqa: E402
+from benchmarks.bench_attention import SHAPES, nsa_inputs
+from benchmarks.recording import RESULTS_DIR, gpu_tag, recorded, recorded_line, result_stem
+from megatron_nsa import NSAConfig, nsa_attention
 
 
 def nsa_step(seq_len, shape, config):
@@ -75,8 +73,10 @@ def profile(seq_len, shape, config, reps, steps):
                 launches=sum(r["launches"] for r in kernels), kernels=kernels)
 
 
-def markdown(rows, gpu, top):
+def markdown(rows, gpu, top, info=None):
+    """The report; `info` (recording.recorded()) adds the commit and date line."""
     lines = [f"### One NSA forward+backward (Triton) on {gpu}: host against GPU time, bf16, batch 1", "",
+             *([recorded_line(info), ""] if info else []),
              "| H_q/H_kv/d_k/d_v | T | kernels per step | host ms to queue | GPU kernel ms | wall ms | bound by |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -97,10 +97,11 @@ def main():
     parser.add_argument("--reps", type=int, default=10, help="steps timed for host and wall time")
     parser.add_argument("--steps", type=int, default=5, help="steps under the profiler")
     parser.add_argument("--top", type=int, default=15, help="kernels listed per case")
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
+    parser.add_argument("--variant", default=None, help="what differs from the default run (file name suffix)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("profile_attention.py needs a CUDA GPU")
+        sys.exit("benchmarks.profile_attention needs a CUDA GPU")
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         sys.exit(f"--shapes: unknown {unknown}; allowed: {sorted(SHAPES)}")
@@ -112,12 +113,13 @@ def main():
                        **profile(seq_len, shape, config, args.reps, args.steps))
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
-    tag = gpu.replace(" ", "_").replace("/", "_")
+    stem = result_stem("profile_attention", gpu_tag(), args.variant, args.out_dir)
+    info = recorded(gpu)
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, f"profile_attention_{tag}.json"), "w") as f:
-        json.dump({"gpu": gpu, "torch": torch.__version__, "rows": rows}, f, indent=1)
-    table = markdown(rows, gpu, args.top)
-    with open(os.path.join(args.out_dir, f"profile_attention_{tag}.md"), "w") as f:
+    with open(stem + ".json", "w") as f:
+        json.dump({"gpu": gpu, "torch": torch.__version__, "rows": rows, "recorded": info}, f, indent=1)
+    table = markdown(rows, gpu, args.top, info)
+    with open(stem + ".md", "w") as f:
         f.write(table)
     print(table)
 

@@ -23,7 +23,7 @@ import torch
 
 from ..compression import block_windows
 from ..config import NSAConfig
-from ..functional import _branch_tensors, check_cu_seqlens, check_inputs
+from ..functional import branch_tensors, check_cu_seqlens, check_inputs
 from ..reference import RopeFn, num_compressed_blocks
 from .branches import resolve_branches
 from .exchange import make_exchange
@@ -99,7 +99,7 @@ def nsa_attention_cp(
     cu_seqlens      GLOBAL document boundaries [0, ..., S] (B must be 1); the same on every rank
     head_group_size at most this many KV heads gathered at a time (None: all); bounds the
                     gathered buffer to S * head_group_size * (d_k + d_v) values
-    exchange        a mode of exchange.EXCHANGE_MODES ('allgather', 'ring', 'hierarchical', 'fetch') or a
+    exchange        a mode of exchange.EXCHANGES ('allgather', 'ring', 'hierarchical', 'fetch') or a
                     KVExchange object; all give the same result
     node_size       CP ranks per node for exchange='hierarchical' (a divisor of C); ignored otherwise
     returns [B, 2c, H_q, d_v]
@@ -108,8 +108,8 @@ def nsa_attention_cp(
         raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
     if config.compression != "mean" and compressor is None:
         raise ValueError(f"config.compression={config.compression!r} needs a compressor (a KVCompressor); got None")
-    ks = _branch_tensors("k", k, config.separate_kv)
-    vs = _branch_tensors("v", v, config.separate_kv)
+    ks = branch_tensors("k", k, config.separate_kv)
+    vs = branch_tensors("v", v, config.separate_kv)
     check_inputs(q, ks, vs, gates, None, config)
     batch, local_len, _, _ = q.shape
     num_kv_heads = ks[0].shape[2]

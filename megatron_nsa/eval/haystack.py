@@ -10,7 +10,7 @@ The model reads the whole sample; it answers correctly when every answer token i
 prediction (teacher forcing: one forward pass scores all of them).
 
 Two formats:
-  retrieval  the synthetic task's records (megatron_nsa.eval.retrieval_task): filler = a task sequence
+  retrieval  the synthetic task's records (megatron_nsa.data.retrieval): filler = a task sequence
              whose keys all differ from the needle's (with the recipe's mean_gap after definitions, and
              with queries_last its query block at the end of the filler, before the needle's question),
              needle = one definition `key value`, question `key`, answer `value` (one token each)
@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy
 
-from .retrieval_task import (FIRST_KEY_ID, NEEDLE_STREAM, RECORD_LENGTH, RetrievalFormat, check_key_space,
+from megatron_nsa.data.retrieval import (FIRST_KEY_ID, NEEDLE_STREAM, RECORD_LENGTH, RetrievalFormat, check_key_space,
                              generate_records, lay_out)
 
 FORMATS = ("retrieval", "text")

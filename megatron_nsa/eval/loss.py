@@ -5,7 +5,7 @@
 
 Without --data: the validation split of the checkpoint's own recipe (the same samples the training run
 validated on). With --data: every document of those indexed datasets (PREFIX.bin / PREFIX.idx, built by
-megatron_nsa.training.build_dataset). Prints the mean loss per target token, its perplexity and bits per
+megatron_nsa.data.build_dataset). Prints the mean loss per target token, its perplexity and bits per
 token (per byte with the byte tokenizer). For data.source=retrieval the loss covers the answer tokens only.
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ import os
 import sys
 from typing import List, Optional
 
-from megatron_nsa.training.config import BadInputError, dataset_exists
+from megatron_nsa.data.build_dataset import dataset_exists
+from megatron_nsa.training.config import BadInputError
 
 from .checkpoints import EvalInputError, check_length, checkpoint_recipe, read_meta, resolve_checkpoint, \
     trained_positions
@@ -49,14 +50,14 @@ def check_args(args: argparse.Namespace) -> None:
         if not dataset_exists(prefix):
             missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
             raise EvalInputError(f"--data {prefix!r} is missing {', '.join(missing)}; give the prefix of an indexed "
-                                 "dataset (PREFIX.bin + PREFIX.idx, see megatron_nsa.training.build_dataset)")
+                                 "dataset (PREFIX.bin + PREFIX.idx, see megatron_nsa.data.build_dataset)")
 
 
 def validation_loss(loaded, batches: int, batch_size: int) -> dict:
     """Mean loss over the first batches * batch_size validation samples of loaded.recipe's data."""
     import torch
 
-    from megatron_nsa.training.data import build_datasets, micro_batches
+    from megatron_nsa.data.datasets import build_datasets, micro_batches
 
     _, valid = build_datasets(loaded.recipe, loaded.tokenizer, 1, batches * batch_size)
     if valid is None:

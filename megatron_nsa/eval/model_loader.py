@@ -23,7 +23,7 @@ from megatron.core.transformer.module import Float16Module  # noqa: E402
 
 from megatron_nsa.training.config import Recipe, check_fields, wants_cuda  # noqa: E402
 from megatron_nsa.training.model import build_model  # noqa: E402
-from megatron_nsa.training.tokenizer import recipe_tokenizer  # noqa: E402
+from megatron_nsa.data.datasets import recipe_tokenizer  # noqa: E402
 
 from .checkpoints import (EvalInputError, checkpoint_recipe, eval_recipe, read_meta, resolve_checkpoint,  # noqa: E402
                           trained_positions)

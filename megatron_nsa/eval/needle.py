@@ -29,7 +29,7 @@ from .checkpoints import EvalInputError, check_length, checkpoint_recipe, read_m
     trained_positions
 from .haystack import FORMATS, check_depths, check_grid_lengths, needle_samples
 from .report import accuracy_table, grid_key, write_json
-from .retrieval_task import RetrievalFormat
+from megatron_nsa.data.retrieval import RetrievalFormat
 
 DEFAULT_DEPTHS = [float(d) for d in range(0, 101, 10)]
 SCORING = "teacher-forced: correct when every answer token is the argmax prediction"
@@ -94,7 +94,7 @@ def check_grid(recipe, trained_recipe, positions: int, text_format: str, lengths
 def corpus_filler(loaded, longest: int, pool: int = 64):
     """Filler from validation text of the model's own data: a random one of `pool` validation samples of
     `longest` tokens (so the model never trained on it), cut to the length asked for."""
-    from megatron_nsa.training.data import build_datasets
+    from megatron_nsa.data.datasets import build_datasets
 
     loaded.recipe.data.seq_length = longest
     _, valid = build_datasets(loaded.recipe, loaded.tokenizer, 1, pool)

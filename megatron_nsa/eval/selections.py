@@ -1,5 +1,6 @@
-"""Which blocks NSA's selection branch picks: a recorder of every selected_block_idx a forward pass computes,
-and the needle diagnostic built on it: does the top-n at the question include the block holding the needle?
+"""Which blocks NSA's selection branch picks at a needle question: the selected_block_idx of every layer
+(recorded with megatron_nsa.functional.recorded_selections) and the diagnostic built on it: does the top-n
+at the question include the block holding the needle?
 
 A needle the model does not find was either never selected (the compressed scores did not rank its block
 among the top n, so the selected branch cannot see it; only the window and the blurred compressed branch
@@ -8,52 +9,18 @@ needle's block tells the two apart.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, List, Sequence
 
 import torch
 
+from megatron_nsa.functional import recorded_selections
+
 from .haystack import NeedleSample
-
-
-@contextlib.contextmanager
-def recorded_selections():
-    """Within the block, every selected_block_idx that NSA computes is appended to the yielded list (on the
-    host, int64), in call order: the torch reference's select_blocks (one call per sequence and layer) and
-    the Triton path's (one call per layer for the whole packed batch), whichever runs. Afterwards both are
-    left as they were."""
-    from megatron_nsa import reference
-
-    modules = [reference]
-    try:
-        import nsa_kernels.nsa as triton_nsa
-    except ImportError:  # no triton: only the reference can run
-        pass
-    else:
-        modules.append(triton_nsa)
-    records: List[torch.Tensor] = []
-
-    def recording(original):
-        def select_blocks(*args, **kwargs):
-            selected_block_idx = original(*args, **kwargs)
-            records.append(selected_block_idx.detach().to("cpu", torch.int64))
-            return selected_block_idx
-        return select_blocks
-
-    originals = [(module, module.select_blocks) for module in modules]
-    for module, original in originals:
-        module.select_blocks = recording(original)
-    try:
-        yield records
-    finally:
-        for module, original in originals:
-            module.select_blocks = original
 
 
 def stack_layers(records: Sequence[torch.Tensor], num_layers: int, batch: int, seq_len: int) -> torch.Tensor:
     """The records of one forward pass of `batch` sequences of `seq_len` tokens (each one document) as
-    [num_layers, batch, seq_len, H_kv, n]: either path records the layers in order, each layer's rows in
-    batch order."""
+    [num_layers, batch, seq_len, H_kv, n]: one record per layer, in order, each [batch * seq_len, H_kv, n]."""
     if not records:
         raise ValueError("the forward pass recorded no selections: the model has no NSA layer on this path")
     rows = torch.cat(list(records))  # [num_layers * batch * seq_len, H_kv, n]

@@ -2,12 +2,8 @@
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-from memory_trace import allocation_site, format_report, peak_report  # noqa: E402
+from benchmarks.memory_trace import allocation_site, format_report, peak_report
 
 
 def frame(filename, line, name):
@@ -15,7 +11,7 @@ def frame(filename, line, name):
 
 
 RING = [frame("/usr/lib/torch/functional.py", 10, "zeros_like"),
-        frame("/repo/megatron_nsa/context_parallel/exchange_ring.py", 412, "backward"),
+        frame("/repo/megatron_nsa/context_parallel/exchange/ring.py", 412, "backward"),
         frame("/repo/benchmarks/bench_cp.py", 300, "step")]
 KERNEL = [frame("/repo/kernels/selected.py", 77, "selected_backward")]
 
@@ -29,8 +25,8 @@ def free(addr, size, completed=True):
 
 
 def test_site_names_repository_frames_innermost_first():
-    assert allocation_site(RING) == "exchange_ring.py:412 backward < bench_cp.py:300 step"
-    assert allocation_site(RING, depth=1) == "exchange_ring.py:412 backward"
+    assert allocation_site(RING) == "ring.py:412 backward < bench_cp.py:300 step"
+    assert allocation_site(RING, depth=1) == "ring.py:412 backward"
     assert allocation_site([frame("/usr/lib/x.py", 3, "f")]) == "x.py:3 f"
     assert allocation_site([]) == "(no Python frame)"
 
@@ -75,4 +71,4 @@ def test_free_of_a_block_from_before_the_step_lowers_the_total():
     report = peak_report(events, baseline_bytes=1000)
     assert report["peak_bytes"] == 1300
     assert report["by_site"] == [{"bytes": 300, "site": allocation_site(RING)}]
-    assert "exchange_ring.py:412 backward" in format_report(report)
+    assert "ring.py:412 backward" in format_report(report)

@@ -2,15 +2,11 @@
 needs CUDA)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-from profile_attention import kernel_rows, markdown  # noqa: E402
+from benchmarks.profile_attention import kernel_rows, markdown
 
 CUDA, CPU = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 

@@ -14,9 +14,9 @@ import torch.distributed as dist
 
 from cp_harness import assert_cp_matches_reference, make_case, rotate_half_rope, spawn
 from megatron_nsa import NSAConfig
-from megatron_nsa.context_parallel import (AllGatherExchange, Branches, Communicator, LoadBalancedLayout,
-                                          exchange_ring, nsa_attention_cp, torch_branches)
-from megatron_nsa.context_parallel.exchange import build_exchange
+from megatron_nsa.context_parallel import Branches, Communicator, LoadBalancedLayout, nsa_attention_cp, torch_branches
+from megatron_nsa.context_parallel.exchange import AllGatherExchange, build_exchange
+from megatron_nsa.context_parallel.exchange import ring as ring_exchange
 from megatron_nsa.context_parallel.rope import RankTableRotary, cp_rotary
 from megatron_nsa.rope import Rotary, rotary_angles
 
@@ -35,7 +35,7 @@ def ring_modes(cp_size):
 
 def _cases(rank, world):
     group = dist.group.WORLD
-    exchange_ring.ROW_PART_ELEMENTS = 100  # the ring modes attend and merge a few query rows at a time
+    ring_exchange.ROW_PART_ELEMENTS = 100  # the ring modes attend and merge a few query rows at a time
     every_mode = [{}] + ring_modes(world)
     # batch rows, shared K/V, mean compression
     assert_cp_matches_reference(make_case(1, SEQ_LEN, batch=2, **GEOMETRY), group, exchanges=every_mode)

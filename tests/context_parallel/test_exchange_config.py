@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_nsa.context_parallel.exchange import EXCHANGE_MODES, build_exchange
+from megatron_nsa.context_parallel.exchange import EXCHANGE_MODES, EXCHANGES, KVExchange, build_exchange
 
 pytest.importorskip("megatron.core")
 
@@ -51,3 +51,16 @@ def test_build_exchange_names_the_node_size():
     assert build_exchange("hierarchical", TwoRanks(), 2).node_size == 2
     with pytest.raises(ValueError, match=r"node_size=4 is not allowed .* divisor of 2: \[1, 2\]"):
         build_exchange("hierarchical", TwoRanks(), 4)
+
+
+def test_registry_builds_each_mode_and_names_unknown_ones():
+    class FourRanks:  # the exchanges only read the size before any communication
+        size, rank = 4, 0
+
+    assert EXCHANGE_MODES == ("allgather", "ring", "hierarchical", "fetch")
+    for mode, cls in EXCHANGES.items():
+        exchange = build_exchange(mode, FourRanks(), 2)
+        assert type(exchange) is cls and isinstance(exchange, KVExchange) and exchange.mode == mode
+    with pytest.raises(ValueError, match=r"exchange='fetched' is not allowed; choose one of \('allgather', 'ring', "
+                                         r"'hierarchical', 'fetch'\)"):
+        build_exchange("fetched", FourRanks())

@@ -1,7 +1,7 @@
 """The ring exchange's log-sum-exp algebra, in one process.
 
 Selected attention over a document's keys cut into pieces at block edges (ids and query positions
-shifted per piece, as exchange_ring.PieceWork does) and merged with merge_partial must give the
+shifted per piece, as exchange.ring.PieceWork does) and merged with merge_partial must give the
 single call's output and lse; each piece's share of the gradients from selected_attention_backward
 (given the merged lse and delta = rowsum(dO * O)) must sum to the single call's dQ, dK, dV. Some
 rows select nothing in some pieces (lse -inf there). The torch branches in float64; the Triton
@@ -14,7 +14,7 @@ import torch
 
 from megatron_nsa import NSAConfig, reference
 from megatron_nsa.context_parallel.branches import torch_branches, triton_branches
-from megatron_nsa.context_parallel.exchange_ring import PieceWork, merge_partial
+from megatron_nsa.context_parallel.exchange.ring import PieceWork, merge_partial
 
 LP, COUNT, TOKENS, KV_HEADS, GROUP = 4, 3, 30, 2, 2
 CUTS = [0, 2, 3, 6, 8]  # pieces of blocks [0, 2), [2, 3), [3, 6), [6, 8): the last one partial (30 = 7.5 blocks)

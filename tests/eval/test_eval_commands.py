@@ -102,8 +102,8 @@ def test_needle_selections_count_the_layers_that_select_the_needle(trained):
 
 @pytest.mark.slow
 def test_eval_loss_on_an_indexed_dataset(trained, tmp_path):
-    from megatron_nsa.training.build_dataset import build_indexed_dataset
-    from megatron_nsa.training.tokenizer import ByteTokenizer
+    from megatron_nsa.data.build_dataset import build_indexed_dataset
+    from megatron_nsa.data.tokenizer import ByteTokenizer
 
     workdir, checkpoint, _ = trained
     prefix = tmp_path / "corpus"

@@ -6,7 +6,7 @@ import pytest
 
 from megatron_nsa.eval.haystack import (TEXT_VALUE_DIGITS, check_depths, check_grid_lengths, check_lengths,
                                         minimum_length, needle_samples, place_needle)
-from megatron_nsa.eval.retrieval_task import FIRST_KEY_ID, RetrievalFormat
+from megatron_nsa.data.retrieval import FIRST_KEY_ID, RetrievalFormat
 
 FMT = RetrievalFormat(num_keys=3000, num_values=100)
 

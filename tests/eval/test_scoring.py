@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_nsa.eval.haystack import TEXT_VALUE_DIGITS, needle_samples
-from megatron_nsa.eval.retrieval_task import RetrievalFormat
+from megatron_nsa.data.retrieval import RetrievalFormat
 from megatron_nsa.eval.scoring import answer_hits, score_cell
 
 FMT = RetrievalFormat(num_keys=1000, num_values=50)

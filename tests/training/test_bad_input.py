@@ -29,7 +29,7 @@ def test_missing_data_path(tmp_path):
     missing = tmp_path / "nowhere" / "corpus"
     result = run_cli([str(TINY_RECIPE), "data.source=indexed", f"data.paths=[{missing}]", "checkpoint.dir=null"],
                      tmp_path)
-    assert_refused(result, f"dataset '{missing}' is missing", "python -m megatron_nsa.training.build_dataset")
+    assert_refused(result, f"dataset '{missing}' is missing", "python -m megatron_nsa.data.build_dataset")
 
 
 def test_world_size_not_divisible(tmp_path):

@@ -8,8 +8,8 @@ import pytest
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_nsa.training.build_dataset import build_indexed_dataset, collect_files, main, stdlib_source_files
-from megatron_nsa.training.tokenizer import ByteTokenizer
+from megatron_nsa.data.build_dataset import build_indexed_dataset, collect_files, main, stdlib_source_files
+from megatron_nsa.data.tokenizer import ByteTokenizer
 
 
 def random_text(rng: random.Random, length: int) -> str:

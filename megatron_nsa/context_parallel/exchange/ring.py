@@ -33,7 +33,7 @@ on at the next step; after the last step every rank receives the accumulator of 
 adds its own contribution: C-1 transfers of dK/dV per piece, as in a ring reduce-scatter. Only
 the last one of each head group is not hidden under attention.
 
-'hierarchical' (exchange_hierarchical.py) runs the same schedule with nodes of m ranks in place
+'hierarchical' (hierarchical.py) runs the same schedule with nodes of m ranks in place
 of ranks: at each step a node's m pieces are all-gathered inside the node, and each rank passes
 only the one piece it carries across nodes, so that inter-node traffic per rank falls by m.
 """
@@ -44,11 +44,11 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .comm import Communicator
-from .branches import finite_or_zero
-from .exchange import ROW_PART_ELEMENTS, KVExchange, global_chunk_rows, head_groups, pack_slots, softmax_delta
-from .halo import exchange_halos
-from .segments import CPPlan
+from ..branches import finite_or_zero
+from ..comm import Communicator
+from ..halo import exchange_halos
+from ..segments import CPPlan
+from .base import ROW_PART_ELEMENTS, KVExchange, global_chunk_rows, head_groups, pack_slots, softmax_delta
 
 # ---------------------------------------------------------------------------------------------
 # Compressed tokens: all-gather and reduce-scatter as C-1 ring steps

@@ -1,10 +1,11 @@
 """Build a Megatron indexed dataset (PREFIX.bin + PREFIX.idx) from text files: one file, one document.
 
-    python -m megatron_nsa.training.build_dataset --output data/mycorpus [--tokenizer bytes] FILE_OR_DIR ...
-    python -m megatron_nsa.training.build_dataset --output data/stdlib --stdlib
+    python -m megatron_nsa.data.build_dataset --output data/mycorpus [--tokenizer bytes] FILE_OR_DIR ...
+    python -m megatron_nsa.data.build_dataset --output data/stdlib --stdlib
 
 Directories are searched for files matching --pattern (default *.txt, *.py, *.md). `--stdlib` takes the
 Python standard library's own .py sources (tests left out) from this interpreter: a corpus every machine has.
+megatron-core is imported only to write a dataset, so that recipe checks can use dataset_exists and parse_blend.
 """
 from __future__ import annotations
 
@@ -13,11 +14,9 @@ import os
 import pathlib
 import sys
 import sysconfig
-from typing import Iterable, List, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy
-
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
 from .tokenizer import build_tokenizer, token_dtype
 
@@ -34,6 +33,27 @@ def stdlib_source_files() -> List[pathlib.Path]:
         if _TEST_DIRS.isdisjoint(parts) and "site-packages" not in parts and "dist-packages" not in parts:
             files.append(path)
     return sorted(files)
+
+
+def dataset_exists(prefix: str) -> bool:
+    """An indexed dataset is the pair PREFIX.bin (tokens) + PREFIX.idx (document index)."""
+    return os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")
+
+
+def parse_blend(paths: List) -> Tuple[List[str], Optional[List[float]]]:
+    """data.paths, [prefix, ...] or [weight, prefix, weight, prefix, ...] -> (prefixes, weights or None).
+    ValueError naming data.paths and the allowed forms."""
+    if all(isinstance(p, str) for p in paths):
+        return [os.path.expanduser(p) for p in paths], None
+    pairs = list(zip(paths[0::2], paths[1::2]))
+    if len(paths) % 2 or not all(isinstance(w, (int, float)) and isinstance(p, str) for w, p in pairs):
+        raise ValueError(
+            f"data.paths={paths!r} must be a list of dataset prefixes or of weight, prefix pairs "
+            "(e.g. [0.7, data/web, 0.3, data/code])"
+        )
+    if any(w <= 0 for w, _ in pairs):
+        raise ValueError(f"data.paths={paths!r}: blend weights must be > 0")
+    return [os.path.expanduser(p) for _, p in pairs], [float(w) for w, _ in pairs]
 
 
 def collect_files(inputs: Sequence[str], patterns: Sequence[str] = DEFAULT_PATTERNS) -> List[pathlib.Path]:
@@ -57,6 +77,8 @@ def build_indexed_dataset(files: Iterable[pathlib.Path], prefix: str, tokenizer)
 
     Returns the number of tokens written. The files appear under their final names only when complete.
     """
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+
     prefix = str(prefix)
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     staging = f"{prefix}.partial-{os.getpid()}"

@@ -7,12 +7,12 @@ import dataclasses
 import numpy
 import pytest
 
-from megatron_nsa.eval.retrieval_task import (BYTE_RANGE, FIRST_KEY_ID, RECORD_LENGTH, REPEATED_FILLER,
-                                              RetrievalDataset, RetrievalFormat, TRAIN_STREAM, VALID_STREAM,
-                                              check_key_space, check_settings, generate_records, generate_sequence,
-                                              lay_out, sample_rng)
+from megatron_nsa.data.datasets import recipe_tokenizer
+from megatron_nsa.data.retrieval import (BYTE_RANGE, FIRST_KEY_ID, RECORD_LENGTH, RetrievalDataset, RetrievalFormat,
+                                         TRAIN_STREAM, VALID_STREAM, check_key_space, check_settings, generate_records,
+                                         generate_sequence, lay_out, sample_rng)
+from megatron_nsa.data.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer
 from megatron_nsa.training.config import RecipeError, load_recipe
-from megatron_nsa.training.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer, recipe_tokenizer
 
 FMT = RetrievalFormat(num_keys=600, num_values=37, query_fraction=0.4)
 
@@ -265,35 +265,7 @@ def test_recipe_takes_queries_last_and_checks_it():
         lay_out(3, sample_rng(0, TRAIN_STREAM, 0), fmt)
 
 
-@pytest.mark.parametrize("queries_last", [False, True])
-def test_repeated_filler_is_the_sentence_at_its_own_positions_and_records_are_unchanged(queries_last):
-    num_tokens, seed = 4001, numpy.random.default_rng().integers(1 << 30)
-    common = dict(num_keys=3000, num_values=37, query_fraction=0.3, mean_gap=25, queries_last=queries_last)
-    tokens, answer_mask, record_starts = lay_out(num_tokens, sample_rng(seed, TRAIN_STREAM, 0),
-                                                 RetrievalFormat(**common, filler="repeat"))
-    random_tokens, random_mask, random_starts = lay_out(num_tokens, sample_rng(seed, TRAIN_STREAM, 0),
-                                                        RetrievalFormat(**common))
-    # the same records at the same offsets: the filler draws nothing that the records depend on
-    numpy.testing.assert_array_equal(record_starts, random_starts)
-    numpy.testing.assert_array_equal(answer_mask, random_mask)
-    in_record = numpy.zeros(num_tokens, dtype=bool)
-    in_record[numpy.concatenate([record_starts, record_starts + 1])] = True
-    numpy.testing.assert_array_equal(tokens[in_record], random_tokens[in_record])
-    filler_positions = numpy.flatnonzero(~in_record)
-    assert filler_positions.size > num_tokens // 2
-    numpy.testing.assert_array_equal(tokens[filler_positions],
-                                     REPEATED_FILLER[filler_positions % REPEATED_FILLER.size])
-    assert (random_tokens[filler_positions] != tokens[filler_positions]).mean() > 0.9  # random bytes differ
-
-
-def test_recipe_takes_the_filler_and_checks_it():
-    recipe = load_recipe(None, ["data.source=retrieval", "retrieval.num_keys=1000", "retrieval.filler=repeat",
-                                "retrieval.mean_gap=8", "data.seq_length=512"])
-    fmt = RetrievalFormat.of(recipe.retrieval)
-    assert fmt.filler == "repeat"
-    item = RetrievalDataset(fmt, seq_length=512, num_samples=2, seed=1, stream=TRAIN_STREAM)[0]
-    text = bytes(int(token) for token in item["tokens"] if token < BYTE_RANGE)
-    assert b"grass is green" in text
-    with pytest.raises(RecipeError, match=r"retrieval.filler='noise' is not allowed: choose one of \['random', "
-                                          r"'repeat'\]"):
-        load_recipe(None, ["data.source=retrieval", "retrieval.filler=noise"])
+def test_filler_is_random_bytes_only():
+    assert "filler" not in {field.name for field in dataclasses.fields(RetrievalFormat)}
+    with pytest.raises(RecipeError, match="retrieval.filler"):
+        load_recipe(None, ["data.source=retrieval", "retrieval.filler=random"])

@@ -1,8 +1,9 @@
-"""Training and validation data through megatron.core.datasets.
+"""A recipe's tokenizer and its training and validation data, through megatron.core.datasets.
 
-Sources: `stdlib` (the Python standard library's sources as an indexed dataset, built on first use in the
+`recipe` below is a training recipe (megatron_nsa.training.config.Recipe); only its `data`, `retrieval`
+and `training.seed` settings are read. Sources: `stdlib` (the Python standard library's sources as an indexed dataset, built on first use in the
 cache directory), `indexed` (your .bin/.idx prefixes, optionally weighted: a blend), `mock` (random tokens),
-`retrieval` (the synthetic key/value task of megatron_nsa.eval.retrieval_task, generated on the fly).
+`retrieval` (the synthetic key/value task of megatron_nsa.data.retrieval, generated on the fly).
 Validation uses the same blend with `data.split`'s second share of the documents.
 
 Each data-parallel rank reads its own micro-batches by global sample index, so the position in the data is
@@ -21,19 +22,28 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-from .build_dataset import build_indexed_dataset, stdlib_source_files
-from .config import Recipe, dataset_exists, parse_blend
+from .build_dataset import build_indexed_dataset, dataset_exists, parse_blend, stdlib_source_files
+from .retrieval import RetrievalFormat, retrieval_datasets
+from .tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer, build_tokenizer
 
 Batch = Dict[str, torch.Tensor]
 
 
-def cache_dir(recipe: Recipe) -> str:
+def recipe_tokenizer(recipe):
+    """The tokenizer a recipe's model is built for: data.tokenizer, and for data.source=retrieval the byte
+    tokenizer with the task's key and value ids reserved (the recipe checks make sure it is bytes)."""
+    if recipe.data.source != "retrieval":
+        return build_tokenizer(recipe.data.tokenizer)
+    return ByteTokenizer(reserved_ids=RetrievalFormat.of(recipe.retrieval).vocab_size - BYTE_VOCAB_SIZE)
+
+
+def cache_dir(recipe) -> str:
     return os.path.abspath(os.path.expanduser(
         recipe.data.cache_dir or os.environ.get("MEGATRON_NSA_CACHE") or "~/.cache/megatron_nsa"
     ))
 
 
-def stdlib_prefix(recipe: Recipe, tokenizer) -> str:
+def stdlib_prefix(recipe, tokenizer) -> str:
     """Where the standard-library corpus for this interpreter and tokenizer lives."""
     version = f"py{sys.version_info.major}{sys.version_info.minor}"
     if recipe.data.tokenizer == "bytes":
@@ -43,7 +53,7 @@ def stdlib_prefix(recipe: Recipe, tokenizer) -> str:
     return os.path.join(cache_dir(recipe), f"stdlib-{version}-{tag}")
 
 
-def ensure_stdlib_dataset(recipe: Recipe, tokenizer) -> str:
+def ensure_stdlib_dataset(recipe, tokenizer) -> str:
     """Build the standard-library corpus once per node (local rank 0), then every rank uses it."""
     prefix = stdlib_prefix(recipe, tokenizer)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not dataset_exists(prefix):
@@ -54,12 +64,10 @@ def ensure_stdlib_dataset(recipe: Recipe, tokenizer) -> str:
     return prefix
 
 
-def build_datasets(recipe: Recipe, tokenizer, num_train_samples: int, num_valid_samples: int):
+def build_datasets(recipe, tokenizer, num_train_samples: int, num_valid_samples: int):
     """(train, validation) datasets; validation is None when the split leaves it no documents."""
     data = recipe.data
     if data.source == "retrieval":
-        from megatron_nsa.eval.retrieval_task import retrieval_datasets
-
         return retrieval_datasets(recipe, num_train_samples, num_valid_samples)
     if data.source == "mock":
         blend = None

@@ -25,15 +25,13 @@ at the end, each asking a different definition in random order: the layout of a 
 needles, where every distance from the question block back to the start of the sequence is trained
 equally and nothing can be copied from a nearer query. The block holds query_fraction / (1 - query_fraction)
 queries per definition (at least one), so query_fraction must be below 0.5 here too.
-The filler is random bytes (`filler: random`), or (`filler: repeat`) one English sentence of bytes repeated
-from the sequence's first token on, as in the passkey test of Mohtashami & Jaggi (2023): predictable text
-that a model learns to pass over, so that the definitions are the only thing to find in it.
 The loss mask covers only the value tokens of queries (everything else is random). No markers tell
 definitions from queries: a model need not know, since a key it has not seen has no answer to learn.
 
 Sequences are a pure function of (seed, stream, index): training and validation use separate streams,
 so both models of a comparison see the same samples in the same order. numpy only (no megatron), so
-recipe checks can import this module before megatron-core is loaded.
+recipe checks can import this module before megatron-core is loaded. The needle evaluation
+(megatron_nsa.eval.haystack) lays its haystacks out with the same records.
 """
 from __future__ import annotations
 
@@ -43,15 +41,12 @@ from typing import Dict, Optional, Tuple
 
 import numpy
 
-from megatron_nsa.training.tokenizer import BYTE_VOCAB_SIZE
+from .tokenizer import BYTE_VOCAB_SIZE
 
 TRAIN_STREAM, VALID_STREAM, NEEDLE_STREAM = 0, 1, 2
 FIRST_KEY_ID = BYTE_VOCAB_SIZE  # after the byte tokenizer's 256 bytes, end-of-document and padding
 RECORD_LENGTH = 2  # key, value
 BYTE_RANGE = 256  # filler tokens between records are bytes 0..255
-FILLERS = ("random", "repeat")
-REPEATED_FILLER = numpy.frombuffer(b"The sky is blue and the grass is green. We walk on and on. ",
-                                   dtype=numpy.uint8).astype(numpy.int64)  # [59] bytes of filler: repeat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +57,6 @@ class RetrievalFormat:
     mean_gap: int = 0  # filler tokens after each definition: uniform in [0, 2 * mean_gap]
     query_once: bool = False  # each key queried at most once: no answer can be copied from an earlier query
     queries_last: bool = False  # all definitions first, then one block of queries (each key at most once)
-    filler: str = "random"  # random bytes, or "repeat": REPEATED_FILLER over and over
 
     @property
     def first_value_id(self) -> int:
@@ -75,7 +69,7 @@ class RetrievalFormat:
 
     @classmethod
     def of(cls, settings) -> "RetrievalFormat":
-        """From any object with the three fields (e.g. the recipe's `retrieval` section)."""
+        """From any object with these fields (e.g. the recipe's `retrieval` section)."""
         return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
 
 
@@ -88,8 +82,6 @@ def check_settings(settings) -> None:
     for name in ("query_once", "queries_last"):
         if not isinstance(getattr(settings, name), bool):
             raise ValueError(f"retrieval.{name}={getattr(settings, name)!r} is not allowed: it must be true or false")
-    if settings.filler not in FILLERS:
-        raise ValueError(f"retrieval.filler={settings.filler!r} is not allowed: choose one of {list(FILLERS)}")
     fraction = settings.query_fraction
     if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction < 1:
         raise ValueError(f"retrieval.query_fraction={fraction!r} is not allowed: it must be a number in (0, 1)")
@@ -188,11 +180,8 @@ def generate_records(num_records: int, rng: numpy.random.Generator, fmt: Retriev
     return tokens, answer_mask
 
 
-def filler_tokens(num_tokens: int, rng: numpy.random.Generator, fmt: RetrievalFormat) -> numpy.ndarray:
-    """[num_tokens] int64 filler bytes, records to be written over them: random, or REPEATED_FILLER tiled
-    from offset 0 (the same text at the same positions in every sequence)."""
-    if fmt.filler == "repeat":
-        return numpy.resize(REPEATED_FILLER, num_tokens)
+def filler_tokens(num_tokens: int, rng: numpy.random.Generator) -> numpy.ndarray:
+    """[num_tokens] int64 random filler bytes, records to be written over them."""
     return rng.integers(0, BYTE_RANGE, size=num_tokens)
 
 
@@ -214,7 +203,7 @@ def lay_out(num_tokens: int, rng: numpy.random.Generator, fmt: RetrievalFormat,
     num_records = int(numpy.searchsorted(record_ends, num_tokens, side="right"))  # whole records that fit
     drawn = max(num_records, 1)
     records, record_mask = generate_records(drawn, rng, fmt, exclude_key, is_query[:drawn])
-    tokens = filler_tokens(num_tokens, rng, fmt)  # [num_tokens] filler bytes, records written over
+    tokens = filler_tokens(num_tokens, rng)  # [num_tokens] filler bytes, records written over
     answer_mask = numpy.zeros(num_tokens, dtype=bool)
     record_starts = record_ends[:num_records] - RECORD_LENGTH
     positions = record_starts[:, None] + numpy.arange(RECORD_LENGTH)  # [num_records, 2]
@@ -247,7 +236,7 @@ def lay_out_queries_last(num_tokens: int, rng: numpy.random.Generator, fmt: Retr
     asked = rng.choice(num_definitions, size=num_queries, replace=False)  # [num_queries] in asking order
     definition_starts = numpy.cumsum(RECORD_LENGTH + gaps[:num_definitions]) - gaps[:num_definitions] - RECORD_LENGTH
     query_starts = num_tokens - RECORD_LENGTH * (num_queries - numpy.arange(num_queries))  # [num_queries]
-    tokens = filler_tokens(num_tokens, rng, fmt)  # [num_tokens] filler bytes, records written over
+    tokens = filler_tokens(num_tokens, rng)  # [num_tokens] filler bytes, records written over
     answer_mask = numpy.zeros(num_tokens, dtype=bool)
     tokens[definition_starts], tokens[definition_starts + 1] = keys, values
     tokens[query_starts], tokens[query_starts + 1] = keys[asked], values[asked]

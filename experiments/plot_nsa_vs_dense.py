@@ -1,23 +1,21 @@
-"""Report of benchmarks/nsa_vs_dense.py: markdown summary, loss-curve PNG, needle heat-map PNGs.
+"""Report of experiments/nsa_vs_dense.py: markdown summary, loss-curve PNG, needle heat-map PNGs.
 
-    python benchmarks/plot_nsa_vs_dense.py OUT/lm/summary.json [--out-dir benchmarks/results]
+    python -m experiments.plot_nsa_vs_dense OUT/lm/summary.json [--out-dir benchmarks/results] [--variant 16k]
 
-Files are named nsa_vs_dense_<experiment>_<gpu>.md / _loss.png / _needle_{nsa,dense}.png (and a copy of
-the summary as _<gpu>.json). The markdown is always written; PNGs only when matplotlib is installed.
+Files are named nsa_vs_dense_<experiment>_<gpu>[_<variant>].md / _loss.png / _needle_{nsa,dense}.png (and
+a copy of the summary as .json). The markdown is always written; PNGs only when matplotlib is installed.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
 import sys
 from typing import Dict, List, Optional, Tuple
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from megatron_nsa.eval.plots import accuracy_heatmap, loss_curves  # noqa: E402
-from megatron_nsa.eval.report import accuracy_table, write_json  # noqa: E402
+from benchmarks.recording import RESULTS_DIR, gpu_model_tag, recorded_line, result_stem
+from megatron_nsa.eval.plots import accuracy_heatmap, loss_curves
+from megatron_nsa.eval.report import accuracy_table, write_json
 
 LOSS_GOAL = 0.01  # NSA validation loss within 1% of dense (or better)
 ACCURACY_GOAL = 0.99  # NSA needle accuracy at every depth up to the trained length
@@ -25,8 +23,9 @@ TITLES = {"lm": "language modelling on real text", "retrieval": "synthetic key/v
 NAMES = {"nsa": "NSA", "dense": "dense"}
 
 
-def slug(device: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "unknown"
+def device_tag(device: str) -> str:
+    """The `<gpu>` of the report's file names: 'cpu', or the GPU model ('h100')."""
+    return "cpu" if device == "cpu" else gpu_model_tag(device)
 
 
 def compared_losses(summary: dict) -> Optional[Tuple[float, float, str]]:
@@ -76,12 +75,12 @@ def curve_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(summary: dict, out_dir: str, device_slug: Optional[str] = None) -> Dict[str, Optional[str]]:
-    """Markdown (+ PNGs when possible) into out_dir; returns {kind: path or None}."""
+def write_report(summary: dict, out_dir: str, variant: Optional[str] = None) -> Dict[str, Optional[str]]:
+    """Markdown (+ PNGs when possible) into out_dir as nsa_vs_dense_<experiment>_<gpu>[_<variant>].*;
+    returns {kind: path or None}."""
     experiment = summary["experiment"]
     env = summary.get("environment", {})
-    device_slug = device_slug or slug(env.get("device", "unknown"))
-    base = os.path.join(out_dir, f"nsa_vs_dense_{experiment}_{device_slug}")
+    base = result_stem(f"nsa_vs_dense_{experiment}", device_tag(env.get("device", "cpu")), variant, out_dir)
     written: Dict[str, Optional[str]] = {"json": base + ".json"}
     write_json(base + ".json", summary)
     seq = summary["seq_length"]
@@ -99,6 +98,7 @@ def write_report(summary: dict, out_dir: str, device_slug: Optional[str] = None)
         f"{summary['time_budget_s']:.0f} s per model). Versions: "
         + ", ".join(f"{k} {v}" for k, v in env.items() if k != "device") + ".",
         "",
+        *([recorded_line(summary["recorded"]), ""] if "recorded" in summary else []),
         model_table(summary),
         "",
     ]
@@ -173,12 +173,13 @@ def write_report(summary: dict, out_dir: str, device_slug: Optional[str] = None)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("summary", help="summary.json written by benchmarks/nsa_vs_dense.py")
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("summary", help="summary.json written by experiments/nsa_vs_dense.py")
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
+    parser.add_argument("--variant", default=None, help="what differs from the default run (file name suffix)")
     args = parser.parse_args(argv)
     with open(args.summary) as f:
         summary = json.load(f)
-    write_report(summary, args.out_dir)
+    write_report(summary, args.out_dir, args.variant)
     return 0
 
 

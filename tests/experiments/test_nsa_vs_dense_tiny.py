@@ -1,4 +1,4 @@
-"""benchmarks/nsa_vs_dense.py --tiny: the experiment driver end to end on CPU (calibration, NSA under a time
+"""experiments/nsa_vs_dense.py --tiny: the experiment driver end to end on CPU (calibration, NSA under a time
 budget, dense on NSA's step count, evaluation of both checkpoints, report).
 
 About a minute on 2 CPU cores (three training processes and the evaluation), beyond this directory's share
@@ -22,9 +22,9 @@ experiment_run = pytest.mark.skipif(os.environ.get("MEGATRON_NSA_EXPERIMENT_TEST
 def run_tiny(tmp_path, *arguments: str) -> subprocess.CompletedProcess:
     """The driver's --tiny retrieval experiment, which must succeed."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    command = [sys.executable, str(REPO / "benchmarks" / "nsa_vs_dense.py"), "--experiment", "retrieval", "--tiny",
+    command = [sys.executable, "-m", "experiments.nsa_vs_dense", "--experiment", "retrieval", "--tiny",
                "--out", str(tmp_path), *arguments]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -47,14 +47,15 @@ def test_tiny_retrieval_experiment(tmp_path):
     assert set(nsa["gates"]) == {"gate_cmp", "gate_slc", "gate_win"} and not dense["gates"]
     report = (tmp_path / "retrieval" / "nsa_vs_dense_retrieval_cpu.md").read_text()
     assert "| NSA |" in report and "| dense |" in report and "Needle accuracy, NSA" in report
+    assert f"Recorded at commit `{summary['recorded']['commit']}` on {summary['recorded']['date']}" in report
     assert not (tmp_path / "retrieval" / "nsa" / "checkpoints").exists()  # removed without --keep-checkpoints
 
 
 def test_needle_lengths_past_the_key_range_fail_before_training(tmp_path):
-    command = [sys.executable, str(REPO / "benchmarks" / "nsa_vs_dense.py"), "--experiment", "retrieval", "--tiny",
+    command = [sys.executable, "-m", "experiments.nsa_vs_dense", "--experiment", "retrieval", "--tiny",
                "--out", str(tmp_path), "--eval-lengths", "128", "1024"]
     done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
+                          timeout=120, cwd=REPO)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert "retrieval.num_keys=256 is too small for the needle length (--lengths)=1024" in done.stderr
     assert not (tmp_path / "retrieval" / "calibration").exists()  # nothing was trained
@@ -92,10 +93,10 @@ def test_tiny_experiment_with_a_length_curriculum(tmp_path):
     ("32:5,retrieval.mean_gap=-1", "retrieval.mean_gap=-1 is not allowed"),
 ])
 def test_bad_stages_fail_before_training(tmp_path, stage, message):
-    command = [sys.executable, str(REPO / "benchmarks" / "nsa_vs_dense.py"), "--experiment", "retrieval", "--tiny",
+    command = [sys.executable, "-m", "experiments.nsa_vs_dense", "--experiment", "retrieval", "--tiny",
                "--out", str(tmp_path), "--stages", stage]
     done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
+                          timeout=120, cwd=REPO)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert message in done.stderr
     assert not (tmp_path / "retrieval" / "calibration").exists()  # nothing was trained
@@ -127,10 +128,10 @@ def test_tiny_experiment_split_over_two_jobs(tmp_path):
     (["--only", "dense", "--pair", "missing.json"], "--pair missing.json: no such file"),
 ])
 def test_bad_pairing_fails_before_training(tmp_path, arguments, message):
-    command = [sys.executable, str(REPO / "benchmarks" / "nsa_vs_dense.py"), "--experiment", "retrieval", "--tiny",
+    command = [sys.executable, "-m", "experiments.nsa_vs_dense", "--experiment", "retrieval", "--tiny",
                "--out", str(tmp_path), *arguments]
     done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
+                          timeout=120, cwd=REPO)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert message in done.stderr
     assert not (tmp_path / "retrieval" / "calibration").exists() and not (tmp_path / "retrieval" / "dense").exists()
@@ -142,10 +143,10 @@ def test_pairing_with_another_run_names_what_differs(tmp_path):
                    "models": {"nsa": {"final": {"loss": 1.0}}}}
     pair = tmp_path / "summary.json"
     pair.write_text(json.dumps(nsa_summary))
-    command = [sys.executable, str(REPO / "benchmarks" / "nsa_vs_dense.py"), "--experiment", "retrieval", "--tiny",
+    command = [sys.executable, "-m", "experiments.nsa_vs_dense", "--experiment", "retrieval", "--tiny",
                "--out", str(tmp_path / "out"), "--only", "dense", "--pair", str(pair)]
     done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
+                          timeout=120, cwd=REPO)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert "its overrides is" in done.stderr and "must repeat the NSA run's arguments" in done.stderr
     assert not (tmp_path / "out" / "retrieval" / "dense").exists()

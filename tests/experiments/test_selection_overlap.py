@@ -1,15 +1,10 @@
-"""benchmarks/selection_overlap.py: the count of distinct blocks per tile of neighbouring tokens."""
+"""experiments/selection_overlap.py: the count of distinct blocks per tile of neighbouring tokens."""
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-from selection_overlap import distinct_blocks_per_tile  # noqa: E402
+from experiments.selection_overlap import distinct_blocks_per_tile
 
 
 def brute_force(idx, tokens, first_row):

@@ -1,9 +1,9 @@
 """How much do neighbouring query tokens share their selected blocks in a trained NSA model, and what
 does that mean for the selected-attention kernels' tiling?
 
-    python benchmarks/selection_overlap.py --checkpoint CKPT_DIR [--batches 2] [--batch-size 4]
+    python -m experiments.selection_overlap --checkpoint CKPT_DIR [--batches 2] [--batch-size 4]
         [--tiles 1 2 4 8 16] [--shape 64,4,128,128] [--tile-tokens 1 2 4] [--save-selections FILE.pt] [--out DIR]
-    python benchmarks/selection_overlap.py --selections FILE.pt ...   # recorded before: no model needed
+    python -m experiments.selection_overlap --selections FILE.pt ...   # recorded before: no model needed
 
 Runs validation batches of the checkpoint's own recipe through the model (Triton backend, one GPU) and
 records every layer's selected_block_idx. Per layer it prints the mean number of distinct blocks that a
@@ -18,7 +18,7 @@ recorded head h mod H_kv of the model) and with random-input selections, with pr
 (m = --tile-tokens, ROWS = m G; the forward and dQ kernels stream the union of the m tokens' blocks
 once for all of them): which tiling pays on trained selections. --save-selections keeps the first two
 samples' selections (and the recipe's block sizes), so that kernels can be timed on them later without the model.
-Writes selection_overlap_<gpu>.{json,md} to --out (default benchmarks/results/).
+Writes selection_overlap_<gpu>[_<variant>].{json,md} to --out (default benchmarks/results/).
 """
 from __future__ import annotations
 
@@ -31,13 +31,9 @@ from typing import Dict, List
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from bench_attention import nsa_inputs, time_ms  # noqa: E402
-
-from megatron_nsa.eval.selections import recorded_selections  # noqa: E402
+from benchmarks import recording
+from benchmarks.bench_attention import nsa_inputs, time_ms
+from megatron_nsa.functional import recorded_selections
 
 SAVED_SAMPLES = 2  # samples per layer that --save-selections keeps
 
@@ -61,7 +57,7 @@ def model_selections(checkpoint: str, batches: int, batch_size: int) -> tuple:
     """(recipe, checkpoint step, [layer] -> [batches * batch_size * T, H_kv, n] selections of the validation
     batches; each sample is one document, its block ids count from its start)."""
     from megatron_nsa.eval.model_loader import load_model
-    from megatron_nsa.training.data import build_datasets, micro_batches
+    from megatron_nsa.data.datasets import build_datasets, micro_batches
 
     loaded = load_model(checkpoint, overrides=["nsa.backend=triton"], device="cuda")
     if loaded.attention != "nsa":
@@ -157,6 +153,7 @@ def report(result: dict) -> str:
              f"{result['shape']}, bf16, {result['tokens']} tokens, with these selections (ms), programs of "
              f"{per_tiling} tiles.",
              "",
+             *([recording.recorded_line(result["recorded"]), ""] if "recorded" in result else []),
              "| selections | " + " | ".join(f"m={m}" for m in tiles) + f" | fwd {per_tiling} | fwd+bwd {per_tiling} |",
              "|---|" + "---|" * (len(tiles) + 2)]
     for row in result["rows"]:
@@ -179,10 +176,11 @@ def main() -> int:
     parser.add_argument("--tile-tokens", type=int, nargs="+", default=[1, 2, 4],
                         help="tokens per program of the timed tilings")
     parser.add_argument("--save-selections", help="write the recorded selections here (torch.save)")
-    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    parser.add_argument("--out", default=recording.RESULTS_DIR)
+    parser.add_argument("--variant", default=None, help="what differs from the default run (file name suffix)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("selection_overlap.py runs the Triton kernels: it needs a CUDA GPU")
+        sys.exit("experiments.selection_overlap runs the Triton kernels: it needs a CUDA GPU")
     shape = tuple(int(x) for x in args.shape.split(","))
     if len(shape) != 4 or shape[0] % shape[1]:
         sys.exit(f"--shape {args.shape!r}: give H_q,H_kv,d_k,d_v with H_q a multiple of H_kv")
@@ -220,9 +218,9 @@ def main() -> int:
     gpu = torch.cuda.get_device_name()
     result = dict(source=recorded["source"], gpu=gpu, tiles=args.tiles, tile_tokens=args.tile_tokens,
                   select_count=config.select_count, first_position=first_position,
-                  shape="/".join(map(str, shape)), tokens=seq_length, rows=rows)
+                  shape="/".join(map(str, shape)), tokens=seq_length, rows=rows, recorded=recording.recorded(gpu))
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "selection_overlap_" + gpu.replace(" ", "_"))
+    stem = recording.result_stem("selection_overlap", recording.gpu_tag(), args.variant, args.out)
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
     text = report(result)

@@ -1,8 +1,10 @@
 """NSA against dense attention with the project's own training stack: same model, same data, same tokens.
 
-    python benchmarks/nsa_vs_dense.py --experiment lm --out OUT          # real text at 8k: validation loss
-    python benchmarks/nsa_vs_dense.py --experiment retrieval --out OUT   # retrieval at 8k, needle at 8k-32k
-    python benchmarks/nsa_vs_dense.py --experiment retrieval --out OUT --tiny   # CPU check of the logic
+    python -m experiments.nsa_vs_dense --experiment lm --out OUT          # real text at 8k: validation loss
+    python -m experiments.nsa_vs_dense --experiment retrieval --out OUT   # retrieval at 8k, needle at 8k-32k
+    python -m experiments.nsa_vs_dense --experiment retrieval --out OUT --tiny   # CPU check of the logic
+
+(from the repository root).
 
 Each experiment trains configs/small_{lm,retrieval}_8k.yaml twice, NSA first, then its dense twin
 (model.attention=dense), each as its own `python -m megatron_nsa.training.train` process:
@@ -32,7 +34,8 @@ warm-up stage that would run past it is stopped (that model then trains no furth
 the steps NSA reached).
 Writes under OUT/<experiment>/: {nsa,dense}/train.log, metrics.jsonl, checkpoints (removed at the end
 unless --keep-checkpoints), summary.json (written after every stage, so a killed run leaves what it
-had), and the report of plot_nsa_vs_dense.py (markdown table, PNGs when matplotlib is installed).
+had), and the report of experiments/plot_nsa_vs_dense.py (markdown table, PNGs when matplotlib is
+installed), named nsa_vs_dense_<experiment>_<gpu>[_<variant>] (--variant).
 """
 from __future__ import annotations
 
@@ -49,15 +52,12 @@ import sys
 import time
 from typing import Callable, Dict, List
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.recording import REPO, recorded
+from megatron_nsa.data.retrieval import RetrievalFormat
+from megatron_nsa.eval.haystack import check_grid_lengths
+from megatron_nsa.training.config import load_recipe
 
-import plot_nsa_vs_dense  # noqa: E402
-
-from megatron_nsa.eval.haystack import check_grid_lengths  # noqa: E402
-from megatron_nsa.eval.retrieval_task import RetrievalFormat  # noqa: E402
-from megatron_nsa.training.config import load_recipe  # noqa: E402
+from . import plot_nsa_vs_dense
 
 RECIPES = {"lm": "configs/small_lm_8k.yaml", "retrieval": "configs/small_retrieval_8k.yaml"}
 DEPTHS = [float(d) for d in range(0, 101, 10)]
@@ -107,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pair", default=None, metavar="SUMMARY",
                         help="with --only dense: the summary.json of the --only nsa run to match and report with")
     parser.add_argument("--keep-checkpoints", action="store_true")
+    parser.add_argument("--variant", default=None,
+                        help="what differs from the default run, the last part of the report's file names")
     parser.add_argument("--tiny", action="store_true", help="toy sizes on CPU, fixed steps: checks the logic")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides for both models")
     args = parser.parse_args(argv)
@@ -367,6 +369,7 @@ def main(argv=None) -> int:
     summary = {"experiment": args.experiment, "recipe": recipe, "overrides": common, "seq_length": args.seq_length,
                "global_batch_size": batch, "time_budget_s": args.time_budget_s, "tiny": args.tiny,
                "stages": args.stages, "environment": device_description(args.tiny), "models": {}}
+    summary["recorded"] = recorded(summary["environment"]["device"])
     if args.pair:
         try:
             summary = paired_summary(args.pair, summary)
@@ -440,7 +443,7 @@ def main(argv=None) -> int:
         return 0
     summary["equal_tokens"] = summary["models"]["nsa"]["steps"] == summary["models"]["dense"]["steps"]
     save()
-    plot_nsa_vs_dense.write_report(summary, out)
+    plot_nsa_vs_dense.write_report(summary, out, variant=args.variant)
     print(f"done in {clock.elapsed():.0f} s: {summary_path}", flush=True)
     return 0
 

@@ -2,7 +2,6 @@
 
 `bytes`: every UTF-8 byte is a token (0..255), 256 ends a document: no vocabulary file, no download.
 Any other name is the path of a locally installed Hugging Face tokenizer directory (needs `transformers`).
-`recipe_tokenizer` adds the retrieval task's key and value ids after the bytes for data.source=retrieval.
 """
 from __future__ import annotations
 
@@ -70,16 +69,6 @@ class HFTokenizer:
 def build_tokenizer(name: str):
     """'bytes' -> ByteTokenizer; anything else is a local Hugging Face tokenizer directory."""
     return ByteTokenizer() if name == "bytes" else HFTokenizer(name)
-
-
-def recipe_tokenizer(recipe):
-    """The tokenizer a recipe's model is built for: data.tokenizer, and for data.source=retrieval the byte
-    tokenizer with the task's key and value ids reserved (the recipe checks make sure it is bytes)."""
-    if recipe.data.source != "retrieval":
-        return build_tokenizer(recipe.data.tokenizer)
-    from megatron_nsa.eval.retrieval_task import RetrievalFormat
-
-    return ByteTokenizer(reserved_ids=RetrievalFormat.of(recipe.retrieval).vocab_size - BYTE_VOCAB_SIZE)
 
 
 def token_dtype(vocab_size: int):

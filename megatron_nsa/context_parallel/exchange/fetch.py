@@ -38,8 +38,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .exchange import KVExchange, head_groups, softmax_delta
-from .segments import CPPlan
+from ..segments import CPPlan
+from .base import KVExchange, head_groups, softmax_delta
 
 
 @dataclasses.dataclass

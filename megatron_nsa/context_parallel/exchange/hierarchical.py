@@ -7,15 +7,15 @@ of the ring's C-1; at each step the m pieces its node carries are all-gathered i
 (point-to-point batches in the CP group: a layer call cannot create the per-node process groups,
 since every rank of the world would have to take part) and attended to as in 'ring'. Backward
 reduces each visiting piece's dK/dV inside the node onto the rank that carries it, which passes
-the accumulator on with the piece. The schedule, overlap and merging are exchange_ring.py's; the
+the accumulator on with the piece. The schedule, overlap and merging are ring.py's; the
 node's pieces make memory O(m * chunk).
 
 Compressed tokens go round the plain ring (S/d tokens: small).
 """
 from __future__ import annotations
 
-from .comm import Communicator
-from .exchange_ring import NodeRingExchange
+from ..comm import Communicator
+from .ring import NodeRingExchange
 
 
 def check_node_size(node_size, cp_size: int, name: str = "node_size") -> None:
