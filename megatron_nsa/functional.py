@@ -1,8 +1,11 @@
 """`nsa_attention`: the functional entry point, with input checks and the backend switch."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-from typing import Optional, Sequence, Tuple, Union
+import typing
+from typing import Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy
 import torch
@@ -11,10 +14,38 @@ from .config import NSAConfig
 from .compression import compress_documents
 from .reference import RopeFn, nsa_reference
 
-BACKENDS = ("torch", "triton")
+Backend = Literal["torch", "triton"]
+BACKENDS = typing.get_args(Backend)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 KV = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+# The list that recorded_selections() opened in this context, None outside one.
+_selection_records: contextvars.ContextVar[Optional[List[torch.Tensor]]] = contextvars.ContextVar(
+    "nsa_selection_records", default=None)
+
+
+@contextlib.contextmanager
+def recorded_selections() -> Iterator[List[torch.Tensor]]:
+    """Record which blocks NSA's selection branch picks.
+
+    Inside the block, every nsa_attention call (torch or triton backend) appends the blocks its queries
+    selected to the yielded list, in call order (a model's layers in order): selected_block_idx
+    [B * T, H_kv, n] int64 on the host, rows in batch-then-token order, block ids counted from each
+    sequence's (or packed document's) start, ascending, -1 in unused slots. Outputs and gradients are
+    unchanged. A nested block records into its own list. Context-parallel calls (nsa_attention_cp) are
+    not recorded.
+
+        with recorded_selections() as selections:
+            logits = model(tokens)
+        first_layer = selections[0]
+    """
+    records: List[torch.Tensor] = []
+    token = _selection_records.set(records)
+    try:
+        yield records
+    finally:
+        _selection_records.reset(token)
 
 
 def default_backend(device: torch.device) -> str:
@@ -32,10 +63,12 @@ def triton_backend_available() -> bool:
     return True
 
 
-def _nsa_triton(q, ks, vs, gates, config: NSAConfig, cu_seqlens, bounds, compressor, compressed_rope):
+def _nsa_triton(q, ks, vs, gates, config: NSAConfig, cu_seqlens, bounds, compressor, compressed_rope,
+                records: Optional[List[torch.Tensor]] = None):
     """The Triton path: batch rows become packed documents; compression runs in PyTorch
     (batched over the documents: megatron_nsa.compression.compress_documents). `bounds`: cu_seqlens on
-    the host (None without cu_seqlens). Nothing here waits for the GPU: sizes come from the host."""
+    the host (None without cu_seqlens). Nothing here waits for the GPU: sizes come from the host
+    (except the copy of the selected blocks to `records`, when recorded_selections() asks for them)."""
     from nsa_kernels import KernelParams, nsa_core, packed_documents
 
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -52,32 +85,54 @@ def _nsa_triton(q, ks, vs, gates, config: NSAConfig, cu_seqlens, bounds, compres
     compressed_kv = compress_documents(packed(ks[0]), packed(vs[0]), cu_seqlens, config, compressor, compressed_rope,
                                        bounds)
     out = nsa_core(packed(q), (packed(ks[1]), packed(vs[1])), (packed(ks[2]), packed(vs[2])), compressed_kv,
-                   packed(gates), layout, params)
+                   packed(gates), layout, params, return_intermediates=records is not None)
+    if records is not None:
+        out, intermediates = out
+        records.append(intermediates["selected_block_idx"].detach().to("cpu", torch.int64))
     return out.view(batch, seq_len, num_q_heads, -1)
 
 
-def _branch_tensors(name: str, value: KV, separate: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _type_name(value) -> str:
+    """numpy.ndarray, list, NoneType: the type as a user would write it."""
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+
+
+def _require_tensor(name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {_type_name(value)}")
+
+
+def branch_tensors(name: str, value: KV, separate: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(cmp, slc, win) tensors of k or v."""
     if separate:
         if isinstance(value, torch.Tensor) or not isinstance(value, (tuple, list)) or len(value) != 3:
             raise ValueError(
                 f"{name} must be a (cmp, slc, win) triple of tensors when config.separate_kv=True, "
-                f"got {type(value).__name__}"
+                f"got {_type_name(value)}"
             )
         return tuple(value)
-    if not isinstance(value, torch.Tensor):
+    if isinstance(value, (tuple, list)):
         raise ValueError(
             f"{name} must be one tensor shared by the branches when config.separate_kv=False, "
-            f"got {type(value).__name__}; set separate_kv=True to pass (cmp, slc, win) triples"
+            f"got a {type(value).__name__}; set separate_kv=True to pass (cmp, slc, win) triples"
         )
+    _require_tensor(name, value)
     return value, value, value
 
 
 def check_inputs(q, ks, vs, gates, cu_seqlens, config: NSAConfig):
-    """Shape, dtype and device checks; errors name the tensor. Returns cu_seqlens on the host (a tuple),
-    or None without cu_seqlens."""
-    if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        raise ValueError(f"q must be a 4-D tensor [B, T, H_q, d_k], got {getattr(q, 'shape', type(q))}")
+    """Type, shape, dtype, device and gate-range checks; errors name the tensor. Returns cu_seqlens on the
+    host (a tuple), or None without cu_seqlens.
+
+    Gates must lie in [0, 1]; that is checked on CPU tensors only, where it costs a scan and no wait (on
+    CUDA it would make the host wait for the GPU at every layer)."""
+    _require_tensor("q", q)
+    if q.dim() != 4:
+        raise ValueError(f"q must be a 4-D tensor [B, T, H_q, d_k], got shape {tuple(q.shape)}")
+    for axis, size in zip("BT", q.shape[:2]):
+        if size < 1:
+            raise ValueError(f"q has {axis}={size} (shape {tuple(q.shape)}); allowed: {axis} >= 1")
     if q.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"q has dtype {q.dtype}; allowed: {_FLOAT_DTYPES}")
     batch, seq_len, num_q_heads, head_dim_qk = q.shape
@@ -85,8 +140,7 @@ def check_inputs(q, ks, vs, gates, cu_seqlens, config: NSAConfig):
     named += [(f"v[{b}]" if len(set(map(id, vs))) > 1 else "v", t) for b, t in zip(("cmp", "slc", "win"), vs)]
     named.append(("gates", gates))
     for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        _require_tensor(name, t)
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, T, H, D], got shape {tuple(t.shape)}")
         if t.shape[:2] != q.shape[:2]:
@@ -111,6 +165,9 @@ def check_inputs(q, ks, vs, gates, cu_seqlens, config: NSAConfig):
         )
     if gates.shape[2:] != (num_q_heads, 3):
         raise ValueError(f"gates must be [B, T, H_q, 3] = {(batch, seq_len, num_q_heads, 3)}, got {tuple(gates.shape)}")
+    if gates.device.type == "cpu" and bool(((gates < 0) | (gates > 1)).any()):
+        low, high = gates.min().item(), gates.max().item()
+        raise ValueError(f"gates must lie in [0, 1] (e.g. a sigmoid's output), got values in [{low:.4g}, {high:.4g}]")
     if cu_seqlens is None:
         return None
     return check_cu_seqlens(cu_seqlens, batch, seq_len, q.device)
@@ -158,13 +215,15 @@ def nsa_attention(
     q      [B, T, H_q, d_k]
     k, v   [B, T, H_kv, d_k] / [B, T, H_kv, d_v], shared by the branches; or (cmp, slc, win)
            triples of such tensors when config.separate_kv
-    gates  [B, T, H_q, 3] in [0, 1], order (cmp, slc, win)
+    gates  [B, T, H_q, 3] in [0, 1], order (cmp, slc, win) (the range is checked on CPU tensors)
     cu_seqlens  optional [N+1] document boundaries of packed sequences (B must be 1)
     compressor  a KVCompressor (required for compression 'linear' / 'mlp')
     backend     'torch' | 'triton' | None (triton on CUDA, torch elsewhere)
     compressed_rope  optional fn(compressed_k [N, H_kv, d_k], positions [N]) rotating each
            compressed key at its block's last token position (within its document)
     returns [B, T, H_q, d_v]
+
+    Inside `with recorded_selections()` the call also records the blocks its queries selected.
     """
     if not isinstance(config, NSAConfig):
         raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
@@ -177,13 +236,20 @@ def nsa_attention(
         )
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not allowed; choose one of {BACKENDS} or None")
-    ks = _branch_tensors("k", k, config.separate_kv)
-    vs = _branch_tensors("v", v, config.separate_kv)
+    ks = branch_tensors("k", k, config.separate_kv)
+    vs = branch_tensors("v", v, config.separate_kv)
     bounds = check_inputs(q, ks, vs, gates, cu_seqlens, config)
     backend = backend or default_backend(q.device)
     if backend == "triton":
         if not triton_backend_available():
             raise RuntimeError("backend='triton' needs the nsa_kernels package and triton; install them or use 'torch'")
-        return _nsa_triton(q, ks, vs, gates, config, cu_seqlens, bounds, compressor, compressed_rope)
+        return _nsa_triton(q, ks, vs, gates, config, cu_seqlens, bounds, compressor, compressed_rope,
+                           _selection_records.get())
     kv = [(kb, vb) for kb, vb in zip(ks, vs)]
-    return nsa_reference(q, *kv, gates, config, cu_seqlens, compressor, compressed_rope)
+    records = _selection_records.get()
+    if records is None:
+        return nsa_reference(q, *kv, gates, config, cu_seqlens, compressor, compressed_rope)
+    out, intermediates = nsa_reference(q, *kv, gates, config, cu_seqlens, compressor, compressed_rope,
+                                       return_intermediates=True)
+    records.append(intermediates.selected_block_idx.detach().to("cpu", torch.int64))
+    return out

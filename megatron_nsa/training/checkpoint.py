@@ -3,13 +3,18 @@
 Layout under checkpoint.dir:
 
     step_00000100/            a complete checkpoint (the newest one is what a restart resumes)
-        meta.json             step, consumed samples, scheduler state, format, parallel layout, the recipe
+        meta.json             run id, step, consumed samples, scheduler state, format, parallel layout, the recipe
         ...                   megatron.core.dist_checkpointing files (CUDA), or rank_00000.pt ... (CPU)
-    .partial-step_00000200/   a checkpoint being written; renamed to step_00000200 when complete
+    .partial-RUNID-step_00000200/   a checkpoint being written; renamed to step_00000200 when complete
+    run_RUNID/                a run started with checkpoint.new_run_subdir=true (the same layout inside)
 
 Every rank writes into the .partial directory, rank 0 adds meta.json last and renames the directory,
-so a crash at any point leaves the previous checkpoint as the newest complete one. Only the newest
-`keep_last` checkpoints are kept.
+so a crash at any point leaves the previous checkpoint as the newest complete one.
+
+A directory holds one run: every checkpoint records its run's id, a resumed run keeps it, and pruning
+keeps this run's newest `keep_last` checkpoints, never touching another run's. Starting afresh
+(checkpoint.resume=false) in a directory that holds checkpoints is refused; checkpoint.new_run_subdir=true
+starts the new run in a subdirectory instead, leaving the old checkpoints as they are.
 
 On CUDA the shards are megatron.core.dist_checkpointing (torch_dist) state, which can be reloaded under
 another parallel layout; on CPU (where that writer needs CUDA) every rank saves its own state dicts
@@ -24,6 +29,8 @@ import os
 import random
 import shutil
 import signal
+import time
+import uuid
 from typing import List, Optional
 
 import numpy
@@ -33,10 +40,12 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from .config import BadInputError, Recipe
+from .config import BadInputError, CheckpointSection, Recipe
 
 STEP_PREFIX = "step_"
 PARTIAL_PREFIX = ".partial-"
+REPLACED_PREFIX = ".replaced-"
+RUN_PREFIX = "run_"
 META = "meta.json"
 
 
@@ -87,6 +96,65 @@ def list_checkpoints(directory: str) -> List[str]:
     return sorted(names, key=_step_of)
 
 
+def new_run_id() -> str:
+    """UTC start time plus 6 random hex digits, e.g. 20260101-120000-3fa2c1."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def run_id_of(path: str) -> Optional[str]:
+    """The run id recorded in checkpoint `path` (None when it records none or cannot be read)."""
+    try:
+        with open(os.path.join(path, META)) as f:
+            return json.load(f).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """Where this run keeps its checkpoints and what it resumes from."""
+
+    directory: str
+    resume_from: Optional[str]  # the checkpoint to load; None: start afresh
+    run_id: str  # a resumed run takes the id recorded in resume_from (when it records one)
+
+
+def plan_run(section: CheckpointSection) -> RunPlan:
+    """Decide from checkpoint.dir / resume / new_run_subdir; never deletes or overwrites anything.
+
+    Raises CheckpointError when a fresh start would share a directory with an earlier run's checkpoints."""
+    directory = os.path.abspath(section.dir)
+    if section.new_run_subdir:
+        run_id = new_run_id()
+        return RunPlan(os.path.join(directory, RUN_PREFIX + run_id), None, run_id)
+    existing = list_checkpoints(directory)
+    if existing and section.resume:
+        latest = os.path.join(directory, existing[-1])
+        return RunPlan(directory, latest, run_id_of(latest) or new_run_id())
+    if existing:
+        raise CheckpointError(
+            f"checkpoint.dir={section.dir} holds checkpoints of an earlier run ({', '.join(existing)}), and "
+            "checkpoint.resume=false starts afresh; a new run never deletes or overwrites them. Start it in "
+            "another directory (checkpoint.dir=NEW_DIR), or in a new subdirectory of this one "
+            "(checkpoint.new_run_subdir=true), or continue the earlier run (checkpoint.resume=true)"
+        )
+    return RunPlan(directory, None, new_run_id())
+
+
+def agreed_plan(section: CheckpointSection, launch) -> RunPlan:
+    """plan_run on rank 0, the same plan (or the same CheckpointError) on every rank."""
+    box = [None]
+    if launch.rank == 0:
+        try:
+            box[0] = plan_run(section)
+        except CheckpointError as err:
+            box[0] = str(err)
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise CheckpointError(box[0])
+    return box[0]
+
+
 def start_writer_results_server() -> None:
     """Start dist_checkpointing's write-results server now, deaf to SIGTERM.
 
@@ -112,8 +180,9 @@ def start_writer_results_server() -> None:
 class Checkpointer:
     """Saves and restores one training run's state in recipe.checkpoint.dir."""
 
-    def __init__(self, recipe: Recipe, launch, core_model: torch.nn.Module, optimizer, scheduler):
-        self.directory = os.path.abspath(recipe.checkpoint.dir)
+    def __init__(self, recipe: Recipe, launch, core_model: torch.nn.Module, optimizer, scheduler, plan: RunPlan):
+        self.directory = plan.directory
+        self.run_id = plan.run_id
         self.keep_last = recipe.checkpoint.keep_last
         self.layout = layout_of(recipe, launch.world_size)
         self.recipe = recipe.to_dict()
@@ -143,10 +212,10 @@ class Checkpointer:
     def save(self, progress: Progress) -> str:
         name = f"{STEP_PREFIX}{progress.step:08d}"
         final = os.path.join(self.directory, name)
-        partial = os.path.join(self.directory, PARTIAL_PREFIX + name)
+        partial = os.path.join(self.directory, f"{PARTIAL_PREFIX}{self.run_id}-{name}")
         is_writer = self.launch.rank == 0
         if is_writer:
-            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(partial, ignore_errors=True)  # this run's own leftover of a crash at the same step
             os.makedirs(partial)
         dist.barrier()
         if self.format == "dist_checkpointing":
@@ -156,29 +225,44 @@ class Checkpointer:
                         "rng": rng_state(False)}, self._host_file(partial))
         dist.barrier()
         if is_writer:
-            meta = {"step": progress.step, "consumed_samples": progress.consumed_samples, "format": self.format,
+            meta = {"run_id": self.run_id, "step": progress.step, "consumed_samples": progress.consumed_samples, "format": self.format,
                     "layout": self.layout, "scheduler": self.scheduler.state_dict(),
                     "recipe": self.recipe}
             with open(os.path.join(partial, META), "w") as f:
                 json.dump(meta, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(partial, final)
+            self._publish(partial, final)
             self._prune()
         dist.barrier()
         return final
 
+    def _publish(self, partial: str, final: str) -> None:
+        """Rename the complete checkpoint into place; an existing one of the same step is replaced only
+        when it is this run's own (a step saved again after resuming from an older checkpoint)."""
+        if os.path.exists(final):
+            if run_id_of(final) != self.run_id:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise CheckpointError(f"{final} belongs to another run; this run leaves it as it is and "
+                                      "cannot save this step: use another checkpoint.dir")
+            replaced = os.path.join(self.directory, f"{REPLACED_PREFIX}{self.run_id}-{os.path.basename(final)}")
+            os.rename(final, replaced)
+            os.rename(partial, final)
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            os.rename(partial, final)
+
+    def own_checkpoints(self) -> List[str]:
+        """This run's complete checkpoints (names), oldest first."""
+        return [n for n in list_checkpoints(self.directory) if run_id_of(os.path.join(self.directory, n)) == self.run_id]
+
     def _prune(self) -> None:
-        for name in list_checkpoints(self.directory)[:-self.keep_last]:
+        """Delete this run's checkpoints older than its newest keep_last, and its own unfinished ones."""
+        for name in self.own_checkpoints()[:-self.keep_last]:
             shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
         for name in os.listdir(self.directory):
-            if name.startswith(PARTIAL_PREFIX):
+            if name.startswith((f"{PARTIAL_PREFIX}{self.run_id}-", f"{REPLACED_PREFIX}{self.run_id}-")):
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-
-    def latest(self) -> Optional[str]:
-        names = list_checkpoints(self.directory)
-        return os.path.join(self.directory, names[-1]) if names else None
 
     def _read_meta(self, path: str) -> dict:
         advice = self._advice(path)
@@ -197,21 +281,23 @@ class Checkpointer:
                 f"'{self.format}' ({'CUDA' if self.launch.on_cuda else 'CPU'}); resume on the device that wrote it"
             )
         changed = {k: (meta["layout"].get(k), v) for k, v in self.layout.items() if meta["layout"].get(k) != v}
-        if self.format == "host":
-            if changed:
-                raise CheckpointError(
-                    f"checkpoint {path} was written with a different layout {changed} (saved, now); CPU checkpoints "
-                    "resume only with the same recipe parallel sizes and process count"
-                )
-        elif "attention" in changed:
-            raise CheckpointError(f"checkpoint {path} holds a model.attention={meta['layout']['attention']} model; "
-                                  f"this recipe builds attention={self.layout['attention']}")
+        if "attention" in changed:  # the clearest cause first: another model lives in this directory
+            raise CheckpointError(
+                f"checkpoint.dir={self.directory} holds a model.attention={meta['layout']['attention']} model "
+                f"({path}); this recipe builds model.attention={self.layout['attention']}: use another "
+                "checkpoint.dir (or checkpoint.new_run_subdir=true) for it")
+        if self.format == "host" and changed:
+            raise CheckpointError(
+                f"checkpoint {path} was written with a different layout {changed} (saved, now); CPU checkpoints "
+                "resume only with the same recipe parallel sizes and process count"
+            )
         return meta
 
     def _advice(self, path: str) -> str:
         older = [n for n in list_checkpoints(self.directory) if os.path.join(self.directory, n) != path]
-        fallback = f"delete it to resume from {older[-1]}" if older else "delete it"
-        return f"{fallback}, or set checkpoint.resume=false to start afresh"
+        fallback = f"move it away to resume from {older[-1]}" if older else "move it away"
+        return (f"{fallback}, or start a new run elsewhere (checkpoint.dir=NEW_DIR, or checkpoint.new_run_subdir=true "
+                "to start in a new subdirectory of this one)")
 
     def load(self, path: str) -> Progress:
         """Restore everything from `path`; every rank raises CheckpointError if any rank fails."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import signal
 import time
 from typing import List, Optional
 
@@ -18,14 +17,15 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state
 
+from megatron_nsa.data.datasets import build_datasets, micro_batches, recipe_tokenizer
+
 from . import checkpoint as ckpt
 from .config import Recipe
-from .data import build_datasets, micro_batches
 from .metrics import GateMonitor, Metrics, model_flops_per_token
 from .model import build_model
 from .optimizer import build_optimizer, build_scheduler
 from .parallel import Launch, connect_schedule, forward_backward_function, initialize, wrap_model
-from .tokenizer import recipe_tokenizer
+from .stop import StopSignal
 
 
 @dataclasses.dataclass
@@ -34,24 +34,33 @@ class RunSummary:
     stopped_by_signal: bool
     last_loss: Optional[float]
     last_validation_loss: Optional[float]
-    checkpoint: Optional[str]
+    checkpoint: Optional[str]  # the last checkpoint this run saved (it exists), or None
+    checkpoint_dir: Optional[str]  # where this run keeps its checkpoints (a new subdirectory with new_run_subdir)
+    tensorboard_dir: Optional[str]
+    loss_curve: Optional[str]  # a PNG of the loss curve, when matplotlib is importable
 
+    def resume_hint(self, new_run_subdir: bool) -> str:
+        """How to continue this run."""
+        if new_run_subdir:
+            return f"to resume, run the same command with checkpoint.dir={self.checkpoint_dir} checkpoint.new_run_subdir=false"
+        return "run the same command to resume"
 
-class StopSignal:
-    """SIGTERM (e.g. SLURM preemption) asks the loop to save and stop at the end of the current step."""
-
-    def __init__(self):
-        self.received = False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = True
-
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank once any rank got the signal."""
-        flag = torch.tensor([int(self.received)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def lines(self, recipe: Recipe) -> List[str]:
+        """The end-of-run summary: where the results are and what to run next."""
+        out = [f"done: step {self.final_step}/{recipe.training.train_steps}"
+               + (f", loss {self.last_loss:.4f} (the last step's)" if self.last_loss is not None else "")
+               + (f", validation loss {self.last_validation_loss:.4f}" if self.last_validation_loss is not None else "")]
+        if self.checkpoint:
+            out.append(f"  final checkpoint: {self.checkpoint}")
+        if self.tensorboard_dir:
+            out.append(f"  tensorboard --logdir {self.tensorboard_dir}   (console loss = train/loss_mean: the mean "
+                       "over each log interval; train/loss: every step)")
+        if self.loss_curve:
+            out.append(f"  loss curve: {self.loss_curve}")
+        if self.checkpoint_dir and self.checkpoint:
+            out.append(f"  next: python -m megatron_nsa.eval.loss --checkpoint {self.checkpoint_dir}   (validation "
+                       "loss on the recipe's validation batches)")
+        return out
 
 
 def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -89,9 +98,10 @@ def mean_loss(reports: List[dict], device: torch.device) -> Optional[float]:
     return (totals[0] / totals[1]).item() if parallel_state.is_pipeline_last_stage() else None
 
 
-def train(recipe: Recipe) -> RunSummary:
+def train(recipe: Recipe, stop: StopSignal) -> RunSummary:
     # ---- set-up: every check that can fail does so before the first step -------------------------
     launch = initialize(recipe)
+    plan = ckpt.agreed_plan(recipe.checkpoint, launch) if recipe.checkpoint.dir else None
     tokenizer = recipe_tokenizer(recipe)
     core_model = build_model(recipe, tokenizer.vocab_size, launch.on_cuda, launch.bf16)
     model = wrap_model(core_model, recipe, launch)
@@ -100,17 +110,18 @@ def train(recipe: Recipe) -> RunSummary:
     connect_schedule(model, optimizer, launch)
 
     checkpointer, progress = None, ckpt.Progress()
-    if recipe.checkpoint.dir:
-        checkpointer = ckpt.Checkpointer(recipe, launch, core_model, optimizer, scheduler)
-        latest = checkpointer.latest() if recipe.checkpoint.resume else None
-        if latest:
-            progress = checkpointer.load(latest)
+    if plan:
+        checkpointer = ckpt.Checkpointer(recipe, launch, core_model, optimizer, scheduler, plan)
+        if plan.resume_from:
+            progress = checkpointer.load(plan.resume_from)
             if launch.is_logger:
-                print(f"resumed from {latest} at step {progress.step}", flush=True)
+                print(f"resumed from {plan.resume_from} at step {progress.step}", flush=True)
                 if progress.step >= recipe.training.train_steps:
                     print(f"nothing to train: the checkpoint is at training.train_steps={recipe.training.train_steps}; "
-                          "raise train_steps, or set checkpoint.resume=false (or another checkpoint.dir) to start "
-                          "afresh", flush=True)
+                          "raise train_steps, or start a new run (checkpoint.dir=NEW_DIR, or "
+                          "checkpoint.new_run_subdir=true)", flush=True)
+        elif launch.is_logger:
+            print(f"checkpoints of this run go to {plan.directory}", flush=True)
 
     train_cfg, seq_length = recipe.training, recipe.data.seq_length
     train_set, valid_set = build_datasets(recipe, tokenizer, train_cfg.train_steps * train_cfg.global_batch_size,
@@ -125,14 +136,12 @@ def train(recipe: Recipe) -> RunSummary:
         decoder_seq_length=seq_length,
     )
 
-    tensorboard_dir = recipe.logging.tensorboard_dir or (
-        os.path.join(recipe.checkpoint.dir, "tensorboard") if recipe.checkpoint.dir else None)
+    tensorboard_dir = recipe.logging.tensorboard_dir or (os.path.join(plan.directory, "tensorboard") if plan else None)
     flops_per_token = model_flops_per_token(core_model, core_model.config, seq_length, recipe.model.attention,
                                             recipe.nsa)
     metrics = Metrics(train_cfg.train_steps, train_cfg.global_batch_size * seq_length, flops_per_token,
                       launch.world_size, launch.device, tensorboard_dir, recipe.logging.metrics_file, launch.is_logger)
     gates = GateMonitor(core_model, launch.device) if recipe.model.attention == "nsa" else None
-    stop = StopSignal()
     if launch.is_logger:
         print(f"training {recipe.model.attention} GPT: {sum(p.numel() for p in core_model.parameters()):,} "
               f"parameters on this rank, {launch.world_size} process(es) on {launch.device.type}, "
@@ -173,7 +182,14 @@ def train(recipe: Recipe) -> RunSummary:
                       flush=True)
             break
     metrics.close()
-    return RunSummary(progress.step, stopped, loss, validation_loss, saved)
+    curve_dir = plan.directory if plan else (os.path.dirname(os.path.abspath(recipe.logging.metrics_file))
+                                             if recipe.logging.metrics_file else None)
+    loss_curve = metrics.write_loss_curve(os.path.join(curve_dir, "loss.png")) if curve_dir else None
+    summary = RunSummary(progress.step, stopped, loss, validation_loss, saved, plan.directory if plan else None,
+                         tensorboard_dir, loss_curve)
+    if launch.is_logger and not stopped:
+        print("\n".join(summary.lines(recipe)), flush=True)
+    return summary
 
 
 def evaluate(forward_backward, model, iterator, eval_steps: int, launch: Launch) -> Optional[float]:

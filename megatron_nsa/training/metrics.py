@@ -1,4 +1,7 @@
-"""What a run reports: one progress line per log interval and TensorBoard scalars.
+"""What a run reports: one progress line per log interval, TensorBoard scalars, a loss-curve PNG.
+
+The console's loss is the mean over the steps of its log interval; TensorBoard holds the same value as
+train/loss_mean (at the log steps) and every step's own loss as train/loss.
 
 TFLOP/s counts the model's own arithmetic per token (matmuls: 6 * weights; attention: 3x forward over
 the keys each query actually attends: every earlier token for dense, compressed + selected + window
@@ -11,7 +14,7 @@ import os
 import resource
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy
 import torch
@@ -116,6 +119,7 @@ class Metrics:
             os.makedirs(os.path.dirname(os.path.abspath(self.metrics_file)), exist_ok=True)
         self._reset()
         self.recent_step_time: Optional[float] = None
+        self.history: Dict[str, List[Tuple[int, float]]] = {"train": [], "validation": []}  # (step, loss)
 
     def _reset(self):
         self.loss_sum, self.steps, self.seconds = 0.0, 0, 0.0
@@ -129,6 +133,7 @@ class Metrics:
         self.loss_sum += loss
         self.steps += 1
         self.seconds += seconds
+        self.history["train"].append((step, loss))
         if self.writer:
             self.writer.add_scalar("train/loss", loss, step)
             self.writer.add_scalar("train/lr", lr, step)
@@ -156,6 +161,7 @@ class Metrics:
                   f"mem {values['peak_memory_gib']:.2f} GiB | {left} left" + (f" | gates {gates}" if gates else ""),
                   flush=True)
             if self.writer:
+                self.writer.add_scalar("train/loss_mean", values["loss"], step)
                 self.writer.add_scalar("perf/tokens_per_second", tokens_per_second, step)
                 self.writer.add_scalar("perf/tflops_per_gpu", values["tflops_per_gpu"], step)
                 self.writer.add_scalar("perf/step_time_s", step_time, step)
@@ -169,10 +175,37 @@ class Metrics:
 
     def validation(self, step: int, loss: float) -> None:
         if self.is_logger:
+            self.history["validation"].append((step, loss))
             print(f"step {step:>6}/{self.total_steps} | validation loss {loss:.4f}", flush=True)
             if self.writer:
                 self.writer.add_scalar("val/loss", loss, step)
             self._append({"step": step, "validation_loss": loss})
+
+    def write_loss_curve(self, path: str) -> Optional[str]:
+        """The losses of this process's steps as a PNG at `path` (logging rank, matplotlib importable);
+        returns the path written, or None."""
+        if not self.is_logger or not self.history["train"]:
+            return None
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:  # an optional dependency: the curve is also in TensorBoard
+            return None
+        figure, axes = plt.subplots(figsize=(7, 4))
+        for name, points in self.history.items():
+            if points:
+                steps, losses = zip(*points)
+                axes.plot(steps, losses, label=f"{name} loss", marker="o" if name == "validation" else None)
+        axes.set_xlabel("step")
+        axes.set_ylabel("loss per token")
+        axes.legend()
+        axes.grid(alpha=0.3)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(figure)
+        return path
 
     def close(self) -> None:
         if self.writer:

@@ -151,29 +151,6 @@ def gpt_position_embedding(recipe: Recipe) -> str:
     return recipe.model.position_embedding_type
 
 
-class TokenShift(torch.nn.Module):
-    """A previous-token feature (model.token_shift): h_t = e_t + W e_(t-1), with e_(-1) = 0 and W [h, h]
-    starting as the identity, so that from the first step each position holds its own token and the one
-    before it (after "canon layers" and RWKV's token shift). Recall of a value needs exactly that at the
-    value's position (which key it follows); without it a previous-token head must form first."""
-
-    def __init__(self, hidden_size: int, dtype: torch.dtype):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.eye(hidden_size, dtype=dtype))  # [h, h]
-
-    def forward(self, embedded: torch.Tensor) -> torch.Tensor:
-        previous = F.pad(embedded, (0, 0, 0, 0, 1, 0))[:-1]  # [s, b, h]: e_(t-1), zeros at t = 0
-        return embedded + F.linear(previous, self.weight)
-
-
-def add_token_shift(model: GPTModel) -> None:
-    """Registers TokenShift under the embedding (so it is saved and optimized with it) and applies it to
-    the embedding's output [s, b, h]."""
-    embedding = model.embedding
-    embedding.token_shift = TokenShift(model.config.hidden_size, model.config.params_dtype)
-    embedding.register_forward_hook(lambda module, inputs, output: module.token_shift(output))
-
-
 def build_model(recipe: Recipe, vocab_size: int, on_cuda: bool, bf16: bool) -> GPTModel:
     """This pipeline stage's GPTModel (on the current CUDA device, or on CPU)."""
     config, spec = build_config_and_spec(recipe, on_cuda, bf16)
@@ -190,15 +167,9 @@ def build_model(recipe: Recipe, vocab_size: int, on_cuda: bool, bf16: bool) -> G
         rotary_base=recipe.model.rotary_base,
         rotary_percent=recipe.model.rotary_percent,
     )
-    if recipe.model.token_shift and model.pre_process:
-        add_token_shift(model)
     for param in model.parameters():
         tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
     if on_cuda:
         model.cuda(torch.cuda.current_device())
     return model
 
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Parameters of this rank's shard (embedding included)."""
-    return sum(p.numel() for p in model.parameters())

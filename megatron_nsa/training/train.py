@@ -1,5 +1,7 @@
 """Entry point: `python -m megatron_nsa.training.train CONFIG [key=value ...]` (usually through launch/train.sh).
 
+`--list-keys` lists every recipe key with its default, allowed values and meaning.
+
 Bad input (unknown keys, missing data, a layout the world size or the sequence length cannot take, an
 unreadable checkpoint) stops the run before the first step with a message that says what to change.
 """
@@ -16,9 +18,10 @@ warnings.filterwarnings("ignore", message="full scope is deprecated")
 
 import torch  # noqa: E402
 
-from .config import BadInputError, check_before_launch, load_recipe  # noqa: E402
+from .config import BadInputError, check_before_launch, defaults_note, describe_keys, load_recipe  # noqa: E402
+from .stop import StopSignal  # noqa: E402
 
-USAGE = "usage: python -m megatron_nsa.training.train CONFIG.yaml [section.key=value ...]"
+USAGE = "usage: python -m megatron_nsa.training.train CONFIG.yaml [section.key=value ...] | --list-keys"
 
 
 def main(argv=None) -> int:
@@ -27,26 +30,35 @@ def main(argv=None) -> int:
         print(USAGE)
         print(__doc__)
         return 0 if args else 2
+    if args[0] == "--list-keys":
+        print(describe_keys())
+        return 0
     path, overrides = args[0], args[1:]
     if "=" in path and not os.path.exists(path):
         print(f"error: the first argument must be a recipe file, got '{path}'\n{USAGE}", file=sys.stderr)
         return 2
+    stop = StopSignal()  # first: a SIGTERM during set-up still stops the run after its first step
+    is_first_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         recipe = load_recipe(path, overrides)
+        note = defaults_note(recipe)
+        if note and is_first_rank:
+            print(note, flush=True)
         check_before_launch(recipe)
         from .loop import train  # megatron-core takes seconds to import: only once the recipe is sound
 
-        summary = train(recipe)
+        summary = train(recipe, stop)
     except BadInputError as err:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_first_rank:
             print(f"error: {err}", file=sys.stderr, flush=True)
             _leave_note(f"error: {err}")
         return 2
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if summary.stopped_by_signal and int(os.environ.get("RANK", "0")) == 0:
-        saved = f"; checkpoint {summary.checkpoint}: run the same command to resume" if summary.checkpoint else ""
+    if summary.stopped_by_signal and is_first_rank:
+        saved = (f"; checkpoint {summary.checkpoint}: {summary.resume_hint(recipe.checkpoint.new_run_subdir)}"
+                 if summary.checkpoint else "")
         _leave_note(f"stopped by SIGTERM at step {summary.final_step}{saved}")
     return 0
 

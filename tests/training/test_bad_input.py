@@ -60,5 +60,32 @@ def test_corrupt_checkpoint(tmp_path, corpus_cache, damage):
     result = run_cli([str(TINY_RECIPE), *overrides], tmp_path)
     newest = tmp_path / "ckpt" / "step_00000004"
     reason = "is corrupt: cannot read meta.json" if damage == "meta" else "cannot be loaded"
-    assert_refused(result, f"checkpoint {newest} {reason}", "delete it to resume from step_00000002",
-                   "checkpoint.resume=false")
+    assert_refused(result, f"checkpoint {newest} {reason}", "move it away to resume from step_00000002",
+                   "checkpoint.new_run_subdir=true")
+
+
+def test_pipeline_parallel_on_one_cpu_process_names_both_problems(tmp_path):
+    result = run_cli([str(TINY_RECIPE), "parallel.pipeline_model_parallel_size=2"], tmp_path)
+    assert_refused(result, "2 problems:", "world size 1 is not divisible", "launch a multiple of 2 processes",
+                   "parallel.pipeline_model_parallel_size=2 needs CUDA")
+
+
+def test_query_groups_that_tensor_parallelism_cannot_split_list_the_allowed_sizes(tmp_path):
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    result = run_cli([str(TINY_RECIPE), "parallel.tensor_model_parallel_size=4"], tmp_path, env=env)
+    assert_refused(result, "model.num_query_groups=2 is not divisible by tensor_model_parallel_size=4",
+                   "allowed tensor_model_parallel_size: [1, 2]")
+
+
+def test_a_directory_or_an_empty_file_is_not_a_recipe(tmp_path):
+    assert_refused(run_cli([str(tmp_path)], tmp_path), f"recipe '{tmp_path}' is a directory, expected a YAML file")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here yet\n")
+    assert_refused(run_cli([str(empty)], tmp_path), f"recipe '{empty}' is empty (or only comments)")
+
+
+def test_list_keys(tmp_path):
+    result = run_cli(["--list-keys"], tmp_path)
+    assert result.returncode == 0
+    assert "  window_size: 512  # w: sliding-window length" in result.stdout
+    assert "  new_run_subdir: false  #" in result.stdout

@@ -1,18 +1,31 @@
-"""Recipes: YAML + key=value overrides, unknown keys with suggestions, and the launch-layout checks."""
+"""Recipes: YAML + key=value overrides, unknown keys with suggestions, strict files (required sections,
+defaults named), the nsa section as NSAConfig, and the launch-layout checks."""
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from megatron_nsa.training.config import (RecipeError, all_keys, check_layout, load_recipe, parse_override)
+import dataclasses
+import typing
+
+from megatron_nsa import NSAConfig
+from megatron_nsa.config import literal_choices
+from megatron_nsa.training.config import (
+    REQUIRED_SECTIONS, SECTIONS, NSASection, RecipeError, all_keys, check_layout, defaults_note, describe_keys,
+    load_recipe, parse_override,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-def write_recipe(tmp_path, content: dict) -> str:
+def write_recipe(tmp_path, content: dict, complete: bool = True) -> str:
+    """A recipe file of `content`; complete: the required sections it lacks are added, empty."""
+    if complete:
+        content = {**{name: {} for name in ("nsa", *REQUIRED_SECTIONS)}, **content}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(content))
     return str(path)
@@ -36,6 +49,7 @@ def test_file_then_overrides(tmp_path):
     hidden = 32 * rng.randint(1, 8)
     path = write_recipe(tmp_path, {"training": {"train_steps": file_steps}, "model": {"hidden_size": hidden}})
     recipe = load_recipe(path, [f"training.train_steps={override_steps}", "attention=dense", "optimizer.lr=1"])
+    assert recipe.training.train_steps == override_steps
     assert recipe.training.train_steps == override_steps
     assert recipe.model.hidden_size == hidden
     assert recipe.model.attention == "dense"  # a bare name that is unique is accepted
@@ -61,6 +75,53 @@ def test_unknown_key_in_file_and_unknown_section(tmp_path):
         load_recipe(write_recipe(tmp_path, {"model": {"hiden_size": 64}}))
     with pytest.raises(RecipeError, match="unknown recipe section 'optimiser'.*did you mean 'optimizer'"):
         load_recipe(write_recipe(tmp_path, {"optimiser": {"lr": 1e-3}}))
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# a recipe\n# model: nothing yet\n"])
+def test_empty_or_comment_only_recipe_is_refused(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=f"recipe '{path}' is empty \\(or only comments\\)"):
+        load_recipe(str(path))
+
+
+def test_a_directory_is_not_a_recipe(tmp_path):
+    with pytest.raises(RecipeError, match=f"recipe '{tmp_path}' is a directory, expected a YAML file"):
+        load_recipe(str(tmp_path))
+
+
+def test_truncated_recipe_is_refused(tmp_path):
+    """configs/tiny.yaml cut after its training section: optimizer, checkpoint and logging are gone."""
+    lines = (CONFIGS / "tiny.yaml").read_text().splitlines()
+    cut = next(i for i, line in enumerate(lines) if line.startswith("optimizer:"))
+    path = tmp_path / "cut.yaml"
+    path.write_text("\n".join(lines[:cut]) + "\n")
+    with pytest.raises(RecipeError, match=r"lacks the section\(s\) optimizer, checkpoint: a recipe must name "
+                                          r"model, nsa, data, training, optimizer, checkpoint \(was the file cut short"):
+        load_recipe(str(path))
+
+
+def test_sections_required_by_the_recipe_itself(tmp_path):
+    with pytest.raises(RecipeError, match=r"lacks the section\(s\) nsa"):
+        load_recipe(write_recipe(tmp_path, {name: {} for name in REQUIRED_SECTIONS}, complete=False))
+    dense = {**{name: {} for name in REQUIRED_SECTIONS}, "model": {"attention": "dense"}}
+    assert load_recipe(write_recipe(tmp_path, dense, complete=False)).model.attention == "dense"
+    with pytest.raises(RecipeError, match=r"lacks the section\(s\) retrieval"):
+        load_recipe(write_recipe(tmp_path, {"data": {"source": "retrieval"}}))
+    # an override names its section too
+    assert load_recipe(write_recipe(tmp_path, dense, complete=False), ["parallel.sequence_parallel=false"])
+
+
+def test_keys_left_to_defaults_are_named(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, {"model": {"num_layers": 3}, "training": {"train_steps": 70}}),
+                         ["optimizer.lr=1e-3"])
+    note = defaults_note(recipe)
+    assert "model: attention, hidden_size," in note and " num_layers" not in note
+    assert "training: micro_batch_size," in note and "train_steps" not in note
+    assert "optimizer: min_lr," in note and "optimizer: lr" not in note and ", lr," not in note
+    assert "retrieval" not in note  # not in use with data.source=stdlib
+    full = load_recipe(None).to_dict()
+    assert defaults_note(load_recipe(write_recipe(tmp_path, full, complete=False))) is None
 
 
 def test_values_are_checked():
@@ -195,3 +256,63 @@ def test_rotary_percent_sets_the_dims_rope_rotates():
     with pytest.raises(RecipeError, match=r"rotates 3 of the 96 dims of a head \(nsa.qk_head_dim\)"):
         load_recipe(None, ["model.position_embedding_type=rope", "model.kv_channels=64", "nsa.qk_head_dim=96",
                            "model.rotary_percent=0.03125"])
+
+
+def test_nsa_section_is_nsa_config():
+    """Defaults, allowed values and checks of the nsa section come from NSAConfig alone."""
+    section = load_recipe(None).nsa
+    assert isinstance(section, NSAConfig)
+    for field in dataclasses.fields(NSAConfig):
+        assert getattr(section, field.name) == field.default, field.name
+    allowed = typing.get_args(typing.get_type_hints(NSAConfig)["compression"])
+    with pytest.raises(RecipeError, match=re.escape(f"nsa.compression='max' is not allowed; choose one of "
+                                                    f"{list(allowed)!r}")):
+        load_recipe(None, ["nsa.compression=max"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        section.window_size = 3
+    with pytest.raises(RecipeError, match="unknown recipe key 'nsa.windw_size'; did you mean 'nsa.window_size'"):
+        load_recipe(None, ["nsa.windw_size=64"])
+
+
+def test_nsa_checks_see_the_final_values_in_any_order():
+    """l <= l' holds only once both are set: the section is built from all its keys at once."""
+    keys = ["nsa.select_block_size=8", "nsa.compress_block_size=8", "nsa.compress_stride=4", "nsa.select_count=3"]
+    for order in (keys, keys[::-1]):
+        nsa = load_recipe(None, order).nsa
+        assert (nsa.select_block_size, nsa.compress_block_size, nsa.compress_stride) == (8, 8, 4)
+
+
+def test_choices_of_every_section_come_from_literal_types():
+    for section_name, cls in SECTIONS.items():
+        for name, annotation in typing.get_type_hints(cls).items():
+            choices = literal_choices(annotation)
+            if choices is None:
+                continue
+            with pytest.raises(RecipeError, match=f"{section_name}.{name}='nonsense' is not allowed; choose one of"):
+                load_recipe(None, [f"{section_name}.{name}=nonsense"])
+    assert literal_choices(typing.get_type_hints(SECTIONS["training"])["device"]) == ("auto", "cuda", "cpu")
+
+
+def test_list_keys_shows_every_key_with_default_and_meaning():
+    text = describe_keys()
+    for key in all_keys():
+        section, name = key.split(".")
+        assert f"\n  {name}: " in text or text.startswith(f"{section}:\n  {name}: "), key
+    assert "  window_size: 512  # w: sliding-window length" in text
+    assert "  attention: nsa [nsa | dense]  #" in text
+    assert "  backend: null [null | torch | triton]  #" in text
+    help_texts = [f.metadata.get("help") for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
+    assert all(help_texts)
+
+
+def test_token_shift_is_gone_but_old_stored_recipes_load():
+    with pytest.raises(RecipeError, match="unknown recipe key 'model.token_shift'"):
+        load_recipe(None, ["model.token_shift=true"])
+    from megatron_nsa.training.config import recipe_from_mapping
+
+    stored = load_recipe(None).to_dict()
+    stored["model"]["token_shift"] = False  # what checkpoints written before its removal hold
+    assert recipe_from_mapping(stored) == load_recipe(None)
+    stored["model"]["token_shift"] = True
+    with pytest.raises(RecipeError, match="unknown recipe key 'model.token_shift'"):
+        recipe_from_mapping(stored)
