@@ -1,15 +1,17 @@
 """NSA attention with context parallelism, every exchange mode side by side, forward + backward, on any number of GPUs.
 
-    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node N benchmarks/bench_cp.py      # 128k, 256k, 512k tokens
-    torchrun --nproc-per-node 2 benchmarks/bench_cp.py --tiny                  # CPU, gloo, torch backend
-    python benchmarks/bench_cp.py --modes allgather,ring                      # one GPU, no torchrun needed
+    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node N -m benchmarks.bench_cp      # 128k, 256k, 512k tokens
+    torchrun --nproc-per-node 2 -m benchmarks.bench_cp --tiny                  # CPU, gloo, torch backend
+    python -m benchmarks.bench_cp --modes allgather,ring                      # one GPU, no torchrun needed
+
+(from the repository root).
 
 What runs: `nsa_attention_cp` (one layer's NSA core: 64 query heads, 4 KV heads shared by the
 branches, head dim 128, bf16; l/d/l'/n/w = 32/16/64/16/512, mean compression) on each rank's
 share of one sequence (batch 1) in the load-balanced layout, forward + backward with a random
-output gradient, for each exchange mode of --modes (default: allgather, ring, fetch, hierarchical;
-a mode the code does not have, or that cannot run at this size, is skipped with the reason
-printed). The layer's projections are not included.
+output gradient, for each exchange mode of --modes (default: every mode of
+megatron_nsa.context_parallel.exchange; a mode that cannot run at this size is reported with the
+reason). The layer's projections are not included.
 
 Reported per sequence length S (C = number of GPUs) and mode:
 - step ms: median over iterations of the slowest rank's forward+backward (barrier before each);
@@ -37,8 +39,9 @@ Reported per sequence length S (C = number of GPUs) and mode:
   printed and in the JSON).
 - link bandwidth (C > 1): GB/s received per GPU by an all-gather and an all-to-all of 256 MiB.
 
-Results: a table on stdout and benchmarks/results/bench_cp_<gpu>_x<C>.{json,md}; with C > 1 the
-table also shows the speed-up over the x1 file of the same GPU when one exists.
+Results: a table on stdout and benchmarks/results/bench_cp_<gpu>[_<variant>].{json,md} (gpu: h200 for one
+GPU, 2xh200 for two; --tiny: cpu / 2xcpu, variant tiny); with C > 1 the table also shows the speed-up over
+the one-GPU file of the same GPU and variant when one exists.
 """
 from __future__ import annotations
 
@@ -46,7 +49,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import socket
 import statistics
 import sys
@@ -56,18 +58,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from megatron_nsa import NSAConfig  # noqa: E402
-from megatron_nsa.context_parallel import (  # noqa: E402
+from benchmarks.memory_trace import format_report, trace_peak
+from benchmarks.recording import RESULTS_DIR, gpu_tag, recorded, recorded_line, result_stem
+from megatron_nsa import NSAConfig
+from megatron_nsa.context_parallel import (
     Communicator, LoadBalancedLayout, LocalCommunicator, nsa_attention_cp, resolve_branches,
 )
-from megatron_nsa.context_parallel.exchange import EXCHANGE_MODES, build_exchange  # noqa: E402
-from megatron_nsa.context_parallel.segments import build_plan  # noqa: E402
-from megatron_nsa.reference import num_compressed_blocks, num_selection_blocks  # noqa: E402
-from memory_trace import format_report, trace_peak  # noqa: E402
+from megatron_nsa.context_parallel.exchange import EXCHANGE_MODES, build_exchange
+from megatron_nsa.context_parallel.segments import build_plan
+from megatron_nsa.reference import num_compressed_blocks, num_selection_blocks
 
-ALL_MODES = ("allgather", "ring", "fetch", "hierarchical")
+ALL_MODES = EXCHANGE_MODES
 
 FULL = dict(seq_lens=[131072, 262144, 524288], heads=64, kv_heads=4, head_dim=128, dtype="bfloat16",
             config=dict(compress_block_size=32, compress_stride=16, select_block_size=64, select_count=16,
@@ -90,12 +91,15 @@ def parse_args():
     parser.add_argument("--memory-trace", action="store_true",
                         help="after timing each mode, record one step's allocator history and print what is live at "
                              "its peak, by allocation site (CUDA; benchmarks/memory_trace.py)")
+    parser.add_argument("--variant", default=None,
+                        help="what differs from the default run, the last part of the file names (--tiny: tiny)")
     parser.add_argument("--no-chunk-times", action="store_true", help="skip the per-branch compute timings")
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 5, 2 with --tiny)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 2, 1 with --tiny)")
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
     args = parser.parse_args()
     sizes = TINY if args.tiny else FULL
+    args.variant = args.variant or ("tiny" if args.tiny else None)
     args.seq_lens = args.seq_lens or sizes["seq_lens"]
     args.backend = args.backend or ("torch" if args.tiny else "triton")
     args.iters = args.iters or (2 if args.tiny else 5)
@@ -445,12 +449,6 @@ def bench_length(args, seq_len: int, config: NSAConfig, device):
     inputs, grad_out = local_inputs(args, 2 * layout.chunk_len, device, rank)
     rows = []
     for mode in args.modes:
-        if mode not in EXCHANGE_MODES:
-            reason = f"mode {mode!r} is not implemented in megatron_nsa.context_parallel (have {EXCHANGE_MODES})"
-            rows.append({"seq_len": seq_len, "gpus": cp_size, "mode": mode, "skipped": reason})
-            if rank == 0:
-                print(f"skipping {mode} at S={seq_len}: {reason}", flush=True)
-            continue
         try:
             rows.append(bench_mode(args, mode, seq_len, config, device, inputs, grad_out))
         except (ValueError, torch.cuda.OutOfMemoryError) as error:  # e.g. a node size that does not divide C, OOM
@@ -491,8 +489,8 @@ def table(rows, speedups) -> str:
     ]
     for row in rows:
         head = f"| {row['seq_len']} | {row['gpus']} | {row.get('mode', 'allgather')} |"
-        if "error" in row or "skipped" in row:
-            lines.append(head + f" {row.get('error') or 'skipped: ' + row['skipped']} |" + " |" * 9)
+        if "error" in row:
+            lines.append(head + f" {row['error']} |" + " |" * 9)
             continue
         got, want = row["bytes_received"], row["mode_bytes"]
         kinds = SELECTION_KINDS[row["mode"]]
@@ -527,9 +525,8 @@ def chunk_table(times, bandwidth) -> str:
     return "\n".join(lines)
 
 
-def device_slug(device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "tiny-cpu"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def speedups_over_one_gpu(rows, single_path: str) -> dict:
@@ -562,22 +559,25 @@ def main():
             rows.append({"seq_len": seq_len, "gpus": dist.get_world_size(), "mode": "-",
                          "error": type(error).__name__ + ": " + str(error).split("\n")[0][:200]})
     if dist.get_rank() == 0:
-        slug = device_slug(device)
+        name = device_name(device)
         cp_size = dist.get_world_size()
-        base = os.path.join(args.out_dir, f"bench_cp_{slug}_x{cp_size}")
-        speedups = speedups_over_one_gpu(rows, os.path.join(args.out_dir, f"bench_cp_{slug}_x1.json")) \
-            if cp_size > 1 else {}
+        base = result_stem("bench_cp", gpu_tag(cp_size, name), args.variant, args.out_dir)
+        single = result_stem("bench_cp", gpu_tag(1, name), args.variant, args.out_dir) + ".json"
+        speedups = speedups_over_one_gpu(rows, single) if cp_size > 1 else {}
+        info = recorded(name)
         header = (f"NSA attention, context parallel (modes {', '.join(args.modes)}), {cp_size} x "
                   f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU (tiny)'}; "
                   f"H_q={args.sizes['heads']}, H_kv={args.sizes['kv_heads']}, head dim {args.sizes['head_dim']}, "
                   f"{args.sizes['dtype']}, backend {args.backend}, head_group_size {args.head_group_size}, "
                   f"hierarchical node size {node_size_for(args, cp_size)}; torch {torch.__version__}")
-        report = header + "\n\n" + table(rows, speedups) + "\n\n" + chunk_table(times, bandwidth)
+        report = (header + "\n\n" + recorded_line(info) + "\n\n" + table(rows, speedups) + "\n\n"
+                  + chunk_table(times, bandwidth))
         print(report, flush=True)
         os.makedirs(args.out_dir, exist_ok=True)
         with open(base + ".json", "w") as handle:
             json.dump({"header": header, "config": args.sizes, "rows": rows, "chunk_times": times,
-                       "link_bandwidth": bandwidth, "speedup_vs_1gpu": speedups}, handle, indent=1)
+                       "link_bandwidth": bandwidth, "speedup_vs_1gpu": speedups, "recorded": info}, handle,
+                      indent=1)
         with open(base + ".md", "w") as handle:
             handle.write(report + "\n")
     dist.barrier()

@@ -1,7 +1,7 @@
 """One Megatron-Core transformer layer, forward + backward: NSA against dense attention, one process.
 
-    python benchmarks/bench_layer.py                         # H100 sweep: 16k, 32k, 64k, bf16, triton
-    python benchmarks/bench_layer.py --tiny --device cpu     # the same logic at toy size (torch backend)
+    python -m benchmarks.bench_layer                         # H100 sweep: 16k, 32k, 64k, bf16, triton
+    python -m benchmarks.bench_layer --tiny --device cpu     # the same logic at toy size (torch backend)
 
 Layer: hidden 2560, 64 query heads in 4 KV groups, d_k 192, d_v 128, SwiGLU MLP of width 6912, RMSNorm,
 RoPE, batch 1 ([s, 1, h]). Variants, each a fresh layer from the same spec function:
@@ -11,24 +11,23 @@ RoPE, batch 1 ([s, 1, h]). Variants, each a fresh layer from the same spec funct
                  (cuDNN backend when it runs, else the next that does), K/V expanded to all heads,
                  V zero-padded to d_k; the gate columns of the projection are computed and unused.
 Times are medians of CUDA-event timings; peak memory is torch.cuda.max_memory_allocated during the
-timed steps (weights, gradients and activations). Results: benchmarks/results/bench_layer_<gpu>.{json,md}.
+timed steps (weights, gradients and activations). Results: benchmarks/results/bench_layer_<gpu>[_<variant>].{json,md}
+(--tiny: variant tiny).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
 import socket
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmarks.recording import RESULTS_DIR, gpu_tag, recorded, recorded_line, result_stem
 
 PAPER_LAYER = dict(hidden_size=2560, num_attention_heads=64, num_query_groups=4, nsa_qk_head_dim=192,
                    nsa_v_head_dim=128, ffn_hidden_size=6912)
@@ -53,8 +52,11 @@ def parse_args(argv=None):
     parser.add_argument("--tiny", action="store_true", help="toy sizes (seq 128, 256), for checking the script")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
+    parser.add_argument("--variant", default=None,
+                        help="what differs from the default sweep, the last part of the file names (--tiny: tiny)")
     args = parser.parse_args(argv)
+    args.variant = args.variant or ("tiny" if args.tiny else None)
     if args.seq_lens is None:
         args.seq_lens = [128, 256] if args.tiny else [16384, 32768, 65536]
     if args.backend is None:
@@ -230,6 +232,7 @@ def markdown(meta, results, summary) -> str:
              f"{meta['layer']}; dtype {meta['dtype']}; NSA backend {meta['backend']}, compression "
              f"{meta['compression']}, separate K/V {meta['separate_kv']}; dense core: torch SDPA "
              f"{meta['sdpa_backend']}; megatron-core {meta['megatron_core']}, torch {meta['torch']}.", "",
+             *([recorded_line(meta["recorded"]), ""] if "recorded" in meta else []),
              "| seq len | variant | forward ms | backward ms | step ms | peak GiB |",
              "|---:|---|---:|---:|---:|---:|"]
     for r in results:
@@ -263,7 +266,7 @@ def main(argv=None):
                 separate_kv=args.separate_kv, sdpa_backend=DenseSDPACore.sdpa_backend.name,
                 megatron_core=package_info.__version__, torch=torch.__version__, tiny=args.tiny,
                 layer=", ".join(f"{k} {v}" for k, v in (TINY_LAYER if args.tiny else PAPER_LAYER).items())
-                + ", SwiGLU, RMSNorm, RoPE, batch 1")
+                + ", SwiGLU, RMSNorm, RoPE, batch 1", recorded=recorded(device_name))
     results = []
     for seq_len in args.seq_lens:
         for variant in args.variants:
@@ -273,9 +276,8 @@ def main(argv=None):
     summary = ratios(results)
     report = markdown(meta, results, summary)
     print(report)
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") + ("-tiny" if args.tiny else "")
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, f"bench_layer_{slug}")
+    stem = result_stem("bench_layer", gpu_tag(1, device_name), args.variant, args.out_dir)
     with open(stem + ".json", "w") as handle:
         json.dump(dict(meta=meta, results=results, summary={str(k): v for k, v in summary.items()}), handle, indent=1)
     with open(stem + ".md", "w") as handle:

@@ -1,9 +1,9 @@
 """Scale model of NSA context parallelism: step time and memory per GPU of each exchange mode, 8-1024 GPUs.
 
-    python benchmarks/cp_scale_model.py                                   # the H200 results in benchmarks/results
-    python benchmarks/cp_scale_model.py --results a_x1.json a_x2.json --gpus-per-node 8 --inter-node-gbps 400
+    python -m benchmarks.cp_scale_model                                   # the H200 results in benchmarks/results
+    python -m benchmarks.cp_scale_model --results a.json b.json --gpus-per-node 8 --inter-node-gbps 400
 
-Inputs: bench_cp JSON files (benchmarks/bench_cp.py; one per GPU count) and settings for the links.
+Inputs: bench_cp JSON files (benchmarks/bench_cp.py; one per GPU count: bench_cp_h200, bench_cp_2xh200, ...) and settings for the links.
 Everything is per GPU, one NSA layer core (the benchmark's shapes), forward + backward, batch 1.
 
 Compute (ms), L = S / C local tokens:   T(C, S) = a * L + b * L * S
@@ -57,7 +57,7 @@ arriving piece, dK/dV accumulators), hierarchical 5 m P_g, fetch 3 f S h_g D e (
 
 Output: predicted vs measured for every measured row (goal: within 15%), the table of the best
 mode for 8..1024 GPUs x 1M..16M tokens (modes whose memory does not fit --gpu-memory-gib are
-excluded), printed and written to benchmarks/results/cp_scale_model.md.
+excluded), printed and written to benchmarks/results/cp_scale_model_<gpu>.md.
 """
 from __future__ import annotations
 
@@ -71,7 +71,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from benchmarks.recording import RESULTS_DIR, recorded, recorded_line, result_stem
+
+RESULTS = RESULTS_DIR
 MODES = ("allgather", "ring", "fetch", "hierarchical")
 GPU_COUNTS = (8, 16, 32, 64, 128, 256, 512, 1024)
 TOKENS = (1 << 20, 2 << 20, 4 << 20, 8 << 20, 16 << 20)
@@ -148,7 +150,10 @@ def load(paths: List[str]) -> Measurements:
 
 
 def default_paths(gpu: str) -> List[str]:
-    return sorted(glob.glob(os.path.join(RESULTS, f"bench_cp_{gpu}_x*.json")))
+    """bench_cp's result files of this GPU model: one GPU (bench_cp_<gpu>.json) and several
+    (bench_cp_<C>x<gpu>.json)."""
+    return sorted(glob.glob(os.path.join(RESULTS, f"bench_cp_{gpu}.json"))
+                  + glob.glob(os.path.join(RESULTS, f"bench_cp_[0-9]*x{gpu}.json")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,8 +445,9 @@ def check_markdown(checks) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--results", nargs="+", help="bench_cp JSON files (default: bench_cp_<gpu>_x*.json)")
-    parser.add_argument("--gpu", default="nvidia-h200", help="GPU slug of the default result files")
+    parser.add_argument("--results", nargs="+", help="bench_cp JSON files (default: bench_cp_<gpu>.json and "
+                                                     "bench_cp_<C>x<gpu>.json)")
+    parser.add_argument("--gpu", default="h200", help="GPU of the default result files and of the report's name")
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--inter-node-gbps", type=float, default=400.0, help="Gb/s per GPU across nodes")
     parser.add_argument("--nvlink-gbs", type=float, default=None,
@@ -452,7 +458,8 @@ def parse_args(argv=None):
                         help="KV heads per exchange group (default: the measured runs' largest)")
     parser.add_argument("--fetch-corr-tokens", type=float, default=1.0,
                         help="consecutive queries assumed to select alike (fetch fraction; 1 = independent)")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "cp_scale_model.md"), help="markdown report ('' none)")
+    parser.add_argument("--out", default=None,
+                        help="markdown report (default benchmarks/results/cp_scale_model_<gpu>.md; '' none)")
     args = parser.parse_args(argv)
     for name in ("gpus_per_node",):
         if getattr(args, name) < 1:
@@ -460,6 +467,8 @@ def parse_args(argv=None):
     for name in ("inter_node_gbps", "latency_us", "gpu_memory_gib", "fetch_corr_tokens"):
         if getattr(args, name) < 0 or (name != "latency_us" and getattr(args, name) == 0):
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be > 0")
+    if args.out is None:
+        args.out = result_stem("cp_scale_model", args.gpu) + ".md"
     return args
 
 
@@ -481,6 +490,7 @@ def run(args) -> dict:
     worst = max(abs(c["error"]) for c in checks)
     lines = [
         "# NSA context parallelism: scale model (benchmarks/cp_scale_model.py)", "",
+        recorded_line(recorded()), "",
         f"Inputs: {', '.join(os.path.relpath(p, os.path.dirname(RESULTS)) for p in paths)}. One NSA layer core "
         f"(H_q={geo.heads}, H_kv={geo.kv_heads}, head dim {geo.head_dim}, {geo.item}-byte values, KV heads per "
         f"group {geo.head_group}), forward + backward, per GPU.", "",

@@ -20,8 +20,10 @@ _VENDOR_WORDS = {"nvidia", "tesla", "geforce", "quadro", "amd", "radeon", "insti
 
 def gpu_model_tag(device_name: str) -> str:
     """The model in a device name, lower case: 'NVIDIA H100 80GB HBM3' -> 'h100', 'NVIDIA H200' -> 'h200',
-    'NVIDIA A100-SXM4-80GB' -> 'a100'. The first word after the vendor's that holds a digit (or the
-    first such word), ValueError for a name without one."""
+    'NVIDIA A100-SXM4-80GB' -> 'a100', 'cpu' -> 'cpu'. The first word after the vendor's that holds a
+    digit; ValueError for a name without one."""
+    if device_name.strip().lower() == "cpu":
+        return "cpu"
     words = [w for w in re.split(r"[\s\-_/]+", device_name.lower()) if w and w not in _VENDOR_WORDS]
     for word in words:
         if any(c.isdigit() for c in word) and not word.endswith("gb"):
@@ -30,16 +32,15 @@ def gpu_model_tag(device_name: str) -> str:
 
 
 def gpu_tag(num_gpus: int = 1, device_name: Optional[str] = None) -> str:
-    """The `<gpu>` part of a result name: 'h100' for one GPU, '2xh200' for two; 'cpu' without CUDA.
-    device_name defaults to torch.cuda's name of the current device."""
+    """The `<gpu>` part of a result name: 'h100' for one GPU, '2xh200' for two; 'cpu' ('2xcpu') for a run on
+    CPUs. device_name: 'cpu', or a GPU's name; default torch.cuda's name of the current device, 'cpu'
+    without CUDA."""
     if num_gpus < 1:
         raise ValueError(f"num_gpus={num_gpus} is not allowed: at least 1")
     if device_name is None:
         import torch
 
-        if not torch.cuda.is_available():
-            return "cpu" if num_gpus == 1 else f"{num_gpus}xcpu"
-        device_name = torch.cuda.get_device_name()
+        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     model = gpu_model_tag(device_name)
     return model if num_gpus == 1 else f"{num_gpus}x{model}"
 

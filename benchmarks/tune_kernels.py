@@ -4,11 +4,12 @@ For one shape and sequence length (default: 64 query heads, 4 KV heads, head dim
 bf16, l/d/l'/n/w = 32/16/64/16/512), each kernel is timed with each candidate from CANDIDATES via
 nsa_kernels.tuning.overrides; the current defaults are timed too. Backward kernels are timed as the
 whole branch backward with one kernel's parameters changed. Writes JSON and a markdown table to
-benchmarks/results/tune_kernels_<gpu>.{json,md} (another --shape: tune_kernels_<gpu>_<shape>.*); copy
+benchmarks/results/tune_kernels_<gpu>[_<variant>].{json,md} (another --shape: variant <shape>, e.g.
+64-4-192-128, unless --variant names it); copy
 the winners into kernels/tuning.py (_DEFAULTS for d <= 128; _WIDE for the paper's d_k 192).
 
-    python benchmarks/tune_kernels.py [--seq-len 65536] [--kernels band_fwd/compressed,topk,...]
-    python benchmarks/tune_kernels.py --shape 64,4,192,128     # the paper's shape
+    python -m benchmarks.tune_kernels [--seq-len 65536] [--kernels band_fwd/compressed,topk,...]
+    python -m benchmarks.tune_kernels --shape 64,4,192,128     # the paper's shape
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import sys
 
 import torch
 
+from benchmarks.recording import RESULTS_DIR, gpu_tag, recorded, recorded_line, result_stem
 from megatron_nsa import NSAConfig
 from megatron_nsa.compression import compress_documents
 
@@ -106,10 +108,12 @@ def main():
     parser.add_argument("--seq-len", type=int, default=65536)
     parser.add_argument("--shape", default=DEFAULT_SHAPE, help="H_q,H_kv,d_k,d_v")
     parser.add_argument("--kernels", default=",".join(CANDIDATES))
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
+    parser.add_argument("--variant", default=None,
+                        help="what differs from the default sweep, the last part of the file names")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("tune_kernels.py needs a CUDA GPU")
+        sys.exit("benchmarks.tune_kernels needs a CUDA GPU")
     from nsa_kernels import tuning
     from nsa_kernels.qk_parts import tile_width
 
@@ -139,18 +143,20 @@ def main():
 
 
 def write_results(args, gpu, results):
-    tag = gpu.replace(" ", "_") + ("" if args.shape == DEFAULT_SHAPE else "_" + args.shape.replace(",", "-"))
+    variant = args.variant or (None if args.shape == DEFAULT_SHAPE else args.shape.replace(",", "-"))
+    stem = result_stem("tune_kernels", gpu_tag(1, gpu), variant, args.out_dir)
     os.makedirs(args.out_dir, exist_ok=True)
+    info = recorded(gpu)
     meta = {"gpu": gpu, "seq_len": args.seq_len, "shape": args.shape, "torch": torch.__version__}
-    with open(os.path.join(args.out_dir, f"tune_kernels_{tag}.json"), "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
-    lines = [f"# Kernel launch sweep on {gpu}", "",
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "results": results, "recorded": info}, f, indent=1)
+    lines = [f"# Kernel launch sweep on {gpu}", "", recorded_line(info), "",
              f"{args.seq_len} tokens, H_q/H_kv/d_k/d_v = {args.shape}, bf16. Times are the stage the kernel belongs "
              "to (backward kernels: the branch's forward + backward).", "",
              "| kernel | default (ms) | best (ms) | best parameters |", "|---|---|---|---|"]
     for kernel, r in results.items():
         lines.append(f"| {kernel} | {r['default_ms']:.2f} | {r['best_ms']:.2f} | {r['best']} |")
-    with open(os.path.join(args.out_dir, f"tune_kernels_{tag}.md"), "w") as f:
+    with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
 

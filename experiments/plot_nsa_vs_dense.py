@@ -23,11 +23,6 @@ TITLES = {"lm": "language modelling on real text", "retrieval": "synthetic key/v
 NAMES = {"nsa": "NSA", "dense": "dense"}
 
 
-def device_tag(device: str) -> str:
-    """The `<gpu>` of the report's file names: 'cpu', or the GPU model ('h100')."""
-    return "cpu" if device == "cpu" else gpu_model_tag(device)
-
-
 def compared_losses(summary: dict) -> Optional[Tuple[float, float, str]]:
     """(NSA loss, dense loss, where from): the final evaluations, or else the last training validation
     both runs reached (when an evaluation failed)."""
@@ -80,7 +75,7 @@ def write_report(summary: dict, out_dir: str, variant: Optional[str] = None) -> 
     returns {kind: path or None}."""
     experiment = summary["experiment"]
     env = summary.get("environment", {})
-    base = result_stem(f"nsa_vs_dense_{experiment}", device_tag(env.get("device", "cpu")), variant, out_dir)
+    base = result_stem(f"nsa_vs_dense_{experiment}", gpu_model_tag(env.get("device", "cpu")), variant, out_dir)
     written: Dict[str, Optional[str]] = {"json": base + ".json"}
     write_json(base + ".json", summary)
     seq = summary["seq_length"]

@@ -1,4 +1,4 @@
-"""benchmarks/bench_cp.py --tiny: the benchmark's logic on CPU (gloo, torch backend)."""
+"""benchmarks/bench_cp.py --tiny (run as `python -m benchmarks.bench_cp`): the benchmark's logic on CPU (gloo, torch backend)."""
 from __future__ import annotations
 
 import json
@@ -11,19 +11,18 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BENCH = REPO_ROOT / "benchmarks" / "bench_cp.py"
 
 
 def _run(args, nproc=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     if nproc is None:
-        command = [sys.executable, str(BENCH), *args]
+        command = [sys.executable, "-m", "benchmarks.bench_cp", *args]
     else:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                   f"--master-port={port}", str(BENCH), *args]
+                   f"--master-port={port}", "-m", "benchmarks.bench_cp", *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return done.stdout
@@ -34,8 +33,11 @@ def test_tiny_benchmark_on_one_and_two_processes(tmp_path):
     _run(["--tiny", "--seq-lens", "256", "--out-dir", str(tmp_path)])
     stdout = _run(["--tiny", "--seq-lens", "256", "100", "--out-dir", str(tmp_path)], nproc=2)
     assert "| 256 | 2 | allgather |" in stdout and "| 256 | 2 | fetch |" in stdout
-    one = json.loads((tmp_path / "bench_cp_tiny-cpu_x1.json").read_text())
-    two = json.loads((tmp_path / "bench_cp_tiny-cpu_x2.json").read_text())
+    one = json.loads((tmp_path / "bench_cp_cpu_tiny.json").read_text())
+    two = json.loads((tmp_path / "bench_cp_2xcpu_tiny.json").read_text())
+    for result in (one, two):
+        assert result["recorded"]["commit"] and result["recorded"]["date"] and result["recorded"]["gpu"] == "cpu"
+    assert f"Recorded at commit `{two['recorded']['commit']}`" in (tmp_path / "bench_cp_2xcpu_tiny.md").read_text()
     assert two["rows"][-1]["error"].startswith("ValueError: sequence length 100")
     by_mode = {row["mode"]: row for row in two["rows"] if row["seq_len"] == 256}
     assert set(by_mode) == {"allgather", "ring", "fetch", "hierarchical"}
@@ -66,6 +68,6 @@ def test_tiny_benchmark_on_one_and_two_processes(tmp_path):
 
 def test_unknown_mode_is_rejected(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(BENCH), "--tiny", "--modes", "allgather,spiral", "--out-dir",
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_cp", "--tiny", "--modes", "allgather,spiral", "--out-dir",
                            str(tmp_path)], env=env, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert done.returncode != 0 and "unknown mode(s) ['spiral']" in done.stderr

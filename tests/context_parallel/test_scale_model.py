@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import cp_scale_model as model  # noqa: E402
+from benchmarks import cp_scale_model as model
 
 A_MS, B_MS = 2e-3, 1.5e-8  # synthetic truth: ms per local token, ms per (local token x token)
 

@@ -2,27 +2,17 @@
 CPU (torch backend) measures every variant and writes its JSON and markdown."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 
 import torch
 
+from benchmarks import bench_layer as bench
 from mcore_harness import REPO_ROOT, subprocess_env
-
-BENCH = REPO_ROOT / "benchmarks" / "bench_layer.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_layer", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_dense_baseline_is_causal_gqa_attention():
-    bench = load_bench()
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(2, 19, 6, 8, dtype=torch.float64, generator=generator)
     k = torch.randn(2, 19, 2, 8, dtype=torch.float64, generator=generator)
@@ -36,13 +26,15 @@ def test_dense_baseline_is_causal_gqa_attention():
 
 
 def test_tiny_cpu_run_writes_results(tmp_path):
-    command = [sys.executable, str(BENCH), "--tiny", "--device", "cpu", "--warmup", "0", "--iters", "1",
+    command = [sys.executable, "-m", "benchmarks.bench_layer", "--tiny", "--device", "cpu", "--warmup", "0", "--iters", "1",
                "--out-dir", str(tmp_path)]
-    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    written = json.loads((tmp_path / "bench_layer_cpu-tiny.json").read_text())
+    written = json.loads((tmp_path / "bench_layer_cpu_tiny.json").read_text())
     measured = {(r["variant"], r["seq_len"]) for r in written["results"] if r["step_ms"] > 0}
     assert measured == {(v, s) for v in ("nsa", "nsa_recompute", "dense") for s in (128, 256)}
     assert written["meta"]["backend"] == "torch"
     assert set(written["summary"]["256"]) >= {"nsa_speedup", "nsa_recompute_speedup"}
-    assert "| 256 | dense |" in (tmp_path / "bench_layer_cpu-tiny.md").read_text()
+    report = (tmp_path / "bench_layer_cpu_tiny.md").read_text()
+    assert "| 256 | dense |" in report
+    assert f"Recorded at commit `{written['meta']['recorded']['commit']}`" in report
