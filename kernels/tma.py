@@ -7,12 +7,11 @@ Hopper. A box holds whole tiles: the kernels zero, or mask out, the rows a tile 
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Tuple
 
 import torch
 
-from .constants import ALIGN_BYTES
+from .constants import ALIGN_BYTES, INTERPRETED
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -31,7 +30,7 @@ def _describable(x: torch.Tensor) -> bool:
 def _engine_present(device: torch.device) -> bool:
     """An NVIDIA GPU with the copy engine (compute capability 9 or later: Hopper), or the interpreter, which
     runs descriptors too. ROCm reports its own capability numbers through the same call: not taken."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRETED:
         return True
     return (device.type == "cuda" and torch.version.hip is None
             and torch.cuda.get_device_capability(device)[0] >= 9)

@@ -18,8 +18,9 @@ through descriptors on the H100.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Dict, Iterator
+
+from .constants import INTERPRETED
 
 # tiles up to 128 columns (the H100 sweep's winners)
 _DEFAULTS: Dict[str, dict] = {
@@ -73,7 +74,7 @@ _overrides: Dict[str, dict] = {}
 
 def launch_params(kernel: str, width: int) -> dict:
     """Parameters of `kernel` whose widest row tile has `width` columns (a copy; overrides applied)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRETED:
         family = "band" if kernel.startswith("band") else kernel
         params = dict(_INTERPRETER.get(family, dict(num_warps=4, num_stages=1)))
     else:
