@@ -239,12 +239,13 @@ def nsa_transformer_config(args: argparse.Namespace, config_from_args: Callable)
 
 
 def flags_in_message(message: str, args: argparse.Namespace) -> str:
-    """A config error's field names (`nsa_select_count=2`) written as the flags that set them."""
+    """A config error's field names written as the flags that set them: every `nsa_*` name, and any other
+    args attribute given a value (`num_query_groups=2` -> `--num-query-groups=2`)."""
     def as_flag(match):
         name = match.group(1)
-        return flag_name(name) + "=" if hasattr(args, name) else match.group(0)
+        return flag_name(name) if hasattr(args, name) else name
 
-    return re.sub(r"(?<![\w-])([a-z][a-z0-9_]*)=(?!=)", as_flag, message)
+    return re.sub(r"(?<![\w-])(nsa_[a-z0-9_]+|[a-z][a-z0-9_]*(?==(?!=)))", as_flag, message)
 
 
 def nsa_block_spec_builder(args: argparse.Namespace) -> Callable:

@@ -4,12 +4,13 @@
         [MODES]
 
 Every rank first runs the model at TP = CP = 1 on the whole batch (the reference), then at TP x CP
-(N = TP * CP) on its share of the sequence (shard_batch_for_rank), for an unpacked batch of 2 rows
+(N = TP * CP) on its share of the sequence (Megatron's get_batch_on_this_cp_rank), for an unpacked batch of 2 rows
 and for packed documents (THD, global cu_seqlens), once per exchange mode in MODES (comma-separated
 nsa_cp_exchange values, default 'allgather'). Per-token losses must match the reference's
 tokens; parameter gradients, summed over the CP group (what Megatron's DDP does over its
 data-and-context-parallel group) and gathered over TP, must match the reference's. NSA's own
-RoPE at global positions, learned 'linear' compression. The model runs in float64: the gradient of
+RoPE at global positions, learned 'linear' compression; the model is built as
+megatron_nsa.megatron_lm.pretrain_gpt builds it from its flags. The model runs in float64: the gradient of
 the keys' compression position embedding nearly cancels (a shift common to all compressed keys
 leaves the softmax unchanged; only RoPE breaks the symmetry), so float32 leaves it mostly noise.
 """
@@ -17,9 +18,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "megatron"))  # mcore_harness
 
 VOCAB = 64
 SEQ_LEN = 64  # chunks of 16 tokens at CP = 2: two selection blocks, two windows
@@ -34,22 +38,31 @@ def set_parallel(tp: int, cp: int) -> None:
 
 
 def build_model(tp: int, cp: int, exchange: str = "allgather"):
+    """The model as megatron_nsa.megatron_lm.pretrain_gpt builds it from `--tensor-model-parallel-size TP
+    --context-parallel-size CP --position-embedding-type none --nsa-cp-exchange MODE ...`."""
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_nsa import NSATransformerConfig, get_gpt_layer_nsa_spec
+    from mcore_harness import config_from_flags
+    from megatron_nsa import get_gpt_layer_nsa_spec
 
-    config = NSATransformerConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, nsa_qk_head_dim=12, nsa_v_head_dim=8,
-        ffn_hidden_size=64, nsa_compress_block_size=8, nsa_compress_stride=4, nsa_select_block_size=8,
-        nsa_select_count=3, nsa_window_size=8, nsa_compression="linear", nsa_backend="torch", nsa_rotary_base=10000.0,
-        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=False,
-        init_method_std=0.05, tensor_model_parallel_size=tp, context_parallel_size=cp, nsa_cp_exchange=exchange,
-        nsa_cp_node_size=1 if exchange == "hierarchical" else None,
+    config = config_from_flags(
+        nsa_compression="linear", nsa_backend="torch", tensor_model_parallel_size=tp, context_parallel_size=cp,
+        nsa_cp_exchange=exchange, nsa_cp_node_size=1 if exchange == "hierarchical" else None,
     )
     torch.manual_seed(7)
     model = GPTModel(config, get_gpt_layer_nsa_spec(), vocab_size=VOCAB, max_sequence_length=SEQ_LEN,
                      position_embedding_type="none")
     return model.double()
+
+
+def megatron_cp_share(batch: dict) -> dict:
+    """This CP rank's share of the batch as Megatron-LM's get_batch hands it over: tokens, labels and
+    positions through Megatron's get_batch_on_this_cp_rank (its load-balanced zigzag layout), document
+    boundaries (cu_seqlens) global, as Megatron-LM's per-sequence balancing leaves them."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    sequences = {key: value for key, value in batch.items() if key != "cu_seqlens"}
+    return {**get_batch_on_this_cp_rank(sequences), "cu_seqlens": batch["cu_seqlens"]}
 
 
 def batches():
@@ -90,7 +103,7 @@ def full_grads(model, cp_group, tp_group):
 def compare(tp: int, cp: int, modes=("allgather",)):
     from megatron.core import parallel_state
 
-    from megatron_nsa.context_parallel import shard_batch_for_rank
+    from megatron.core.utils import get_batch_on_this_cp_rank
 
     results = {}
     for kind, batch in batches().items():
@@ -104,12 +117,10 @@ def compare(tp: int, cp: int, modes=("allgather",)):
             set_parallel(tp, cp)
             model = build_model(tp, cp, mode)
             cp_group = parallel_state.get_context_parallel_group()
-            cp_rank = parallel_state.get_context_parallel_rank()
-            mine = shard_batch_for_rank(batch, cp, cp_rank)
-            loss = per_token_loss(model, mine)
+            loss = per_token_loss(model, megatron_cp_share(batch))
             loss.sum().backward()
             grads = full_grads(model, cp_group, parallel_state.get_tensor_model_parallel_group())
-            expected_loss = shard_batch_for_rank({"tokens": ref_loss}, cp, cp_rank)["tokens"]
+            expected_loss = get_batch_on_this_cp_rank({"tokens": ref_loss})["tokens"]
             assert grads.keys() == ref_grads.keys(), sorted(set(grads) ^ set(ref_grads))
             results[f"{kind}/{mode}"] = _result(loss, expected_loss, grads, ref_grads)
     return results

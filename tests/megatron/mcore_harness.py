@@ -59,6 +59,61 @@ def tiny_config(**overrides):
     at ~40 tokens: l=8, d=4, l'=8, n=3, w=8; 4 query heads in 2 KV groups; d_k=12, d_v=8."""
     from megatron_nsa import NSATransformerConfig
 
+    return NSATransformerConfig(**tiny_fields(**overrides))
+
+
+# Megatron-LM's values (after its validate_args) of the flags megatron_nsa.megatron_lm reads, besides the
+# model's sizes: what `pretrain_gpt.py --transformer-impl local --position-embedding-type none` gives.
+MEGATRON_LM_ARGS = dict(
+    spec=None, yaml_cfg=None, attention_backend="auto", num_experts=None, experimental_attention_variant=None,
+    heterogeneous_layers_config_path=None, mtp_num_layers=None, multi_latent_attention=False,
+    rotary_interleaved=False, hybrid_context_parallel=False, transformer_impl="local", context_parallel_size=1,
+    tensor_model_parallel_size=1, sft=False, position_embedding_type="none", rotary_base=10000, rotary_percent=1.0,
+    apply_rope_fusion=True, normalization="LayerNorm", qk_layernorm=False,
+)
+
+
+def megatron_lm_args(**fields):
+    """The args namespace Megatron-LM's pretrain_gpt would hold for a model with these NSATransformerConfig
+    `fields`: nsa_* ones given as --nsa-* flags (parsed by megatron_nsa.megatron_lm's own parser, the
+    value head dim as --kv-channels), the others as Megatron-LM's args; resolved as the entry point does."""
+    import argparse
+
+    from megatron_nsa.megatron_lm.arguments import add_nsa_arguments, flag_name, resolve_nsa_arguments
+
+    values = dict(MEGATRON_LM_ARGS)
+    flags = []
+    for name, value in fields.items():
+        if name == "nsa_v_head_dim":
+            values["kv_channels"] = value
+        elif name.startswith("nsa_") and isinstance(value, bool):
+            flags.append(flag_name(name) if value else flag_name(name).replace("--", "--no-", 1))
+        elif name.startswith("nsa_"):
+            flags += [flag_name(name), "none" if value is None else str(value)]
+        else:
+            values[name] = value
+    args = add_nsa_arguments(argparse.ArgumentParser()).parse_args(flags)
+    for name, value in values.items():
+        setattr(args, name, value)
+    return resolve_nsa_arguments(args, have_transformer_engine=False)
+
+
+def config_from_megatron_lm_args(args, config_class):
+    """What Megatron-LM's core_transformer_config_from_args does with the fields: copy args by name."""
+    import dataclasses
+
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
+                           if hasattr(args, f.name)})
+
+
+def config_from_flags(**overrides):
+    """tiny_config's model (with `overrides`), built as megatron_nsa.megatron_lm.pretrain_gpt builds it."""
+    from megatron_nsa.megatron_lm.arguments import nsa_transformer_config
+
+    return nsa_transformer_config(megatron_lm_args(**tiny_fields(**overrides)), config_from_megatron_lm_args)
+
+
+def tiny_fields(**overrides) -> dict:
     fields = dict(
         num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, nsa_qk_head_dim=12, nsa_v_head_dim=8,
         ffn_hidden_size=64, nsa_compress_block_size=8, nsa_compress_stride=4, nsa_select_block_size=8,
@@ -67,7 +122,7 @@ def tiny_config(**overrides):
         init_method_std=0.05,
     )
     fields.update(overrides)
-    return NSATransformerConfig(**fields)
+    return fields
 
 
 def build_gpt(config, seed: int, pre_process: bool = True, post_process: bool = True,

@@ -19,9 +19,9 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from mcore_harness import build_gpt, megatron_cuda_calls_on_cpu, set_parallel, tiny_config, token_batch
+from mcore_harness import build_gpt, config_from_flags, megatron_cuda_calls_on_cpu, set_parallel, token_batch
 
-TINY = {}  # tiny_config's defaults: CPU sized
+TINY = {}  # mcore_harness.tiny_fields' defaults: CPU sized
 GPU_SIZED = dict(hidden_size=256, nsa_qk_head_dim=64, nsa_v_head_dim=64, ffn_hidden_size=512,
                  nsa_compress_block_size=32, nsa_compress_stride=16, nsa_select_block_size=64, nsa_select_count=4, nsa_window_size=64)
 
@@ -43,7 +43,8 @@ class Run:
         self.backend = args.backend
 
     def config(self, **overrides):
-        return tiny_config(nsa_backend=self.backend, **self.sizes, **overrides)
+        """The model as megatron_nsa.megatron_lm.pretrain_gpt builds it from its command line."""
+        return config_from_flags(nsa_backend=self.backend, **self.sizes, **overrides)
 
     def model(self, config, seed, **kwargs):
         return build_gpt(config, seed, **kwargs).to(self.device)
