@@ -1,10 +1,11 @@
 """Validation loss of a checkpoint:
 
     python -m megatron_nsa.eval.loss --checkpoint CKPT_DIR [--data PREFIX ...] [--seq-length N]
-        [--batches 8] [--batch-size 4] [--json OUT.json] [--recipe CONFIG.yaml] [section.key=value ...]
+        [--batches N] [--batch-size N] [--json OUT.json] [--recipe CONFIG.yaml] [section.key=value ...]
 
-Without --data: the validation split of the checkpoint's own recipe (the same samples the training run
-validated on). With --data: every document of those indexed datasets (PREFIX.bin / PREFIX.idx, built by
+Without --data: the validation split of the checkpoint's own recipe; by default the same samples the
+training run validated on (training.eval_steps global batches, in batches of training.micro_batch_size), so
+the loss is the run's last validation loss. With --data: every document of those indexed datasets (PREFIX.bin / PREFIX.idx, built by
 megatron_nsa.data.build_dataset). Prints the mean loss per target token, its perplexity and bits per
 token (per byte with the byte tokenizer). For data.source=retrieval the loss covers the answer tokens only.
 """
@@ -30,8 +31,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="a run's checkpoint.dir or one step_XXXXXXXX directory")
     parser.add_argument("--data", nargs="+", metavar="PREFIX", help="indexed dataset prefixes (all documents used)")
     parser.add_argument("--seq-length", type=int, help="tokens per sample (default: the trained data.seq_length)")
-    parser.add_argument("--batches", type=int, default=8, help="batches to evaluate (default 8)")
-    parser.add_argument("--batch-size", type=int, default=4, help="samples per batch (default 4)")
+    parser.add_argument("--batches", type=int, help="batches to evaluate (default: the recipe's validation, "
+                        "training.eval_steps * global_batch_size samples)")
+    parser.add_argument("--batch-size", type=int, help="samples per batch (default: training.micro_batch_size)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--json", help="also write the result to this JSON file")
     parser.add_argument("--recipe", help="the training recipe, for checkpoints that do not store theirs")
@@ -78,6 +80,15 @@ def validation_loss(loaded, batches: int, batch_size: int) -> dict:
             "tokens": int(tokens.item())}
 
 
+def validation_batches(recipe, batches: Optional[int], batch_size: Optional[int]):
+    """(batches, batch size): what the arguments give, else the recipe's validation: training.eval_steps
+    global batches = eval_steps * global_batch_size samples, in micro-batches."""
+    train = recipe.training
+    batch_size = batch_size or train.micro_batch_size
+    samples = train.eval_steps * train.global_batch_size
+    return batches or max(1, -(-samples // batch_size)), batch_size
+
+
 def run(args: argparse.Namespace) -> dict:
     check_args(args)
     overrides = list(args.overrides)
@@ -94,10 +105,11 @@ def run(args: argparse.Namespace) -> dict:
 
     loaded = load_model(step_dir, args.recipe, overrides, args.device)
     loaded.recipe.data.seq_length = seq_length
-    result = validation_loss(loaded, args.batches, args.batch_size)
+    batches, batch_size = validation_batches(loaded.recipe, args.batches, args.batch_size)
+    result = validation_loss(loaded, batches, batch_size)
     result.update(checkpoint=loaded.step_dir, step=loaded.step, attention=loaded.attention,
                   data=args.data or f"{loaded.recipe.data.source} (validation split)", seq_length=seq_length,
-                  batches=args.batches, batch_size=args.batch_size)
+                  batches=batches, batch_size=batch_size)
     unit = "byte" if loaded.recipe.data.tokenizer == "bytes" else "token"
     print(f"{loaded.attention} checkpoint {loaded.step_dir} (step {loaded.step}), {result['data']}, "
           f"{result['tokens']:,} target tokens at seq length {seq_length}: loss {result['loss']:.4f} | "

@@ -9,12 +9,13 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from train_harness import TINY_RECIPE, TRAIN_SH, FAST, child_env, finish, read_records, run_training
+from train_harness import FAST, REPO_ROOT, TINY_RECIPE, TRAIN_SH, child_env, finish, read_records, run_training
 
 
 def fingerprint(directory: Path) -> dict:
@@ -50,11 +51,23 @@ def first_run(tmp_path_factory, corpus_cache):
 
 
 def test_summary_names_what_exists_and_what_to_run_next(first_run):
-    run, _, ckpt = first_run
+    """The summary's paths exist, and its evaluation command, run as printed, gives the run's last
+    validation loss (eval.loss defaults to the recipe's validation batches)."""
+    run, workdir, ckpt = first_run
     final = ckpt / "step_00000006"
     assert f"  final checkpoint: {final}" in run.stdout and final.is_dir()
     assert f"  tensorboard --logdir {ckpt / 'tensorboard'}" in run.stdout
-    assert f"  next: python -m megatron_nsa.eval.loss --checkpoint {ckpt}" in run.stdout
+    command = next(line for line in run.stdout.splitlines() if line.startswith("  next: "))
+    assert command.startswith(f"  next: python -m megatron_nsa.eval.loss --checkpoint {ckpt}   (")
+    args = command.split("   (")[0].split()[4:]
+    env = child_env(1)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-m", "megatron_nsa.eval.loss", *args, "--json", str(workdir / "loss.json")],
+                            cwd=workdir, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((workdir / "loss.json").read_text())
+    assert report["step"] == 6
+    assert report["loss"] == pytest.approx(run.validation_losses()[6], rel=1e-5)
 
 
 def test_fresh_start_in_a_used_directory_is_refused_and_a_subdirectory_keeps_both_runs(tmp_path, corpus_cache,
