@@ -3,7 +3,8 @@
     python -m benchmarks.cp_scale_model                                   # the H200 results in benchmarks/results
     python -m benchmarks.cp_scale_model --results a.json b.json --gpus-per-node 8 --inter-node-gbps 400
 
-Inputs: bench_cp JSON files (benchmarks/bench_cp.py; one per GPU count: bench_cp_h200, bench_cp_2xh200, ...) and settings for the links.
+Inputs: bench_cp JSON files (benchmarks/bench_cp.py; one per GPU count: bench_cp_h200, bench_cp_2xh200, ...)
+and settings for the links.
 Everything is per GPU, one NSA layer core (the benchmark's shapes), forward + backward, batch 1.
 
 Compute (ms), L = S / C local tokens:   T(C, S) = a * L + b * L * S

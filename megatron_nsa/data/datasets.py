@@ -1,9 +1,10 @@
 """A recipe's tokenizer and its training and validation data, through megatron.core.datasets.
 
 `recipe` below is a training recipe (megatron_nsa.training.config.Recipe); only its `data`, `retrieval`
-and `training.seed` settings are read. Sources: `stdlib` (the Python standard library's sources as an indexed dataset, built on first use in the
-cache directory), `indexed` (your .bin/.idx prefixes, optionally weighted: a blend), `mock` (random tokens),
-`retrieval` (the synthetic key/value task of megatron_nsa.data.retrieval, generated on the fly).
+and `training.seed` settings are read. Sources: `stdlib` (the Python standard library's sources as an
+indexed dataset, built on first use in the cache directory), `indexed` (your .bin/.idx prefixes, optionally
+weighted: a blend), `mock` (random tokens), `retrieval` (the synthetic key/value task of
+megatron_nsa.data.retrieval, generated on the fly).
 Validation uses the same blend with `data.split`'s second share of the documents.
 
 Each data-parallel rank reads its own micro-batches by global sample index, so the position in the data is

@@ -1,6 +1,5 @@
-"""Evaluation of trained checkpoints and the synthetic retrieval task.
+"""Evaluation of trained checkpoints (the retrieval task they may be trained on is megatron_nsa.data.retrieval).
 
-    retrieval_task  the key/value task (data.source=retrieval): generator and dataset, numpy only
     haystack        needle-in-a-haystack samples (fact at a depth of exact-length filler)
     scoring         teacher-forced answer accuracy
     selections      NSA's selected blocks recorded during a forward pass; does the question select the needle?

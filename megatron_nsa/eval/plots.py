@@ -20,7 +20,7 @@ def _pyplot():
     return plt
 
 
-def _title(ax, title: str, figure_width_inches: float) -> None:
+def wrapped_title(ax, title: str, figure_width_inches: float) -> None:
     """The title in lines that fit the figure (about 12 characters per inch at 9 points)."""
     ax.set_title("\n".join(textwrap.wrap(title, max(20, int(12 * figure_width_inches)))), fontsize=9)
 
@@ -47,7 +47,7 @@ def accuracy_heatmap(accuracy: Dict[str, Dict[str, float]], lengths: Sequence[in
     ax.set_yticks(range(len(depths)), [f"{depth:g}%" for depth in depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
-    _title(ax, title, width)
+    wrapped_title(ax, title, width)
     fig.colorbar(image, ax=ax, label="accuracy")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -70,7 +70,7 @@ def loss_curves(curves: Dict[str, List[Tuple[int, float]]], path: str, title: st
             ax.plot(steps, losses, marker="o" if len(points) < 30 else None, markersize=3, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
-    _title(ax, title, 6)
+    wrapped_title(ax, title, 6)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -1,4 +1,5 @@
-"""benchmarks/bench_cp.py --tiny (run as `python -m benchmarks.bench_cp`): the benchmark's logic on CPU (gloo, torch backend)."""
+"""benchmarks/bench_cp.py --tiny (run as `python -m benchmarks.bench_cp`): the benchmark's logic on CPU (gloo,
+torch backend)."""
 from __future__ import annotations
 
 import json

@@ -1,7 +1,7 @@
 """Figure titles fit their figures (the PNGs themselves need matplotlib, which CI does not install)."""
 from __future__ import annotations
 
-from megatron_nsa.eval.plots import _title
+from megatron_nsa.eval.plots import wrapped_title
 
 
 class _Axes:
@@ -12,8 +12,8 @@ class _Axes:
 def test_long_titles_wrap_to_the_figure_width():
     title = "NSA vs dense, language modelling on real text, 16,384 tokens (NVIDIA H100 80GB HBM3)"
     ax = _Axes()
-    _title(ax, title, 6)
+    wrapped_title(ax, title, 6)
     lines = ax.text.split("\n")
     assert len(lines) == 2 and max(map(len, lines)) <= 72 and " ".join(lines) == title
-    _title(ax, title, 12)
+    wrapped_title(ax, title, 12)
     assert ax.text == title

@@ -17,7 +17,8 @@ CONFIG = NSAConfig(compress_block_size=8, compress_stride=4, select_block_size=1
 def test_stack_layers_names_what_does_not_fit():
     with pytest.raises(ValueError, match="recorded no selections"):
         stack_layers([], 2, 1, 8)
-    with pytest.raises(ValueError, match=r"recorded 15 selection rows, expected 2 layers x 1 sequences x 8 tokens = 16"):
+    with pytest.raises(ValueError,
+                       match=r"recorded 15 selection rows, expected 2 layers x 1 sequences x 8 tokens = 16"):
         stack_layers([torch.zeros(15, 1, 2, dtype=torch.int64)], 2, 1, 8)
 
 
