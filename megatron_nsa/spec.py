@@ -3,8 +3,10 @@
     from megatron_nsa import get_gpt_layer_nsa_spec
     GPTModel(config, transformer_layer_spec=get_gpt_layer_nsa_spec(), ...)
 
-Megatron-LM: `--spec megatron_nsa.spec nsa_layer_spec` (Transformer Engine linears when
-transformer-engine is installed, local ones otherwise) or `nsa_layer_local_spec`.
+Megatron-LM: `python -m megatron_nsa.megatron_lm.pretrain_gpt` builds the spec from its `--nsa-*`
+flags (docs/megatron.md). `--spec megatron_nsa.spec nsa_layer_spec` (Transformer Engine linears when
+transformer-engine is installed, local ones otherwise) or `nsa_layer_local_spec` with Megatron-LM's own
+pretrain_gpt.py gives NSAConfig's defaults only.
 
 Sequence parallelism without apex or Transformer Engine: Megatron's plain-PyTorch norm refuses it,
 so the local layers here use `SequenceParallelTorchNorm`; pass the GPTModel the block spec of
