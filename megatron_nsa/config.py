@@ -73,9 +73,9 @@ class NSAConfig:
     select_local_blocks: int = _setting(2, "most recent selection blocks every query selects (its own included)")
     window_size: int = _setting(512, "w: sliding-window length in tokens, the query itself included")
     compression: Compression = _setting("mean", "phi, the block compression: mean (no parameters), linear or mlp")
-    compress_mlp_hidden: Optional[int] = _setting(None, "hidden width of compression=mlp (None: 2 * head dim)")
+    compress_mlp_hidden: Optional[int] = _setting(None, "hidden width of compression=mlp (unset: 2 * head dim)")
     separate_kv: bool = _setting(False, "independent K/V projections per branch (the paper's choice)")
-    softmax_scale: Optional[float] = _setting(None, "attention logit scale (None: 1/sqrt(qk head dim))")
+    softmax_scale: Optional[float] = _setting(None, "attention logit scale (unset: 1/sqrt(qk head dim))")
 
     def __post_init__(self):
         validate_nsa_fields(self)

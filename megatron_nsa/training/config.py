@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Dict, List, Literal, Optional, Tuple
 
 import yaml
 
-from megatron_nsa.config import NSA_FIELD_NAMES, NSAConfig, literal_choices, suggestion
+from megatron_nsa.config import NSAConfig, literal_choices, suggestion
 from megatron_nsa.functional import Backend
 
 
@@ -73,10 +73,6 @@ class NSASection(NSAConfig):
     qk_head_dim: Optional[int] = _key(None, "NSA query/key head dim; null: model.kv_channels")
     v_head_dim: Optional[int] = _key(None, "NSA value head dim; null: qk_head_dim")
     backend: Optional[Backend] = _key(None, "NSA core: torch or triton; null: triton on CUDA, torch on CPU")
-
-    def core(self) -> NSAConfig:
-        """The NSAConfig part alone."""
-        return NSAConfig(**{name: getattr(self, name) for name in NSA_FIELD_NAMES})
 
 
 @dataclasses.dataclass

@@ -148,7 +148,8 @@ def train(recipe: Recipe, stop: StopSignal) -> RunSummary:
               f"steps {progress.step}..{train_cfg.train_steps}", flush=True)
 
     # ---- the loop ----------------------------------------------------------------------------------
-    loss = validation_loss = saved = None
+    loss = validation_loss = None
+    saved = plan.resume_from if plan else None  # the newest checkpoint of this run so far
     stopped = False
     while progress.step < train_cfg.train_steps:
         started = time.perf_counter()
