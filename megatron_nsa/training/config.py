@@ -19,6 +19,8 @@ from typing import Any, ClassVar, Dict, List, Literal, Optional, Tuple
 import yaml
 
 from megatron_nsa.config import NSAConfig, literal_choices, suggestion
+from megatron_nsa.context_parallel.exchange import EXCHANGE_MODES, check_node_size
+from megatron_nsa.context_parallel.layout import check_cp_sequence
 from megatron_nsa.functional import Backend
 
 
@@ -80,8 +82,7 @@ class ParallelSection:
     tensor_model_parallel_size: int = _key(1, "TP: ranks that split each layer's weights")
     pipeline_model_parallel_size: int = _key(1, "PP: pipeline stages (needs CUDA)")
     context_parallel_size: int = _key(1, "CP: ranks that split each sequence (NSA only)")
-    cp_exchange: Literal["allgather", "ring", "hierarchical", "fetch"] = _key(
-        "allgather", "how NSA K/V cross context-parallel ranks")
+    cp_exchange: Literal[EXCHANGE_MODES] = _key("allgather", "how NSA K/V cross context-parallel ranks")
     cp_node_size: Optional[int] = _key(None, "cp_exchange=hierarchical: consecutive CP ranks per node (divides CP)")
     sequence_parallel: bool = _key(False, "Megatron sequence parallelism (needs TP > 1)")
     use_distributed_optimizer: bool = _key(False, "shard optimizer state over data-parallel ranks (needs CUDA)")
@@ -557,19 +558,10 @@ def check_context_parallel_layout(recipe: Recipe) -> None:
             "context parallelism; set context_parallel_size=1"
         )
     try:
-        from megatron_nsa.context_parallel.layout import check_cp_sequence
-    except ImportError:
-        raise RecipeError(
-            f"parallel.context_parallel_size={cp} needs megatron_nsa.context_parallel, which this install "
-            "lacks; set context_parallel_size=1"
-        ) from None
-    try:
         check_cp_sequence(recipe.data.seq_length, cp, recipe.nsa)
     except ValueError as err:
         raise RecipeError(f"data.seq_length={recipe.data.seq_length}: {err}") from None
     if recipe.parallel.cp_exchange == "hierarchical":
-        from megatron_nsa.context_parallel.exchange import check_node_size
-
         try:
             check_node_size(recipe.parallel.cp_node_size, cp, "parallel.cp_node_size")
         except ValueError as err:
