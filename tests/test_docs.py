@@ -1,7 +1,8 @@
-"""The documentation stays true: every file, link and `python -m` module that README.md, CHANGELOG.md,
-docs/*.md and the results index cite exists, and no file speaks of how the project was developed."""
+"""The documentation stays true: every file, link, `python -m` module and named object that README.md,
+CHANGELOG.md, docs/*.md and the result reports cite exists, and no file speaks of how the project was developed."""
 from __future__ import annotations
 
+import fnmatch
 import glob
 import importlib
 import re
@@ -25,8 +26,8 @@ HISTORY = re.compile(r"(first|second|third|[a-z]+teenth|twentieth|[0-9]+(st|nd|r
 
 
 def doc_files():
-    files = [REPO / "README.md", REPO / "CHANGELOG.md", REPO / "benchmarks" / "results" / "README.md"]
-    return files + sorted((REPO / "docs").glob("*.md"))
+    files = [REPO / "README.md", REPO / "CHANGELOG.md"]
+    return files + sorted((REPO / "docs").glob("*.md")) + sorted((REPO / "benchmarks" / "results").glob("*.md"))
 
 
 def cited_paths(text: str):
@@ -113,6 +114,33 @@ def test_named_objects_exist(doc):
     assert not missing, f"{doc.relative_to(REPO)} names objects that do not exist: {missing}"
 
 
+def listed(name: str, line: str) -> bool:
+    """Whether an index line lists the file `name`: by its name, by a glob, or as a report followed by the
+    suffixes of its other files (`[bench_layer_h100](bench_layer_h100.md) `.json``)."""
+    for token in re.findall(r"[\w.*-]+", line):
+        if name == token or ("*" in token and fnmatch.fnmatch(name, token)):
+            return True
+        stem = token[:-3] if token.endswith(".md") else token
+        if name.startswith(stem) and f"`{name[len(stem):]}`" in line:
+            return True
+    return False
+
+
+def test_results_index_lists_every_file():
+    results = REPO / "benchmarks" / "results"
+    lines = (results / "README.md").read_text().splitlines()
+    unlisted = [path.name for path in sorted(results.iterdir())
+                if path.name != "README.md" and not any(listed(path.name, line) for line in lines)]
+    assert not unlisted, f"benchmarks/results/README.md does not list {unlisted}"
+
+
+def test_results_index_entry_forms():
+    line = "| [bench_layer_h100](bench_layer_h100.md) `.json` `_loss.png` | x |"
+    assert listed("bench_layer_h100.json", line) and listed("bench_layer_h100_loss.png", line)
+    assert not listed("bench_layer_h100_other.json", line)
+    assert listed("tune_x_8k.json", "| `tune_x_*.json` | y |")
+
+
 def test_heading_anchors_follow_github():
     assert heading_anchors("## Megatron-LM\n### One Megatron layer\n# Shapes and names") == {
         "megatron-lm", "one-megatron-layer", "shapes-and-names"}
@@ -142,7 +170,7 @@ def test_files_cited_in_code_exist():
     missing = []
     for path in repository_text_files():
         if path.suffix == ".md":
-            continue  # the documents are checked above; result reports record paths as they were
+            continue  # the documents are checked above
         for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             for cited in [*cited_paths(line), *CITED_DOCUMENT.findall(line)]:
                 if not glob.glob(str(REPO / cited)):
