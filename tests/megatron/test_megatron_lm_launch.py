@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from megatron_nsa.megatron_lm.arguments import add_nsa_arguments, load_nsa_file
@@ -51,3 +52,24 @@ def test_data_path_needs_a_tokenizer(tmp_path):
                   TOKENIZER="gpt2")
     flags = done.stdout.split()
     assert flags[flags.index("--data-path") + 1: flags.index("--data-path") + 3] == ["/data/a", "/data/b"]
+
+
+def test_entry_point_without_megatron_lm_says_how_to_get_it(tmp_path):
+    """megatron-core alone (as in CI): the entry point stops before parsing, with the clone command."""
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "megatron_nsa.megatron_lm.pretrain_gpt", "--nsa-compression", "mlp"],
+                          capture_output=True, text=True, cwd=tmp_path, env=environment, timeout=120)
+    assert done.returncode == 1 and "git clone --branch core_v0.19.0" in done.stderr
+    assert "could not be imported" in done.stderr
+
+
+def test_entry_point_refuses_a_pretrain_gpt_that_is_not_megatron_lms(tmp_path):
+    (tmp_path / "pretrain_gpt.py").write_text("forward_step = None\n")
+    fake_training = tmp_path / "megatron" / "training"
+    fake_training.mkdir(parents=True)
+    (fake_training / "__init__.py").write_text("")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    done = subprocess.run([sys.executable, "-m", "megatron_nsa.megatron_lm.pretrain_gpt"], capture_output=True,
+                          text=True, cwd=tmp_path, env=environment, timeout=120)
+    assert done.returncode == 1 and "is not Megatron-LM's pretrain_gpt.py" in done.stderr
+    assert "train_valid_test_datasets_provider" in done.stderr
