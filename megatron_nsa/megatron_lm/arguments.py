@@ -221,6 +221,11 @@ def check_megatron_arguments(args: argparse.Namespace, have_transformer_engine: 
         raise NSAArgumentError(
             "--transformer-impl transformer_engine (Megatron-LM's default) but transformer-engine is not "
             "installed; allowed: --transformer-impl local (PyTorch linears and norms)")
+    if getattr(args, "reset_attention_mask", False):
+        raise NSAArgumentError(
+            "--reset-attention-mask puts document boundaries into a dense attention mask, which NSA layers do not "
+            "read (they are causal over the whole sequence); allowed: off. For document boundaries use packed "
+            "batches (--dataloader-inter-document-masking), which reach NSA as THD cu_seqlens")
     if args.context_parallel_size > 1 and getattr(args, "sft", False):
         raise NSAArgumentError(
             f"--sft with --context-parallel-size {args.context_parallel_size}: Megatron-LM then splits each "
