@@ -221,6 +221,10 @@ def check_megatron_arguments(args: argparse.Namespace, have_transformer_engine: 
         raise NSAArgumentError(
             "--transformer-impl transformer_engine (Megatron-LM's default) but transformer-engine is not "
             "installed; allowed: --transformer-impl local (PyTorch linears and norms)")
+    if getattr(args, "attention_dropout", 0.0):
+        raise NSAArgumentError(
+            f"--attention-dropout {args.attention_dropout} (Megatron-LM's default is 0.1): NSA layers have no "
+            f"dropout on attention probabilities; allowed: --attention-dropout 0")
     if getattr(args, "reset_attention_mask", False):
         raise NSAArgumentError(
             "--reset-attention-mask puts document boundaries into a dense attention mask, which NSA layers do not "

@@ -118,6 +118,7 @@ def test_position_embedding_none_means_nsas_own_rope():
     ((), dict(transformer_impl="transformer_engine"), "transformer-engine is not installed; allowed: "
                                                       "--transformer-impl local"),
     ((), dict(sft=True, context_parallel_size=2), "--sft with --context-parallel-size 2"),
+    ((), dict(attention_dropout=0.1), "--attention-dropout 0.1 (Megatron-LM's default is 0.1): NSA layers have no"),
     ((), dict(reset_attention_mask=True), "--reset-attention-mask puts document boundaries into a dense"),
     ((), dict(position_embedding_type="yarn"), "--position-embedding-type yarn is not supported by NSA layers; "
                                                "allowed: ('rope', 'none', 'learned_absolute')"),
