@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import re
 import typing
 from typing import Callable, Optional
@@ -144,11 +145,12 @@ def load_nsa_file(path: str) -> dict:
     return settings
 
 
-def resolve_nsa_arguments(args: argparse.Namespace, have_transformer_engine: bool) -> argparse.Namespace:
+def resolve_nsa_arguments(args: argparse.Namespace, have_transformer_engine: bool,
+                          have_fused_adam: bool = True) -> argparse.Namespace:
     """After Megatron-LM parsed and validated `args`: every NSA field set (flag, else --nsa-config, else the
     field's default), the position embedding decided, and every Megatron-LM setting NSA layers cannot
     honour refused. Raises NSAArgumentError before any work starts."""
-    check_megatron_arguments(args, have_transformer_engine)
+    check_megatron_arguments(args, have_transformer_engine, have_fused_adam)
     from_file = load_nsa_file(args.nsa_config_file) if getattr(args, "nsa_config_file", None) else {}
     defaults = {f.name: f.default for f in dataclasses.fields(NSATransformerConfig)}
     for field in nsa_layer_field_names():
@@ -191,8 +193,10 @@ def _resolve_position_embedding(args) -> None:
             args.nsa_rotary_dim = max(2, int(qk_dim * args.rotary_percent) // 2 * 2)
 
 
-def check_megatron_arguments(args: argparse.Namespace, have_transformer_engine: bool) -> None:
-    """Megatron-LM settings this entry point cannot honour with NSA layers, refused by flag."""
+def check_megatron_arguments(args: argparse.Namespace, have_transformer_engine: bool,
+                             have_fused_adam: bool = True) -> None:
+    """Megatron-LM settings this entry point cannot honour with NSA layers, refused by flag.
+    have_fused_adam: Megatron-Core's optimizer found apex's or Transformer Engine's Adam."""
     if args.spec is not None:
         raise NSAArgumentError(f"--spec {' '.join(args.spec)}: this entry point builds the NSA layer spec itself "
                                f"from the --nsa-* flags; allowed: no --spec")
@@ -230,6 +234,14 @@ def check_megatron_arguments(args: argparse.Namespace, have_transformer_engine: 
             "--reset-attention-mask puts document boundaries into a dense attention mask, which NSA layers do not "
             "read (they are causal over the whole sequence); allowed: off. For document boundaries use packed "
             "batches (--dataloader-inter-document-masking), which reach NSA as THD cu_seqlens")
+    load = getattr(args, "load", None)
+    if (getattr(args, "use_distributed_optimizer", False) and not have_fused_adam and load
+            and os.path.isfile(os.path.join(load, "latest_checkpointed_iteration.txt"))):
+        raise NSAArgumentError(
+            f"--use-distributed-optimizer with --load {load} (it holds a checkpoint): without apex or Transformer "
+            f"Engine, Megatron-LM's distributed optimizer cannot load one (DistributedOptimizer.state_dict asserts "
+            f"a single Adam step count while the optimizer has no state yet); allowed: install apex or "
+            f"transformer-engine, or train and resume without --use-distributed-optimizer")
     if args.context_parallel_size > 1 and getattr(args, "sft", False):
         raise NSAArgumentError(
             f"--sft with --context-parallel-size {args.context_parallel_size}: Megatron-LM then splits each "

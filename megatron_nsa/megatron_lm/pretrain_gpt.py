@@ -55,6 +55,7 @@ def extra_arguments(parser):
 def main() -> None:
     megatron_lm = import_megatron_lm()
     from megatron.core.enums import ModelType
+    from megatron.core.optimizer import distrib_optimizer
     from megatron.training import inprocess_restart, pretrain, print_rank_0, set_startup_timestamps
     from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
     from megatron.training.arguments import core_transformer_config_from_args, parse_and_validate_args
@@ -67,7 +68,8 @@ def main() -> None:
     args = parse_and_validate_args(extra_args_provider=extra_arguments,
                                    args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
     try:
-        resolve_nsa_arguments(args, have_transformer_engine=HAVE_TE)
+        resolve_nsa_arguments(args, have_transformer_engine=HAVE_TE,
+                              have_fused_adam=getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True))
         transformer_config = nsa_transformer_config(args, core_transformer_config_from_args)
     except NSAArgumentError as error:
         raise SystemExit(f"error: {error}") from None

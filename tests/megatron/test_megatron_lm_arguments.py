@@ -131,6 +131,19 @@ def test_megatron_settings_nsa_cannot_honour_are_refused(flags, megatron, messag
     assert message in str(error.value)
 
 
+def test_distributed_optimizer_resume_without_fused_adam_is_refused(tmp_path):
+    """Megatron-LM's distributed optimizer cannot load a checkpoint with PyTorch's Adam: stop before training
+    when --load holds one; a first run (nothing to load) and the other optimizer go ahead."""
+    args = dict(use_distributed_optimizer=True, load=str(tmp_path))
+    resolve_nsa_arguments(parse(**args), have_transformer_engine=False, have_fused_adam=False)  # nothing saved yet
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("15")
+    with pytest.raises(NSAArgumentError, match=r"--use-distributed-optimizer with --load .* without apex or "
+                                               r"Transformer Engine"):
+        resolve_nsa_arguments(parse(**args), have_transformer_engine=False, have_fused_adam=False)
+    resolve_nsa_arguments(parse(**args), have_transformer_engine=False, have_fused_adam=True)
+    resolve_nsa_arguments(parse(load=str(tmp_path)), have_transformer_engine=False, have_fused_adam=False)
+
+
 @pytest.mark.parametrize("flags,megatron,message", [
     (("--nsa-compress-stride", "3"), {}, "--nsa-compress-stride=3 must divide --nsa-compress-block-size=32"),
     (("--nsa-select-count", "2"), {}, "--nsa-select-count=2 is smaller than the forced blocks"),
