@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from megatron_nsa import NSAConfig, NSATransformerConfig
-from megatron_nsa.megatron_lm.arguments import (NSAArgumentError, add_nsa_arguments, check_megatron_arguments,
-                                                flag_name, flags_in_message, nsa_block_spec_builder, nsa_flags,
-                                                nsa_transformer_config, resolve_nsa_arguments)
+from megatron_nsa.megatron_lm.arguments import (NSAArgumentError, add_nsa_arguments, flag_name, flags_in_message,
+                                                nsa_block_spec_builder, nsa_flags, nsa_transformer_config,
+                                                resolve_nsa_arguments)
 from megatron_nsa.transformer_config import nsa_layer_field_names
 
 from mcore_harness import MEGATRON_LM_ARGS, config_from_megatron_lm_args as config_from_args
