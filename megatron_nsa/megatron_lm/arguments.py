@@ -254,9 +254,17 @@ def nsa_transformer_config(args: argparse.Namespace, config_from_args: Callable)
     """The NSATransformerConfig of `args`, built by Megatron-LM's `core_transformer_config_from_args`
     (passed as `config_from_args`); a bad value raises NSAArgumentError naming its flag."""
     try:
-        return config_from_args(args, NSATransformerConfig)
+        config = config_from_args(args, NSATransformerConfig)
     except ValueError as error:
         raise NSAArgumentError(flags_in_message(str(error), args)) from None
+    if config.context_parallel_size > 1:
+        from ..context_parallel import check_cp_sequence
+
+        try:
+            check_cp_sequence(args.seq_length, config.context_parallel_size, config.nsa_config())
+        except ValueError as error:
+            raise NSAArgumentError(f"--seq-length {args.seq_length}: {flags_in_message(str(error), args)}") from None
+    return config
 
 
 def flags_in_message(message: str, args: argparse.Namespace) -> str:

@@ -66,6 +66,11 @@ def test_flags_reach_the_layer_settings():
     assert (config.nsa_rotary_base, config.nsa_rotary_dim, config.apply_rope_fusion) == (500000.0, 8, False)
 
 
+def test_context_parallel_sequence_that_shards_is_accepted():
+    config = resolved_config("--nsa-cp-exchange", "ring", context_parallel_size=2, seq_length=2048)
+    assert config.context_parallel_size == 2 and config.nsa_cp_exchange == "ring"
+
+
 def test_defaults_are_nsa_configs():
     config = resolved_config()
     assert config.nsa_config() == NSAConfig()
@@ -151,6 +156,11 @@ def test_distributed_optimizer_resume_without_fused_adam_is_refused(tmp_path):
     (("--nsa-rotary-dim", "7"), dict(position_embedding_type="none"), "--nsa-rotary-dim=7 is not allowed"),
     (("--nsa-cp-exchange", "hierarchical", "--nsa-cp-node-size", "3"), dict(context_parallel_size=4),
      "--nsa-cp-node-size"),
+    ((), dict(context_parallel_size=2, seq_length=1000), "--seq-length 1000: sequence length 1000 cannot be sharded "
+                                                          "over --context-parallel-size=2: it must be a multiple of "
+                                                          "2 * 2 * select_block_size l'=64 = 256"),
+    ((), dict(context_parallel_size=4, seq_length=2048), "gives chunks of 2048 / 8 = 256 tokens, shorter than "
+                                                         "window_size w=512"),
     ((), dict(num_query_groups=2, num_attention_heads=4, tensor_model_parallel_size=4),
      "--num-query-groups=2 is not divisible by the tensor-parallel size 4"),
 ])
