@@ -7,7 +7,9 @@
    continue the first run's (iterations 16..30 compared);
 3. speed: iteration time, tokens/s and peak memory at 8k, 32k and 64k tokens per sequence.
 
-Mock data (Megatron-LM's MockGPTDataset, NullTokenizer). Writes megatron_lm_<gpu>.md and .json (GPU,
+Several GPUs: `--nproc 2 --flags "--context-parallel-size 2 --nsa-cp-exchange ring" --variant cp2_ring`
+(every run gets the flags; results megatron_lm_2x<gpu>_<variant>.*). Mock data (Megatron-LM's
+MockGPTDataset, NullTokenizer). Writes megatron_lm_<gpu>.md and .json (GPU,
 commit and date inside) and the runs' logs into --out. Needs Megatron-LM's root on PYTHONPATH
 (docs/megatron.md); benchmarks/megatron_lm_check.sh prepares a bare GPU machine and runs this.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -35,7 +38,8 @@ MODEL_FLAGS = [
     "--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
     "--attention-dropout", "0", "--hidden-dropout", "0", "--position-embedding-type", "none", "--rotary-base", "10000",
 ]
-PAPER_NSA_FLAGS = ["--nsa-compression", "mlp", "--nsa-separate-kv", "--nsa-qk-head-dim", "192", "--nsa-backend", "triton"]
+PAPER_NSA_FLAGS = ["--nsa-compression", "mlp", "--nsa-separate-kv", "--nsa-qk-head-dim", "192",
+                   "--nsa-backend", "triton"]
 TRAINING_FLAGS = [
     "--micro-batch-size", "1", "--lr", "3e-4", "--min-lr", "3e-5", "--lr-decay-style", "cosine",
     "--lr-warmup-iters", "5", "--weight-decay", "0.1", "--clip-grad", "1.0", "--bf16", "--seed", "1234",
@@ -97,8 +101,8 @@ def resume_comparison(first: RunLog, resumed: RunLog, start: int, end: int) -> d
                 initial_loss=first.losses.get(1))
 
 
-def pretrain_command(seq_len: int, batch: int, iterations: int, extra: List[str]) -> List[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", "29517",
+def pretrain_command(seq_len: int, batch: int, iterations: int, extra: List[str], nproc: int = 1) -> List[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "29517",
             "-m", "megatron_nsa.megatron_lm.pretrain_gpt", *MODEL_FLAGS, *PAPER_NSA_FLAGS, *TRAINING_FLAGS,
             "--seq-length", str(seq_len), "--max-position-embeddings", str(seq_len),
             "--global-batch-size", str(batch), "--train-iters", str(iterations),
@@ -143,12 +147,15 @@ def gpu_name() -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Megatron-LM pretrain_gpt with NSA on one {result['gpu']}", "",
+    gpus = result.get("gpus", 1)
+    where = f"one {result['gpu']}" if gpus == 1 else f"{gpus} x {result['gpu']}"
+    flags = f" Flags added to every run: `{result['flags']}`." if result.get("flags") else ""
+    lines = [f"# Megatron-LM pretrain_gpt with NSA on {where}", "",
              f"Commit {result['commit']}, {result['date']}. Megatron-LM {result['megatron_lm']}, "
              f"`benchmarks/megatron_lm_check.py`. Model: 4 layers, hidden 1024, 16 query heads in 4 KV groups, "
              f"NSA with mlp compression, separate K/V, d_k 192 / d_v 128, NSA's own RoPE, Triton backend; bf16, "
              f"torch_dist checkpoints, mock data; the distributed optimizer in the speed runs (and in the "
-             f"train/resume pair when apex or Transformer Engine is installed).", "",
+             f"train/resume pair when apex or Transformer Engine is installed).{flags}", "",
              "## Train, save, resume", ""]
     train, resume = result["train"], result["resume"]
     lines.append(f"Train: loss {train['initial_loss']} at iteration 1, {train['final_loss']} at "
@@ -159,7 +166,7 @@ def markdown(result: dict) -> str:
                      f"loss {resume['resumed'][0]} at {resume['iterations'][0]} against {resume['first'][0]}.")
     else:
         lines.append(f"Resume: no comparable iterations (return code {resume.get('returncode')}).")
-    lines += ["", "## Speed (one GPU)", "",
+    lines += ["", f"## Speed ({where})", "",
               "| tokens / sequence | sequences / iteration | iteration (ms) | tokens/s | peak allocated (GiB) |",
               "| --- | --- | --- | --- | --- |"]
     for row in result["speed"]:
@@ -175,6 +182,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"), help="results folder")
     parser.add_argument("--work", default="/tmp/megatron_lm_check", help="checkpoints of the check (a new folder)")
     parser.add_argument("--gpu-tag", default=None, help="file name tag (default: h100 / h200 from the GPU name)")
+    parser.add_argument("--nproc", type=int, default=1, help="GPUs (torchrun processes) per run")
+    parser.add_argument("--flags", default="", help="Megatron-LM / NSA flags added to every run, e.g. "
+                                                     "'--context-parallel-size 2 --nsa-cp-exchange ring'")
+    parser.add_argument("--variant", default=None, help="file name suffix: megatron_lm_<gpu>_<variant>")
     parser.add_argument("--commit", default=None, help="commit of the code measured (default: git rev-parse)")
     parser.add_argument("--timeouts", type=int, nargs=4, default=[170, 110, 110, 130], metavar="S",
                         help="seconds for the train, resume, 32k and 64k runs")
@@ -186,29 +197,35 @@ def main(argv=None) -> int:
     first_dir, resume_dir = work / "train", work / "resume"
     gpu = gpu_name()
     tag = args.gpu_tag or next((t for t in ("h100", "h200", "b200", "a100") if t in gpu.lower()), "gpu")
-    result = dict(gpu=gpu, commit=args.commit or commit_of_tree(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="minutes"), megatron_lm=os.environ.get("MEGATRON_LM_VERSION", "core_v0.19.0"),
-        train={}, resume={}, speed=[])
+    if args.nproc > 1:
+        tag = f"{args.nproc}x{tag}"
+    if args.variant:
+        tag = f"{tag}_{args.variant}"
+    extra = args.flags.split()
+    command = functools.partial(pretrain_command, nproc=args.nproc)
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")
+    result = dict(gpu=gpu, gpus=args.nproc, flags=args.flags, commit=args.commit or commit_of_tree(), date=date,
+                  megatron_lm=os.environ.get("MEGATRON_LM_VERSION", "core_v0.19.0"), train={}, resume={}, speed=[])
 
     def write() -> None:  # after every run, so that a cut-off check still leaves what it measured
         (out / f"megatron_lm_{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
         (out / f"megatron_lm_{tag}.md").write_text(markdown(result))
 
-    train = run("train", pretrain_command(8192, 8, 30, [*RESUME_OPTIMIZER, "--save", str(first_dir),
-                                                        "--save-interval", "15"]), out, args.timeouts[0])
+    train = run("train", command(8192, 8, 30, [*RESUME_OPTIMIZER, *extra, "--save", str(first_dir),
+                                               "--save-interval", "15"]), out, args.timeouts[0])
     last = max(train.losses, default=0)
     result["train"] = dict(returncode=train.returncode, iterations=last, initial_loss=train.losses.get(1),
                            final_loss=train.losses.get(last), losses=train.losses)
     result["speed"].append(speed_row(train, 8192, 8))
     write()
-    resumed = run("resume", pretrain_command(8192, 8, 30, [
-        *RESUME_OPTIMIZER, "--load", str(first_dir), "--ckpt-step", "15", "--exit-on-missing-checkpoint",
+    resumed = run("resume", command(8192, 8, 30, [
+        *RESUME_OPTIMIZER, *extra, "--load", str(first_dir), "--ckpt-step", "15", "--exit-on-missing-checkpoint",
         "--save", str(resume_dir), "--save-interval", "100000"]), out, args.timeouts[1])
     result["resume"] = dict(resume_comparison(train, resumed, 16, 30), returncode=resumed.returncode)
     write()
     for (seq_len, batch), timeout in zip(SPEED_SHAPES[1:], args.timeouts[2:]):
-        log = run(f"speed_{seq_len // 1024}k", pretrain_command(seq_len, batch, SPEED_ITERATIONS,
-                                                                ["--use-distributed-optimizer"]), out, timeout)
+        log = run(f"speed_{seq_len // 1024}k", command(seq_len, batch, SPEED_ITERATIONS,
+                                                       ["--use-distributed-optimizer", *extra]), out, timeout)
         result["speed"].append(speed_row(log, seq_len, batch))
         write()
     print(markdown(result))

@@ -56,6 +56,17 @@ def test_resume_comparison_finds_the_largest_difference():
                                    train=dict(initial_loss=9.8, final_loss=4.0, iterations=30), resume=comparison,
                                    speed=[check.speed_row(first, 8192, 8)]))
     assert "abc1234" in markdown and "NVIDIA H100" in markdown and "| 8192 | 8 | 200.0 |" in markdown
+    two = check.markdown(dict(gpu="NVIDIA H200", gpus=2, flags="--context-parallel-size 2", commit="abc1234",
+                              date="2026-12-06T19:00+00:00", megatron_lm="core_v0.19.0",
+                              train=dict(initial_loss=9.8, final_loss=4.0, iterations=30), resume=comparison, speed=[]))
+    assert "on 2 x NVIDIA H200" in two and "`--context-parallel-size 2`" in two
+
+
+def test_commands_carry_the_gpu_count_and_flags():
+    command = check.pretrain_command(8192, 8, 30, ["--context-parallel-size", "2"], nproc=2)
+    assert command[command.index("--nproc-per-node") + 1] == "2" and command[-2:] == ["--context-parallel-size", "2"]
+    flags = command[command.index("megatron_nsa.megatron_lm.pretrain_gpt") + 1:]
+    assert flags[flags.index("--seq-length") + 1] == "8192" and "--attention-dropout" in flags
 
 
 def test_a_failed_run_leaves_no_timing():
