@@ -47,7 +47,7 @@ def build_model(tp: int, cp: int, exchange: str = "allgather"):
 
     config = config_from_flags(
         nsa_compression="linear", nsa_backend="torch", tensor_model_parallel_size=tp, context_parallel_size=cp,
-        nsa_cp_exchange=exchange, nsa_cp_node_size=1 if exchange == "hierarchical" else None,
+        nsa_cp_exchange=exchange, nsa_cp_node_size=1 if exchange == "hierarchical" else None, seq_length=SEQ_LEN,
     )
     torch.manual_seed(7)
     model = GPTModel(config, get_gpt_layer_nsa_spec(), vocab_size=VOCAB, max_sequence_length=SEQ_LEN,
