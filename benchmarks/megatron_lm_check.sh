@@ -11,7 +11,7 @@ SITE=/tmp/megatron_lm_site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
 ln -sfn "$PWD/kernels" "$SITE/nsa_kernels"  # kernels/ is imported as nsa_kernels (setup.py)
 
-# Megatron-LM builds its dataset helpers with `make` at start-up (megatron/core/datasets/Makefile); the
+# Megatron-LM builds its dataset helpers with `make` at start-up (the Makefile beside them); the
 # wheel's compiled helpers are put under every name that Makefile can target, so nothing is built.
 HELPERS=.megatron-lm/megatron/core/datasets
 for name in "helpers_cpp$(python3-config --extension-suffix 2>/dev/null || true)" \

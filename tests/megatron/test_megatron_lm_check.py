@@ -2,19 +2,13 @@
 resume comparison and the speed rows (the GPU runs themselves are not run here)."""
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
-from pathlib import Path
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "megatron_lm_check.py"
-_spec = importlib.util.spec_from_file_location("megatron_lm_check", _SCRIPT)
-check = sys.modules.setdefault("megatron_lm_check", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(check)
+from benchmarks import megatron_lm_check as check
 
 
 def _log_line(iteration: int, total: int, ms: float, loss: float) -> str:
-    # Megatron-LM's training_log format (megatron/training/training.py), as printed with log interval 1
+    # Megatron-LM's training log line, as its training loop prints it with log interval 1
     return (f" [2026-12-06 19:00:00] iteration {iteration:8d}/{total:8d} | consumed samples: {iteration * 8:12d} | "
             f"elapsed time per iteration (ms): {ms:.1f} | learning rate: 3.000000E-04 | global batch size:     8 | "
             f"lm loss: {loss:.6E} | loss scale: 1.0 | grad norm: 1.234 | number of skipped iterations:   0 | "
