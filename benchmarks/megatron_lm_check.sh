@@ -26,4 +26,4 @@ fi
 export PYTHONPATH="$PWD/.megatron-lm:$PWD:$SITE" PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1 \
        NCCL_NVLS_ENABLE=0 TRITON_CACHE_DIR=/tmp/megatron_lm_triton
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-exec python3 benchmarks/megatron_lm_check.py --out "${OUT:-benchmarks/results}" "$@"
+exec python3 -m benchmarks.megatron_lm_check --out "${OUT:-benchmarks/results}" "$@"
