@@ -27,11 +27,12 @@ from typing import Literal, Optional
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .config import NSA_FIELD_NAMES, NSAConfig, nsa_config_from, validate_nsa_fields
+from .context_parallel.exchange import EXCHANGE_MODES, check_node_size
+from .functional import BACKENDS, Backend
 
 NSA_PREFIX = "nsa_"
-NSABackend = Literal["torch", "triton"]
-NSA_BACKENDS = (None, *typing.get_args(NSABackend))
-CPExchange = Literal["allgather", "ring", "hierarchical", "fetch"]
+NSA_BACKENDS = (None, *BACKENDS)
+CPExchange = Literal[EXCHANGE_MODES]
 
 
 def _nsa_config_fields_with_prefix() -> list:
@@ -66,7 +67,7 @@ class NSATransformerConfig(_TransformerConfigWithNSAConfig):
     nsa_qk_head_dim: Optional[int] = _layer_field(None, "Head dim of queries and keys (None: kv_channels).")
     nsa_v_head_dim: Optional[int] = _layer_field(
         None, "Head dim of values (None: kv_channels); kv_channels is set to it when left unset.")
-    nsa_backend: Optional[NSABackend] = _layer_field(
+    nsa_backend: Optional[Backend] = _layer_field(
         None, "NSA core: 'torch' (pure-PyTorch reference) or 'triton' (kernels); None: triton on CUDA when "
               "available, else torch, decided once when the layer is built.")
     nsa_rotary_base: Optional[float] = _layer_field(
@@ -194,8 +195,6 @@ def _validate_choice(value, allowed: tuple, name: str) -> None:
 
 
 def _validate_cp_exchange(cfg: NSATransformerConfig) -> None:
-    from .context_parallel.exchange import EXCHANGE_MODES, check_node_size
-
     _validate_choice(cfg.nsa_cp_exchange, EXCHANGE_MODES, "nsa_cp_exchange")
     if cfg.nsa_cp_exchange == "hierarchical":
         check_node_size(cfg.nsa_cp_node_size, cfg.context_parallel_size, "nsa_cp_node_size")
