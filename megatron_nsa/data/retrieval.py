@@ -25,6 +25,14 @@ at the end, each asking a different definition in random order: the layout of a 
 needles, where every distance from the question block back to the start of the sequence is trained
 equally and nothing can be copied from a nearer query. The block holds query_fraction / (1 - query_fraction)
 queries per definition (at least one), so query_fraction must be below 0.5 here too.
+With `facts_per_sequence` = F > 0 a sequence states only F facts, each many times (the bursty data under
+which in-context recall forms early, after Zucchet et al., "The emergence of sparse attention", 2025): F
+distinct keys and a value for each; record 0 defines the first fact, and each later record is, while facts
+remain undefined, a query with probability query_fraction, else the next definition; once all F are defined
+every record is a query. A query restates a uniformly drawn fact defined so far, value included, so each fact
+recurs about (records - F) / F times and every query can be answered from the nearest earlier statement of
+its key. Together with small `num_keys` and `num_values` (the small vocabularies under which MQAR is learned
+quickly, Zoology) this is the short-length recipe where recall emerges in a few hundred steps.
 The loss mask covers only the value tokens of queries (everything else is random). No markers tell
 definitions from queries: a model need not know, since a key it has not seen has no answer to learn.
 
@@ -57,6 +65,7 @@ class RetrievalFormat:
     mean_gap: int = 0  # filler tokens after each definition: uniform in [0, 2 * mean_gap]
     query_once: bool = False  # each key queried at most once: no answer can be copied from an earlier query
     queries_last: bool = False  # all definitions first, then one block of queries (each key at most once)
+    facts_per_sequence: int = 0  # > 0: only this many facts per sequence, each restated by many queries
 
     @property
     def first_value_id(self) -> int:
@@ -79,6 +88,11 @@ def check_settings(settings) -> None:
         value = getattr(settings, name)
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise ValueError(f"retrieval.{name}={value!r} is not allowed: it must be an integer in [{low}, {high}]")
+    facts = settings.facts_per_sequence
+    if not isinstance(facts, int) or isinstance(facts, bool) or not 0 <= facts < settings.num_keys:
+        raise ValueError(f"retrieval.facts_per_sequence={facts!r} is not allowed: it must be an integer in "
+                         f"[0, retrieval.num_keys - 1 = {settings.num_keys - 1}] (0: a fresh key per definition; one "
+                         "key stays spare for the needle test)")
     for name in ("query_once", "queries_last"):
         if not isinstance(getattr(settings, name), bool):
             raise ValueError(f"retrieval.{name}={getattr(settings, name)!r} is not allowed: it must be true or false")
@@ -91,17 +105,28 @@ def check_settings(settings) -> None:
     if settings.queries_last and fraction >= 0.5:
         raise ValueError(f"retrieval.query_fraction={fraction!r} is not allowed with retrieval.queries_last=true: it "
                          "must be below 0.5, so that every query of the final block asks a different definition")
+    for name in ("query_once", "queries_last"):
+        if facts and getattr(settings, name):
+            raise ValueError(f"retrieval.facts_per_sequence={facts} is not allowed with retrieval.{name}=true: its "
+                             "facts are asked many times each; set retrieval.facts_per_sequence=0 or "
+                             f"retrieval.{name}=false")
 
 
 def keys_needed(num_tokens: int) -> int:
-    """The most distinct keys a sequence of `num_tokens` can define (every record a definition)."""
+    """The most records a sequence of `num_tokens` holds, so the most distinct keys it can define."""
     return math.ceil(num_tokens / RECORD_LENGTH)
+
+
+def distinct_keys_needed(fmt: RetrievalFormat, num_tokens: int) -> int:
+    """The most distinct keys a sequence of `num_tokens` in format `fmt` defines."""
+    records = keys_needed(num_tokens)
+    return min(records, fmt.facts_per_sequence) if fmt.facts_per_sequence else records
 
 
 def check_key_space(fmt: RetrievalFormat, num_tokens: int, what: str) -> None:
     """ValueError unless every record of `num_tokens` tokens (`what`: where the length comes from) can
     define a key of its own."""
-    needed = keys_needed(num_tokens)
+    needed = distinct_keys_needed(fmt, num_tokens)
     if fmt.num_keys < needed:
         raise ValueError(f"retrieval.num_keys={fmt.num_keys} is too small for {what}={num_tokens}: a sequence of "
                          f"{num_tokens} tokens holds up to {needed} definitions, each with a fresh key; raise "
@@ -110,9 +135,14 @@ def check_key_space(fmt: RetrievalFormat, num_tokens: int, what: str) -> None:
 
 def draw_queries(num_records: int, rng: numpy.random.Generator, fmt: RetrievalFormat) -> numpy.ndarray:
     """Which records are queries: [num_records] bool, each with probability query_fraction but record 0.
-    With query_once, a query drawn when every key defined so far has been asked becomes a definition."""
+    With query_once, a query drawn when every key defined so far has been asked becomes a definition; with
+    facts_per_sequence, every record after the last fact's definition is a query."""
     is_query = rng.random(num_records) < fmt.query_fraction
     is_query[0] = False
+    if fmt.facts_per_sequence:
+        definitions_so_far = numpy.cumsum(~is_query)  # [num_records]
+        last_definition = numpy.searchsorted(definitions_so_far, fmt.facts_per_sequence)  # num_records if never
+        is_query[last_definition + 1:] = True
     if fmt.query_once:
         unasked = 0  # keys defined so far and not yet queried
         for record in range(num_records):

@@ -111,6 +111,8 @@ class RetrievalSection:
     mean_gap: int = _key(0, "filler tokens after each definition, uniform in [0, 2 * mean_gap]")
     query_once: bool = _key(False, "each key queried at most once")
     queries_last: bool = _key(False, "all definitions first, then one block of queries, each key asked once")
+    facts_per_sequence: int = _key(0, "> 0: only this many facts per sequence, each restated by many queries "
+                                       "(0: a fresh key per definition)")
 
 
 @dataclasses.dataclass
