@@ -1,0 +1,120 @@
+"""The retrieval task's bursty form (facts_per_sequence): few facts from small key and value vocabularies,
+each restated by many queries; and the task's earlier settings still give the samples they always gave."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy
+import pytest
+
+from megatron_nsa.data.retrieval import (FIRST_KEY_ID, RECORD_LENGTH, RetrievalDataset, RetrievalFormat, TRAIN_STREAM,
+                                         VALID_STREAM, check_key_space, check_settings, generate_records,
+                                         generate_sequence, lay_out, sample_rng)
+from megatron_nsa.eval.haystack import retrieval_sample
+from megatron_nsa.training.config import RecipeError, load_recipe
+
+BURSTY = RetrievalFormat(num_keys=64, num_values=16, query_fraction=0.5, facts_per_sequence=8)
+
+
+def test_settings_without_facts_per_sequence_give_the_same_samples_as_before():
+    """sha256 of tokens and answer masks of four formats, recorded with the task before facts_per_sequence."""
+    digest = hashlib.sha256()
+    for settings in ({}, {"num_keys": 600, "num_values": 37, "query_fraction": 0.4},
+                     {"num_keys": 900, "mean_gap": 5, "query_fraction": 0.3, "query_once": True},
+                     {"num_keys": 900, "mean_gap": 3, "queries_last": True, "query_fraction": 0.3}):
+        for index in range(4):
+            tokens, answer_mask = generate_sequence(257, sample_rng(11, TRAIN_STREAM, index), RetrievalFormat(**settings))
+            digest.update(tokens.astype(numpy.int64).tobytes())
+            digest.update(answer_mask.astype(numpy.uint8).tobytes())
+    assert digest.hexdigest() == "b1b63b6fefb3cf22393f493ea12a11be7e16b47f1dbb2c581dc9b2f7f8f852e7"
+
+
+@pytest.mark.parametrize("facts, num_records, query_fraction", [(8, 64, 0.5), (3, 200, 0.1), (20, 40, 0.9), (1, 10, 0.5)])
+def test_a_few_facts_each_restated_many_times(facts, num_records, query_fraction):
+    fmt = RetrievalFormat(num_keys=facts + 40, num_values=5, query_fraction=query_fraction, facts_per_sequence=facts)
+    for seed in range(5):
+        tokens, answer_mask = generate_records(num_records, numpy.random.default_rng(seed), fmt)
+        keys, values = tokens[:, 0], tokens[:, 1]
+        assert ((FIRST_KEY_ID <= keys) & (keys < fmt.first_value_id)).all()
+        assert ((fmt.first_value_id <= values) & (values < fmt.vocab_size)).all()
+        assert not answer_mask[:, 0].any() and not answer_mask[0, 1]
+        fact_of, occurrences = {}, {}
+        for index, (key, value) in enumerate(zip(keys.tolist(), values.tolist())):
+            if answer_mask[index, 1]:  # a restatement: of a fact stated before, with its value
+                assert fact_of[key] == value
+            else:
+                assert key not in fact_of, f"record {index} defines key {key} a second time"
+                fact_of[key] = value
+            occurrences[key] = occurrences.get(key, 0) + 1
+        assert 1 <= len(fact_of) <= facts
+        assert int(answer_mask[:, 1].sum()) == num_records - len(fact_of)
+        assert sum(occurrences.values()) == num_records
+        if num_records >= 10 * facts:  # enough records: all facts defined, then every record asks
+            assert len(fact_of) == facts
+            last_definition = max(numpy.flatnonzero(~answer_mask[:, 1]))
+            assert answer_mask[last_definition + 1:, 1].all()
+            assert max(occurrences.values()) >= 5  # bursty: facts come back many times
+
+
+def test_bursty_sequences_with_gaps_keep_the_facts_and_the_filler():
+    fmt = RetrievalFormat(num_keys=64, num_values=16, query_fraction=0.3, facts_per_sequence=6, mean_gap=4)
+    tokens, answer_mask, record_starts = lay_out(400, sample_rng(3, TRAIN_STREAM, 0), fmt)
+    keys = tokens[record_starts]
+    assert ((FIRST_KEY_ID <= keys) & (keys < fmt.first_value_id)).all()
+    assert len(set(keys.tolist())) == 6 and answer_mask.sum() == len(record_starts) - 6
+    assert set(numpy.flatnonzero(answer_mask).tolist()) <= set((record_starts + 1).tolist())
+    outside = numpy.ones(400, dtype=bool)
+    outside[record_starts], outside[record_starts + 1] = False, False
+    assert (tokens[outside] < 256).all()  # everything else is filler bytes
+
+
+def test_bursty_dataset_is_deterministic_and_masks_only_answers():
+    def item(seed, stream, index):
+        return RetrievalDataset(BURSTY, seq_length=128, num_samples=8, seed=seed, stream=stream)[index]
+
+    first = item(2, TRAIN_STREAM, 3)
+    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+        numpy.testing.assert_array_equal(first[key], item(2, TRAIN_STREAM, 3)[key])
+    for other in (item(2, TRAIN_STREAM, 4), item(2, VALID_STREAM, 3), item(3, TRAIN_STREAM, 3)):
+        assert not numpy.array_equal(first["tokens"], other["tokens"])
+    answers = numpy.flatnonzero(first["loss_mask"])
+    assert (first["labels"][answers] >= BURSTY.first_value_id).all()  # the loss is on values only
+    assert (first["tokens"][answers] < BURSTY.first_value_id).all()  # each asked right after its key
+    assert len(answers) >= 64 - 1 - 8 - 1  # 64 records (the last cut by the shift), 8 facts: many queries
+
+
+def test_small_key_vocabulary_serves_long_sequences_of_few_facts():
+    check_key_space(BURSTY, 8193, "length")  # 8 facts: 64 keys are plenty at any length
+    with pytest.raises(ValueError, match="retrieval.num_keys=64 is too small for length=8193"):
+        check_key_space(RetrievalFormat(num_keys=64), 8193, "length")
+    recipe = load_recipe(None, ["data.source=retrieval", "data.seq_length=8192", "retrieval.num_keys=64",
+                                "retrieval.num_values=16", "retrieval.query_fraction=0.5",
+                                "retrieval.facts_per_sequence=8"])
+    assert RetrievalFormat.of(recipe.retrieval) == BURSTY
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"facts_per_sequence": -1}, r"retrieval.facts_per_sequence=-1 is not allowed: it must be an integer in \[0, "),
+    ({"facts_per_sequence": True}, r"retrieval.facts_per_sequence=True is not allowed"),
+    ({"facts_per_sequence": 2.0}, r"retrieval.facts_per_sequence=2.0 is not allowed"),
+    ({"facts_per_sequence": 64}, r"retrieval.facts_per_sequence=64 is not allowed: .*\[0, retrieval.num_keys - 1 = 63\]"),
+    ({"facts_per_sequence": 8, "query_once": True, "query_fraction": 0.3},
+     r"retrieval.facts_per_sequence=8 is not allowed with retrieval.query_once=true"),
+    ({"facts_per_sequence": 8, "queries_last": True, "query_fraction": 0.3},
+     r"retrieval.facts_per_sequence=8 is not allowed with retrieval.queries_last=true"),
+])
+def test_bad_bursty_settings_are_named(settings, message):
+    with pytest.raises(ValueError, match=message):
+        check_settings(RetrievalFormat(num_keys=64, **settings))
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, ["data.source=retrieval", "data.seq_length=64", "retrieval.num_keys=64",
+                           *(f"retrieval.{key}={str(value).lower()}" for key, value in settings.items())])
+
+
+def test_needle_in_a_bursty_haystack_is_stated_once():
+    for index in range(10):
+        sample = retrieval_sample(128, index / 9, sample_rng(0, 2, index), BURSTY)
+        key = sample.tokens[-2]
+        assert (sample.tokens[:-2] == key).sum() == 1  # the needle: its key stated once before the question
+        haystack_keys = {int(t) for t in sample.tokens if FIRST_KEY_ID <= t < BURSTY.first_value_id} - {int(key)}
+        assert 1 <= len(haystack_keys) <= BURSTY.facts_per_sequence
