@@ -25,14 +25,14 @@ at the end, each asking a different definition in random order: the layout of a 
 needles, where every distance from the question block back to the start of the sequence is trained
 equally and nothing can be copied from a nearer query. The block holds query_fraction / (1 - query_fraction)
 queries per definition (at least one), so query_fraction must be below 0.5 here too.
-With `facts_per_sequence` = F > 0 a sequence states only F facts, each many times (the bursty data under
-which in-context recall forms early, after Zucchet et al., "The emergence of sparse attention", 2025): F
+With `facts_per_sequence` = F > 0 a sequence states only F facts, each many times (bursty data, which
+shortens the loss plateau before in-context recall forms: Zucchet et al., arXiv 2505.17863): F
 distinct keys and a value for each; record 0 defines the first fact, and each later record is, while facts
 remain undefined, a query with probability query_fraction, else the next definition; once all F are defined
 every record is a query. A query restates a uniformly drawn fact defined so far, value included, so each fact
 recurs about (records - F) / F times and every query can be answered from the nearest earlier statement of
-its key. Together with small `num_keys` and `num_values` (the small vocabularies under which MQAR is learned
-quickly, Zoology) this is the short-length recipe where recall emerges in a few hundred steps.
+its key. Small `num_keys` and `num_values` then suffice at any length (small vocabularies and many queries
+per sequence are what let MQAR be learned quickly in Zoology).
 The loss mask covers only the value tokens of queries (everything else is random). No markers tell
 definitions from queries: a model need not know, since a key it has not seen has no answer to learn.
 
