@@ -161,6 +161,10 @@ def resolve_nsa_arguments(args: argparse.Namespace, have_transformer_engine: boo
     # NSA layers rotate q and k themselves (megatron_nsa.rope); Megatron's fused RoPE kernel, which needs
     # Transformer Engine, is never called, so its switch is turned off rather than demanded of the user.
     args.apply_rope_fusion = False
+    # NSA layers are causal by construction and never read an attention mask, while the [1, S, S] mask
+    # Megatron-LM's datasets build by default grows with the square of the length (4 GiB a 64k sample,
+    # built on the host each step): it is not built.
+    args.create_attention_mask_in_dataloader = False
     return args
 
 

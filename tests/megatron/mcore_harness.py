@@ -69,7 +69,7 @@ MEGATRON_LM_ARGS = dict(
     heterogeneous_layers_config_path=None, mtp_num_layers=None, multi_latent_attention=False,
     rotary_interleaved=False, hybrid_context_parallel=False, transformer_impl="local", context_parallel_size=1,
     tensor_model_parallel_size=1, sft=False, position_embedding_type="none", rotary_base=10000, rotary_percent=1.0,
-    apply_rope_fusion=True, normalization="LayerNorm", qk_layernorm=False, attention_dropout=0.0, seq_length=256,
+    apply_rope_fusion=True, create_attention_mask_in_dataloader=True, normalization="LayerNorm", qk_layernorm=False, attention_dropout=0.0, seq_length=256,
 )
 
 

@@ -17,7 +17,7 @@ from megatron_nsa.megatron_lm.arguments import (NSAArgumentError, add_nsa_argume
                                                 resolve_nsa_arguments)
 from megatron_nsa.transformer_config import nsa_layer_field_names
 
-from mcore_harness import MEGATRON_LM_ARGS, config_from_megatron_lm_args as config_from_args
+from mcore_harness import MEGATRON_LM_ARGS, config_from_megatron_lm_args as config_from_args, megatron_lm_args
 
 MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, kv_channels=8,
              ffn_hidden_size=64, use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
@@ -64,6 +64,12 @@ def test_flags_reach_the_layer_settings():
     assert (config.nsa_qk_head_dim, config.nsa_v_head_dim, config.kv_channels) == (12, 8, 8)
     assert (config.nsa_backend, config.nsa_cp_exchange) == ("torch", "ring")
     assert (config.nsa_rotary_base, config.nsa_rotary_dim, config.apply_rope_fusion) == (500000.0, 8, False)
+
+
+def test_the_dataloader_builds_no_attention_mask():
+    # NSA never reads the mask; Megatron-LM's default would build an S x S one for every sample.
+    args = megatron_lm_args()
+    assert args.create_attention_mask_in_dataloader is False
 
 
 def test_context_parallel_sequence_that_shards_is_accepted():
