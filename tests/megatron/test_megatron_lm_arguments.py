@@ -232,3 +232,27 @@ def test_flag_kinds_cover_every_field_type():
     hints = typing.get_type_hints(NSATransformerConfig)
     for flag in nsa_flags():
         assert flag.kind in (int, float, bool, str), (flag.field, hints[flag.field])
+
+
+def test_the_user_guide_lists_every_nsa_flag_with_its_default():
+    """docs/megatron.md's flag table names exactly the generated flags (plus --nsa-config), each with the
+    default the parser uses, so the guide cannot drift from NSAConfig / NSATransformerConfig."""
+    import pathlib
+    import re
+
+    guide = pathlib.Path(__file__).resolve().parents[2] / "docs" / "megatron.md"
+    rows = {}
+    for line in guide.read_text().splitlines():
+        match = re.match(r"^\| `(--nsa-[a-z0-9-]+)", line)
+        if match:
+            rows[match.group(1)] = line.split(" | ")[2].strip()  # the default column
+    flags = {f.flag: f for f in nsa_flags()}
+    assert set(rows) - {"--nsa-config"} == set(flags)
+    for name, flag in flags.items():
+        if flag.default is None:
+            expected = "none"
+        elif isinstance(flag.default, bool):
+            expected = "on" if flag.default else "off"
+        else:
+            expected = str(flag.default)
+        assert rows[name] == expected, (name, rows[name], flag.default)
