@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from benchmarks.recording import gpu_tag
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 MODEL_FLAGS = [
@@ -196,9 +198,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--work {work} is not empty; give a new folder (this check never overwrites checkpoints)")
     first_dir, resume_dir = work / "train", work / "resume"
     gpu = gpu_name()
-    tag = args.gpu_tag or next((t for t in ("h100", "h200", "b200", "a100") if t in gpu.lower()), "gpu")
-    if args.nproc > 1:
-        tag = f"{args.nproc}x{tag}"
+    tag = gpu_tag(args.nproc, gpu) if args.gpu_tag is None else (
+        args.gpu_tag if args.nproc == 1 else f"{args.nproc}x{args.gpu_tag}")
     if args.variant:
         tag = f"{tag}_{args.variant}"
     extra = args.flags.split()
