@@ -5,7 +5,8 @@
    checkpoints at iterations 15 and 30 (distributed optimizer);
 2. resume: load iteration 15 (saving into another folder) and train to 30: its losses must
    continue the first run's (iterations 16..30 compared);
-3. speed: iteration time, tokens/s and peak memory at 8k, 32k and 64k tokens per sequence.
+3. speed: iteration time, tokens/s and peak memory at 8k, 32k and 64k tokens per sequence; the 64k run
+   saves at iteration 4 and a last run resumes there, continuing its losses at 64k.
 
 Several GPUs: `--nproc 2 --flags "--context-parallel-size 2 --nsa-cp-exchange ring" --variant cp2_ring`
 (every run gets the flags; results megatron_lm_2x<gpu>_<variant>.*). Mock data (Megatron-LM's
@@ -56,6 +57,7 @@ APEX_OR_TE = any(importlib.util.find_spec(name) is not None for name in ("apex",
 RESUME_OPTIMIZER = ["--use-distributed-optimizer"] if APEX_OR_TE else []
 SPEED_SHAPES = ((8192, 8), (32768, 2), (65536, 2))  # (tokens per sequence, sequences per iteration)
 SPEED_ITERATIONS = 8
+LONG_RESUME_SEQ_LEN, LONG_RESUME_FROM = 65536, 4  # the 64k run saves at iteration 4; a second run resumes there
 TIMED_FROM = 4  # iterations before this one are warm-up (Triton compiles, allocator growth)
 
 ITERATION_LINE = re.compile(
@@ -74,11 +76,22 @@ class RunLog:
 
 
 def parse_log(text: str, returncode: int = 0) -> RunLog:
+    """Per-iteration losses and times of a run logged at interval 1.
+
+    Megatron-LM logs a run's first iteration without resetting its loss sum and interval timer, so the
+    second line it prints is the mean of the first two iterations; that iteration's own loss and time are
+    recovered here (second = 2 * printed - first), which makes a resumed run comparable with the first run.
+    """
     losses, times = {}, {}
     for match in ITERATION_LINE.finditer(text):
         iteration = int(match.group(1))
         times[iteration] = float(match.group(2))
         losses[iteration] = float(match.group(3))
+    logged = sorted(losses)
+    if len(logged) >= 2 and logged[1] == logged[0] + 1:
+        first, second = logged[:2]
+        losses[second] = 2 * losses[second] - losses[first]
+        times[second] = 2 * times[second] - times[first]
     peaks = [float(value) for value in MEMORY_LINE.findall(text)]
     return RunLog(losses=losses, times_ms=times, peak_mib=max(peaks) if peaks else None, returncode=returncode)
 
@@ -156,8 +169,8 @@ def markdown(result: dict) -> str:
              f"Commit {result['commit']}, {result['date']}. Megatron-LM {result['megatron_lm']}, "
              f"`benchmarks/megatron_lm_check.py`. Model: 4 layers, hidden 1024, 16 query heads in 4 KV groups, "
              f"NSA with mlp compression, separate K/V, d_k 192 / d_v 128, NSA's own RoPE, Triton backend; bf16, "
-             f"torch_dist checkpoints, mock data; the distributed optimizer in the speed runs (and in the "
-             f"train/resume pair when apex or Transformer Engine is installed).{flags}", "",
+             f"torch_dist checkpoints, mock data; the distributed optimizer in the 8k and 32k speed runs (and in "
+             f"the runs that save and resume when apex or Transformer Engine is installed).{flags}", "",
              "## Train, save, resume", ""]
     train, resume = result["train"], result["resume"]
     lines.append(f"Train: loss {train['initial_loss']} at iteration 1, {train['final_loss']} at "
@@ -168,6 +181,14 @@ def markdown(result: dict) -> str:
                      f"loss {resume['resumed'][0]} at {resume['iterations'][0]} against {resume['first'][0]}.")
     else:
         lines.append(f"Resume: no comparable iterations (return code {resume.get('returncode')}).")
+    long = result.get("resume_long")
+    if long and long.get("max_abs_diff") is not None:
+        lines.append(f"At {long['seq_len']} tokens: the speed run saved at iteration {long['iterations'][0] - 1}; "
+                     f"resumed there, iterations {long['iterations'][0]}..{long['iterations'][-1]} match it within "
+                     f"{long['max_abs_diff']:.2e} (losses {long['resumed']} against {long['first']}).")
+    elif long:
+        lines.append(f"At {long.get('seq_len')} tokens: no comparable iterations after the resume "
+                     f"(return code {long.get('returncode')}).")
     lines += ["", f"## Speed ({where})", "",
               "| tokens / sequence | sequences / iteration | iteration (ms) | tokens/s | peak allocated (GiB) |",
               "| --- | --- | --- | --- | --- |"]
@@ -189,8 +210,8 @@ def main(argv=None) -> int:
                                                      "'--context-parallel-size 2 --nsa-cp-exchange ring'")
     parser.add_argument("--variant", default=None, help="file name suffix: megatron_lm_<gpu>_<variant>")
     parser.add_argument("--commit", default=None, help="commit of the code measured (default: git rev-parse)")
-    parser.add_argument("--timeouts", type=int, nargs=4, default=[170, 110, 110, 130], metavar="S",
-                        help="seconds for the train, resume, 32k and 64k runs")
+    parser.add_argument("--timeouts", type=int, nargs=5, default=[170, 110, 110, 130, 110], metavar="S",
+                        help="seconds for the train, resume, 32k, 64k and 64k-resume runs")
     args = parser.parse_args(argv)
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,13 +245,26 @@ def main(argv=None) -> int:
         "--save", str(resume_dir), "--save-interval", "100000"]), out, args.timeouts[1])
     result["resume"] = dict(resume_comparison(train, resumed, 16, 30), returncode=resumed.returncode)
     write()
-    for (seq_len, batch), timeout in zip(SPEED_SHAPES[1:], args.timeouts[2:]):
-        log = run(f"speed_{seq_len // 1024}k", command(seq_len, batch, SPEED_ITERATIONS,
-                                                       ["--use-distributed-optimizer", *extra]), out, timeout)
+    long_dir, long_resume_dir = work / "train_64k", work / "resume_64k"
+    for (seq_len, batch), timeout in zip(SPEED_SHAPES[1:], args.timeouts[2:4]):
+        if seq_len == LONG_RESUME_SEQ_LEN:  # the longest run also saves, for the resume at that length
+            options = [*RESUME_OPTIMIZER, "--save", str(long_dir), "--save-interval", str(LONG_RESUME_FROM)]
+        else:
+            options = ["--use-distributed-optimizer"]
+        log = run(f"speed_{seq_len // 1024}k", command(seq_len, batch, SPEED_ITERATIONS, [*options, *extra]),
+                  out, timeout)
         result["speed"].append(speed_row(log, seq_len, batch))
         write()
+    long_resumed = run(f"resume_{LONG_RESUME_SEQ_LEN // 1024}k", command(LONG_RESUME_SEQ_LEN, 2, SPEED_ITERATIONS, [
+        *RESUME_OPTIMIZER, *extra, "--load", str(long_dir), "--ckpt-step", str(LONG_RESUME_FROM),
+        "--exit-on-missing-checkpoint", "--save", str(long_resume_dir), "--save-interval", "100000"]),
+        out, args.timeouts[4])
+    long_first = parse_log((out / f"speed_{LONG_RESUME_SEQ_LEN // 1024}k.log").read_text())
+    result["resume_long"] = dict(resume_comparison(long_first, long_resumed, LONG_RESUME_FROM + 1, SPEED_ITERATIONS),
+                                 seq_len=LONG_RESUME_SEQ_LEN, returncode=long_resumed.returncode)
+    write()
     print(markdown(result))
-    return 0 if train.returncode == 0 and resumed.returncode == 0 else 1
+    return 0 if train.returncode == 0 and resumed.returncode == 0 and long_resumed.returncode == 0 else 1
 
 
 if __name__ == "__main__":

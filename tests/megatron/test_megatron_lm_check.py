@@ -15,6 +15,19 @@ def _log_line(iteration: int, total: int, ms: float, loss: float) -> str:
             f"number of nan iterations:   0 |")
 
 
+def _megatron_log(losses: dict, times: dict, total: int) -> list:
+    # As Megatron-LM prints a run: its first iteration is logged without resetting the loss sum and the
+    # interval timer, so the second line shows the mean of the first two iterations.
+    lines, iterations = [], sorted(losses)
+    for position, i in enumerate(iterations):
+        loss, ms = losses[i], times[i]
+        if position == 1:
+            first = iterations[0]
+            loss, ms = (losses[first] + loss) / 2, (times[first] + ms) / 2
+        lines.append(_log_line(i, total, ms, loss))
+    return lines
+
+
 def _memory_line(iteration: int, peak: float) -> str:
     return (f"[Rank 0] (after {iteration} iterations) memory (MB) | allocated: 100.00 | max allocated: {peak:.2f} | "
             f"reserved: 300.00 | max reserved: 400.00")
@@ -24,14 +37,11 @@ def test_parse_log_reads_every_iteration_and_the_largest_peak():
     rng = random.Random(3)
     losses = {i: rng.uniform(2, 11) for i in range(1, 9)}
     times = {i: rng.uniform(100, 900) for i in range(1, 9)}
-    lines = ["warming up", _memory_line(1, 2048.0)]
-    for i in range(1, 9):
-        lines.append(_log_line(i, 8, times[i], losses[i]))
-    lines.append(_memory_line(8, 4096.5))
+    lines = ["warming up", _memory_line(1, 2048.0), *_megatron_log(losses, times, 8), _memory_line(8, 4096.5)]
     log = check.parse_log("\n".join(lines))
     assert set(log.losses) == set(losses) and log.peak_mib == 4096.5
     for i in losses:
-        assert abs(log.losses[i] - losses[i]) < 1e-5 * losses[i] and abs(log.times_ms[i] - times[i]) < 0.06
+        assert abs(log.losses[i] - losses[i]) < 3e-6 * losses[i] and abs(log.times_ms[i] - times[i]) < 0.15
     row = check.speed_row(log, seq_len=32768, batch=2)
     timed = sorted(t for i, t in log.times_ms.items() if i >= check.TIMED_FROM)
     assert row["iteration_ms"] == round(timed[len(timed) // 2], 1) and row["peak_gib"] == round(4096.5 / 1024, 2)
@@ -39,9 +49,10 @@ def test_parse_log_reads_every_iteration_and_the_largest_peak():
 
 
 def test_resume_comparison_finds_the_largest_difference():
-    first = check.parse_log("\n".join(_log_line(i, 30, 200.0, 10.0 - 0.2 * i) for i in range(1, 31)))
+    first_losses = {i: 10.0 - 0.2 * i for i in range(1, 31)}
+    first = check.parse_log("\n".join(_megatron_log(first_losses, dict.fromkeys(first_losses, 200.0), 30)))
     resumed_losses = {i: 10.0 - 0.2 * i + (0.01 if i == 21 else 0.0) for i in range(16, 31)}
-    resumed = check.parse_log("\n".join(_log_line(i, 30, 200.0, resumed_losses[i]) for i in range(16, 31)))
+    resumed = check.parse_log("\n".join(_megatron_log(resumed_losses, dict.fromkeys(resumed_losses, 200.0), 30)))
     comparison = check.resume_comparison(first, resumed, 16, 30)
     assert comparison["iterations"] == list(range(16, 31))
     assert abs(comparison["max_abs_diff"] - 0.01) < 1e-5
@@ -54,6 +65,15 @@ def test_resume_comparison_finds_the_largest_difference():
                               date="2026-12-06T19:00+00:00", megatron_lm="core_v0.19.0",
                               train=dict(initial_loss=9.8, final_loss=4.0, iterations=30), resume=comparison, speed=[]))
     assert "on 2 x NVIDIA H200" in two and "`--context-parallel-size 2`" in two
+
+
+def test_the_second_logged_iteration_is_its_own_loss_not_the_mean_of_two():
+    # Losses Megatron-LM core_v0.19.0 printed for iterations 16 and 17 of a run resumed from iteration 15
+    # (benchmarks/results/megatron_lm_h100.json): 17 printed as the mean of 16 and 17.
+    resumed = check.parse_log("\n".join([_log_line(16, 30, 500.0, 0.5113366), _log_line(17, 30, 500.0, 0.4721127),
+                                         _log_line(18, 30, 500.0, 0.3978485)]))
+    assert abs(resumed.losses[17] - 0.4328888) < 2e-7 and resumed.losses[18] == 0.3978485
+    assert resumed.losses[16] == 0.5113366 and resumed.times_ms[17] == 500.0
 
 
 def test_commands_carry_the_gpu_count_and_flags():
