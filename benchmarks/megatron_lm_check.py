@@ -90,8 +90,8 @@ def parse_log(text: str, returncode: int = 0) -> RunLog:
     logged = sorted(losses)
     if len(logged) >= 2 and logged[1] == logged[0] + 1:
         first, second = logged[:2]
-        losses[second] = 2 * losses[second] - losses[first]
-        times[second] = 2 * times[second] - times[first]
+        losses[second] = round(2 * losses[second] - losses[first], 10)  # 10 digits: no float residue
+        times[second] = round(2 * times[second] - times[first], 10)
     peaks = [float(value) for value in MEMORY_LINE.findall(text)]
     return RunLog(losses=losses, times_ms=times, peak_mib=max(peaks) if peaks else None, returncode=returncode)
 
