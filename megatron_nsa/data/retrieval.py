@@ -33,6 +33,11 @@ every record is a query. A query restates a uniformly drawn fact defined so far,
 recurs about (records - F) / F times and every query can be answered from the nearest earlier statement of
 its key. Small `num_keys` and `num_values` then suffice at any length (small vocabularies and many queries
 per sequence are what let MQAR be learned quickly in Zoology).
+A model trained on bursty facts alone learns to pool a key's many statements and recalls a fact stated
+once poorly, yet that is what a needle is. `single_facts` = S > 0 (with facts_per_sequence) adds S facts
+per sequence that are stated once and asked once, later, at any distance: each takes two query records
+of the bursty facts (a statement and its question, drawn uniformly among them; the bursty facts keep
+their definitions, so their queries stay answerable) and a key of its own.
 The loss mask covers only the value tokens of queries (everything else is random). No markers tell
 definitions from queries: a model need not know, since a key it has not seen has no answer to learn.
 
@@ -66,6 +71,7 @@ class RetrievalFormat:
     query_once: bool = False  # each key queried at most once: no answer can be copied from an earlier query
     queries_last: bool = False  # all definitions first, then one block of queries (each key at most once)
     facts_per_sequence: int = 0  # > 0: only this many facts per sequence, each restated by many queries
+    single_facts: int = 0  # with facts_per_sequence: this many more facts, each stated once and asked once
 
     @property
     def first_value_id(self) -> int:
@@ -93,6 +99,17 @@ def check_settings(settings) -> None:
         raise ValueError(f"retrieval.facts_per_sequence={facts!r} is not allowed: it must be an integer in "
                          f"[0, retrieval.num_keys - 1 = {settings.num_keys - 1}] (0: a fresh key per definition; one "
                          "key stays spare for the needle test)")
+    single = settings.single_facts
+    if not isinstance(single, int) or isinstance(single, bool) or single < 0:
+        raise ValueError(f"retrieval.single_facts={single!r} is not allowed: it must be an integer >= 0")
+    if single and not facts:
+        raise ValueError(f"retrieval.single_facts={single} is not allowed with retrieval.facts_per_sequence=0: single "
+                         "facts take the place of queries of the bursty facts; set retrieval.facts_per_sequence > 0")
+    if single and facts + single >= settings.num_keys:
+        raise ValueError(f"retrieval.single_facts={single} is not allowed with retrieval.facts_per_sequence={facts} "
+                         f"and retrieval.num_keys={settings.num_keys}: the two together must stay below num_keys "
+                         f"(every fact has its own key and one key stays spare for the needle test), so at most "
+                         f"{settings.num_keys - 1 - facts}")
     for name in ("query_once", "queries_last"):
         if not isinstance(getattr(settings, name), bool):
             raise ValueError(f"retrieval.{name}={getattr(settings, name)!r} is not allowed: it must be true or false")
@@ -120,7 +137,7 @@ def keys_needed(num_tokens: int) -> int:
 def distinct_keys_needed(fmt: RetrievalFormat, num_tokens: int) -> int:
     """The most distinct keys a sequence of `num_tokens` in format `fmt` defines."""
     records = keys_needed(num_tokens)
-    return min(records, fmt.facts_per_sequence) if fmt.facts_per_sequence else records
+    return min(records, fmt.facts_per_sequence + fmt.single_facts) if fmt.facts_per_sequence else records
 
 
 def check_key_space(fmt: RetrievalFormat, num_tokens: int, what: str) -> None:
@@ -207,7 +224,28 @@ def generate_records(num_records: int, rng: numpy.random.Generator, fmt: Retriev
     tokens = numpy.stack([keys[record], values[record]], axis=1)
     answer_mask = numpy.zeros_like(tokens, dtype=bool)
     answer_mask[:, 1] = is_query
+    if fmt.single_facts:
+        add_single_facts(tokens, answer_mask, is_query, keys, rng, fmt, exclude_key)
     return tokens, answer_mask
+
+
+def add_single_facts(tokens: numpy.ndarray, answer_mask: numpy.ndarray, is_query: numpy.ndarray,
+                     used_keys: numpy.ndarray, rng: numpy.random.Generator, fmt: RetrievalFormat,
+                     exclude_key: Optional[int] = None) -> None:
+    """Writes fmt.single_facts facts (as many as half the query records allow) over query records, in place:
+    each a fresh key with a random value, stated at one query record and asked at a later one."""
+    query_records = numpy.flatnonzero(is_query)
+    count = min(fmt.single_facts, query_records.size // 2)
+    if count == 0:
+        return
+    pairs = numpy.sort(rng.choice(query_records, size=(count, 2), replace=False), axis=1)  # [count, 2]: statement, question
+    taken = [*used_keys, *([] if exclude_key is None else [exclude_key])]
+    free = numpy.setdiff1d(FIRST_KEY_ID + numpy.arange(fmt.num_keys), taken)  # keys no other fact uses
+    keys = rng.choice(free, size=count, replace=False)  # [count]
+    values = fmt.first_value_id + rng.integers(0, fmt.num_values, size=count)  # [count]
+    for (statement, question), key, value in zip(pairs, keys, values):
+        tokens[statement] = tokens[question] = key, value
+        answer_mask[statement, 1], answer_mask[question, 1] = False, True
 
 
 def filler_tokens(num_tokens: int, rng: numpy.random.Generator) -> numpy.ndarray:

@@ -113,6 +113,8 @@ class RetrievalSection:
     queries_last: bool = _key(False, "all definitions first, then one block of queries, each key asked once")
     facts_per_sequence: int = _key(0, "> 0: only this many facts per sequence, each restated by many queries "
                                        "(0: a fresh key per definition)")
+    single_facts: int = _key(0, "with facts_per_sequence: this many more facts per sequence, each stated once and "
+                                "asked once at any later distance (one-shot recall, as in the needle test)")
 
 
 @dataclasses.dataclass

@@ -118,3 +118,62 @@ def test_needle_in_a_bursty_haystack_is_stated_once():
         assert (sample.tokens[:-2] == key).sum() == 1  # the needle: its key stated once before the question
         haystack_keys = {int(t) for t in sample.tokens if FIRST_KEY_ID <= t < BURSTY.first_value_id} - {int(key)}
         assert 1 <= len(haystack_keys) <= BURSTY.facts_per_sequence
+
+
+SINGLE = RetrievalFormat(num_keys=64, num_values=16, query_fraction=0.5, facts_per_sequence=8, single_facts=6)
+
+
+@pytest.mark.parametrize("single, num_records", [(6, 64), (1, 64), (40, 20), (3, 400)])
+def test_single_facts_are_stated_once_and_asked_once_later(single, num_records):
+    fmt = RetrievalFormat(num_keys=64, num_values=16, query_fraction=0.5, facts_per_sequence=8, single_facts=single)
+    without = RetrievalFormat(num_keys=64, num_values=16, query_fraction=0.5, facts_per_sequence=8)
+    for seed in range(6):
+        tokens, answer_mask = generate_records(num_records, numpy.random.default_rng(seed), fmt, FIRST_KEY_ID + 5)
+        base, base_mask = generate_records(num_records, numpy.random.default_rng(seed), without, FIRST_KEY_ID + 5)
+        changed = numpy.flatnonzero((tokens != base).any(axis=1))  # the single facts' records, nothing else
+        assert changed.size == 2 * min(single, int(base_mask[:, 1].sum()) // 2)
+        assert base_mask[changed, 1].all()  # written over queries of the bursty facts only
+        single_keys = tokens[changed, 0]
+        assert not set(single_keys.tolist()) & set(base[:, 0].tolist()) and FIRST_KEY_ID + 5 not in single_keys
+        for key in set(single_keys.tolist()):
+            statement, question = numpy.flatnonzero(tokens[:, 0] == key)  # exactly two records
+            assert not answer_mask[statement, 1] and answer_mask[question, 1]
+            assert tokens[statement, 1] == tokens[question, 1]
+        unchanged = numpy.setdiff1d(numpy.arange(num_records), changed)
+        assert (answer_mask[unchanged] == base_mask[unchanged]).all()
+        fact_of = {}
+        for index, (key, value) in enumerate(tokens.tolist()):  # every asked value was stated before
+            if answer_mask[index, 1]:
+                assert fact_of[key] == value, f"record {index} asks key {key} with a value never stated"
+            else:
+                assert key not in fact_of
+                fact_of[key] = value
+
+
+def test_single_facts_reach_across_the_sequence_and_keep_samples_deterministic():
+    distances = []
+    for index in range(50):
+        tokens, answer_mask = generate_records(128, sample_rng(3, TRAIN_STREAM, index), SINGLE)
+        again, again_mask = generate_records(128, sample_rng(3, TRAIN_STREAM, index), SINGLE)
+        assert (tokens == again).all() and (answer_mask == again_mask).all()
+        for key in set(tokens[:, 0].tolist()):
+            where = numpy.flatnonzero(tokens[:, 0] == key)
+            if where.size == 2 and answer_mask[where[1], 1] and not answer_mask[where[0], 1]:
+                distances.append(int(where[1] - where[0]))
+    assert len(distances) >= 50 * SINGLE.single_facts
+    assert min(distances) <= 3 and max(distances) >= 100  # near and far, up to the whole sequence (128 records)
+    assert numpy.mean(distances) > 25
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"single_facts": -1, "facts_per_sequence": 8}, r"retrieval.single_facts=-1 is not allowed: it must be an integer"),
+    ({"single_facts": 4}, r"retrieval.single_facts=4 is not allowed with retrieval.facts_per_sequence=0"),
+    ({"single_facts": 56, "facts_per_sequence": 8},
+     r"retrieval.single_facts=56 is not allowed with retrieval.facts_per_sequence=8 and retrieval.num_keys=64: .* at most 55"),
+])
+def test_bad_single_fact_settings_are_named(settings, message):
+    with pytest.raises(ValueError, match=message):
+        check_settings(RetrievalFormat(num_keys=64, **settings))
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, ["data.source=retrieval", "data.seq_length=64", "retrieval.num_keys=64",
+                           *(f"retrieval.{key}={value}" for key, value in settings.items())])
