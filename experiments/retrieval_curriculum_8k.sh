@@ -1,33 +1,68 @@
 #!/usr/bin/env bash
 # The retrieval length curriculum 256 -> 1k -> 4k -> 8k of configs/retrieval_curriculum_8k.yaml, then the
-# needle test at 8k, 16k and 32k. Each stage resumes the previous stage's checkpoint with a new
-# data.seq_length, batch (65,536 tokens per step throughout) and facts_per_sequence; training.train_steps
-# counts from the start of the curriculum, so a finished stage is a no-op when the script runs again.
+# needle test at the last stage's length and at 2x and 4x it. Each stage resumes the previous stage's
+# checkpoint with a new data.seq_length, batch and facts_per_sequence; training.train_steps counts from
+# the start of the curriculum, so a finished stage is a no-op when the script runs again.
 #
-#   bash experiments/retrieval_curriculum_8k.sh nsa|dense [SECONDS]
+#   bash experiments/retrieval_curriculum_8k.sh nsa|dense [SECONDS] [section.key=value ...]
 #
-# SECONDS (default: no limit) bounds the training of this call: the stage running when it is up gets
+# SECONDS (default 0: no limit) bounds the training of this call: the stage running when it is up gets
 # SIGTERM, saves its checkpoint and stops, and running the same command again resumes it. So the
-# curriculum runs in jobs of any length, e.g. `... nsa 540` in each 10-minute job, as long as
-# checkpoints/retrieval_curriculum_8k[_dense] is kept (or copied) from one job to the next. Run from the
-# repository root. The needle test runs once the last stage has finished; its results go to
-# checkpoints/retrieval_curriculum_8k[_dense]/needle.{json,md,png}.
+# curriculum runs in jobs of any length, e.g. `... nsa 540` in each 10-minute job, as long as the
+# checkpoint directory is kept (or copied) from one job to the next. Overrides after SECONDS go to every
+# stage (after the stage's own, so they win), e.g. `optimizer.lr=3e-3 retrieval.single_facts=16
+# checkpoint.dir=checkpoints/curriculum_lr3e-3`; give each variant its own checkpoint.dir.
+# Environment:
+#   CURRICULUM_STAGES  the stages, "length:sequences:facts:last_step ..." (default: the four below); with
+#                      other step counts set optimizer.decay_steps to the last stage's last step
+#   NEEDLE_SAMPLES     samples per needle cell (default 20)
+# Run from the repository root. The needle results go to CHECKPOINT_DIR/needle.{json,md,png}
+# (default checkpoint directory: checkpoints/retrieval_curriculum_8k[_dense]).
 set -euo pipefail
 
+usage="usage: $0 nsa|dense [SECONDS] [section.key=value ...]"
 model=${1:-}
 limit_s=${2:-0}
+extra=("${@:3}")
 case "$model" in
   nsa) dir=checkpoints/retrieval_curriculum_8k ;;
   dense) dir=checkpoints/retrieval_curriculum_8k_dense ;;
-  *) echo "usage: $0 nsa|dense [SECONDS]: the first argument must be nsa or dense, got '${model}'" >&2; exit 2 ;;
+  *) echo "${usage}: the first argument must be nsa or dense, got '${model}'" >&2; exit 2 ;;
 esac
 if ! [[ "$limit_s" =~ ^[0-9]+$ ]]; then
-  echo "usage: $0 nsa|dense [SECONDS]: SECONDS must be a whole number of seconds (0: no limit), got '${limit_s}'" >&2
+  echo "${usage}: SECONDS must be a whole number of seconds (0: no limit), got '${limit_s}'" >&2
   exit 2
 fi
+for override in "${extra[@]}"; do
+  if [[ "$override" != *.*=* ]]; then
+    echo "${usage}: override '${override}' must look like section.key=value" >&2
+    exit 2
+  fi
+  if [[ "$override" == checkpoint.dir=* ]]; then
+    dir=${override#checkpoint.dir=}
+  fi
+done
 
 # length:sequences per step:facts per sequence:last step of the stage
-stages=(256:256:8:600 1024:64:32:1000 4096:16:128:1400 8192:8:512:3000)
+read -r -a stages <<<"${CURRICULUM_STAGES:-256:256:8:600 1024:64:32:1000 4096:16:128:1400 8192:8:512:3000}"
+previous=0
+for stage in "${stages[@]}"; do
+  if ! [[ "$stage" =~ ^[0-9]+:[0-9]+:[0-9]+:[0-9]+$ ]]; then
+    echo "CURRICULUM_STAGES: stage '${stage}' must be length:sequences:facts:last_step (whole numbers)" >&2
+    exit 2
+  fi
+  last=${stage##*:}
+  if ((last <= previous)); then
+    echo "CURRICULUM_STAGES: stage '${stage}' ends at step ${last}, not after the previous stage's ${previous}" >&2
+    exit 2
+  fi
+  previous=$last
+done
+needle_samples=${NEEDLE_SAMPLES:-20}
+if ! [[ "$needle_samples" =~ ^[1-9][0-9]*$ ]]; then
+  echo "NEEDLE_SAMPLES must be a whole number >= 1, got '${needle_samples}'" >&2
+  exit 2
+fi
 start=$(date +%s)
 for stage in "${stages[@]}"; do
   IFS=: read -r length sequences facts last_step <<<"$stage"
@@ -45,7 +80,7 @@ for stage in "${stages[@]}"; do
   "${limit[@]}" launch/train.sh configs/retrieval_curriculum_8k.yaml "model.attention=${model}" \
     "checkpoint.dir=${dir}" "logging.metrics_file=${dir}/metrics.jsonl" "data.seq_length=${length}" \
     "training.micro_batch_size=${sequences}" "training.global_batch_size=${sequences}" \
-    "retrieval.facts_per_sequence=${facts}" "training.train_steps=${last_step}" || status=$?
+    "retrieval.facts_per_sequence=${facts}" "training.train_steps=${last_step}" "${extra[@]}" || status=$?
   if ((status == 124)); then
     echo "time limit reached in the ${length}-token stage (checkpoint saved): run the same command again to resume"
     exit 0
@@ -53,7 +88,7 @@ for stage in "${stages[@]}"; do
     exit "$status"
   fi
 done
-python -m megatron_nsa.eval.needle --checkpoint "$dir" --lengths 8192 16384 32768 \
-  --depths 0 10 20 30 40 50 60 70 80 90 100 --samples 20 --format retrieval \
+"${PYTHON:-python}" -m megatron_nsa.eval.needle --checkpoint "$dir" --lengths "$length" $((2 * length)) $((4 * length)) \
+  --depths 0 10 20 30 40 50 60 70 80 90 100 --samples "$needle_samples" --format retrieval \
   $([[ "$model" == nsa ]] && echo --selections) \
   --json "${dir}/needle.json" --table "${dir}/needle.md" --png "${dir}/needle.png"

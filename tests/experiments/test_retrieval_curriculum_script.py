@@ -1,0 +1,52 @@
+"""experiments/retrieval_curriculum_8k.sh: its refusals, and a two-stage curriculum of a tiny NSA model on
+CPU: the second stage resumes the first one's checkpoint, overrides reach every stage, and the needle test
+runs at the last stage's length and at 2x and 4x it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = "experiments/retrieval_curriculum_8k.sh"
+TINY = ["model.num_layers=1", "model.hidden_size=64", "model.num_attention_heads=2", "model.num_query_groups=1",
+        "model.kv_channels=32", "nsa.compress_block_size=8", "nsa.compress_stride=4", "nsa.select_block_size=16",
+        "nsa.select_count=4", "nsa.window_size=32", "optimizer.decay_steps=4", "optimizer.warmup_steps=1",
+        "training.eval_interval=2"]
+
+
+def run_script(args, **env):
+    return subprocess.run(["bash", SCRIPT, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHON": sys.executable, **env})
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["foo"], {}, "the first argument must be nsa or dense, got 'foo'"),
+    (["nsa", "ten"], {}, "SECONDS must be a whole number of seconds (0: no limit), got 'ten'"),
+    (["nsa", "10", "lr=3e-3"], {}, "override 'lr=3e-3' must look like section.key=value"),
+    (["nsa"], {"CURRICULUM_STAGES": "256:4:8"}, "stage '256:4:8' must be length:sequences:facts:last_step"),
+    (["nsa"], {"CURRICULUM_STAGES": "256:4:8:5 512:2:8:5"}, "stage '512:2:8:5' ends at step 5, not after"),
+    (["nsa"], {"NEEDLE_SAMPLES": "0"}, "NEEDLE_SAMPLES must be a whole number >= 1, got '0'"),
+])
+def test_bad_arguments_stop_before_training(args, env, message):
+    result = run_script(args, **env)
+    assert result.returncode == 2 and message in result.stderr and "stage:" not in result.stdout
+
+
+def test_a_two_stage_curriculum_resumes_and_ends_with_the_needle_test(tmp_path):
+    checkpoint_dir = tmp_path / "curriculum"
+    result = run_script(["nsa", "0", f"checkpoint.dir={checkpoint_dir}", "retrieval.single_facts=2", *TINY],
+                        CURRICULUM_STAGES="64:2:4:2 128:2:4:4", NEEDLE_SAMPLES="1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "steps 0..2" in result.stdout and "steps 2..4" in result.stdout  # the second stage resumed
+    recipe = json.loads((checkpoint_dir / "step_00000004" / "meta.json").read_text())["recipe"]
+    assert recipe["retrieval"]["single_facts"] == 2 and recipe["data"]["seq_length"] == 128  # the overrides won
+    assert recipe["model"]["hidden_size"] == 64
+    needle = json.loads((checkpoint_dir / "needle.json").read_text())
+    assert needle["lengths"] == [128, 256, 512] and needle["step"] == 4 and "needle_block_selected" in needle
+    metrics = [json.loads(line) for line in (checkpoint_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(line["step"] for line in metrics) == 4
