@@ -196,7 +196,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {row['seq_len']} | {row['sequences']} | {row.get('iteration_ms', 'failed')} | "
                      f"{row.get('tokens_per_s', '-')} | {row['peak_gib']} |")
     lines += ["", f"Iteration time: median of iterations {TIMED_FROM}..{SPEED_ITERATIONS} (Megatron-LM's log, "
-                  f"log interval 1); peak: the largest 'max allocated' of Megatron-LM's memory reports.", ""]
+                  f"log interval 1; the 8k row: {TIMED_FROM}..30 of the train run); peak: the largest "
+                  f"'max allocated' of Megatron-LM's memory reports.", ""]
     return "\n".join(lines)
 
 
