@@ -254,13 +254,14 @@ def main(argv=None) -> int:
             options = ["--use-distributed-optimizer"]
         log = run(f"speed_{seq_len // 1024}k", command(seq_len, batch, SPEED_ITERATIONS, [*options, *extra]),
                   out, timeout)
+        if seq_len == LONG_RESUME_SEQ_LEN:
+            long_first = log
         result["speed"].append(speed_row(log, seq_len, batch))
         write()
     long_resumed = run(f"resume_{LONG_RESUME_SEQ_LEN // 1024}k", command(LONG_RESUME_SEQ_LEN, 2, SPEED_ITERATIONS, [
         *RESUME_OPTIMIZER, *extra, "--load", str(long_dir), "--ckpt-step", str(LONG_RESUME_FROM),
         "--exit-on-missing-checkpoint", "--save", str(long_resume_dir), "--save-interval", "100000"]),
         out, args.timeouts[4])
-    long_first = parse_log((out / f"speed_{LONG_RESUME_SEQ_LEN // 1024}k.log").read_text())
     result["resume_long"] = dict(resume_comparison(long_first, long_resumed, LONG_RESUME_FROM + 1, SPEED_ITERATIONS),
                                  seq_len=LONG_RESUME_SEQ_LEN, returncode=long_resumed.returncode)
     write()
