@@ -442,27 +442,18 @@ def band_backward(q, k, v, layout: Layout, kind: str, params: KernelParams, grad
     delta = rowsum(dO * O) - dlse, both [T, H_q] float32 and contiguous. `dq`: a [T, H_q, d_k] gradient
     that this branch's dQ is added to (returned), instead of a new tensor: the sum is taken in float32
     and rounded to dq's dtype once."""
-    dq = band_backward_dq(q, k, v, layout, kind, params, grad_out, lse, delta, dq)
-    return (dq, *band_backward_dkdv(q, k, v, layout, kind, params, grad_out, lse, delta))
-
-
-def _backward_args(q, k, v, layout: Layout, kind: str, params: KernelParams) -> dict:
-    """The launch arguments both backward kernels share."""
+    key_rows = _key_rows(kind)
     cu_q, q_pos0, _ = layout.bounds("queries")
-    cu_k, k_first, _ = layout.bounds(_key_rows(kind))
+    cu_k, k_first, _ = layout.bounds(key_rows)
     key_stride, key_offset, window = _geometry(kind, params)
-    return dict(CuQ=cu_q, CuK=cu_k, QPos0=q_pos0, KFirst=k_first, qk_scale=params.scale * LOG2E.value,
-                sm_scale=params.scale, G=q.shape[1] // k.shape[1], KEY_STRIDE=key_stride, KEY_OFFSET=key_offset,
-                WINDOW=window, DK=q.shape[2], DV=v.shape[2])
-
-
-def band_backward_dq(q, k, v, layout: Layout, kind: str, params: KernelParams, grad_out, lse, delta, dq=None):
-    """dQ of band attention (band_backward's first half; arguments as its)."""
     blocks = _blocks("band_dq", kind, q.shape[2], v.shape[2])
-    num_q_heads = q.shape[1]
+    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
+    group = num_q_heads // num_kv_heads
     add_dq = dq is not None
     dq = dq if add_dq else torch.empty_like(q)
-    common = _backward_args(q, k, v, layout, kind, params)
+    common = dict(CuQ=cu_q, CuK=cu_k, QPos0=q_pos0, KFirst=k_first, qk_scale=params.scale * LOG2E.value,
+                  sm_scale=params.scale, G=group, KEY_STRIDE=key_stride, KEY_OFFSET=key_offset, WINDOW=window,
+                  DK=q.shape[2], DV=v.shape[2])
     (k_in, v_in), tma = _streamed([k, v], blocks, "BLOCK_N")
     tile_start, tile_end, tile_seg = layout.tiles("queries", blocks["BLOCK_M"], q.shape[0])
     if tile_start.numel():
@@ -473,16 +464,6 @@ def band_backward_dq(q, k, v, layout: Layout, kind: str, params: KernelParams, g
             slt=lse.stride(0), slh=lse.stride(1), sdqt=dq.stride(0), sdqh=dq.stride(1),
             **common, **blocks, TMA=tma, ADD_DQ=add_dq,
         )
-    return dq
-
-
-def band_backward_dkdv(q, k, v, layout: Layout, kind: str, params: KernelParams, grad_out, lse, delta):
-    """(dK, dV) of band attention (band_backward's second half; arguments as its)."""
-    key_rows = _key_rows(kind)
-    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
-    group = num_q_heads // num_kv_heads
-    window = _geometry(kind, params)[2]
-    common = _backward_args(q, k, v, layout, kind, params)
     # Compressed keys are few and each is seen by many queries: split the group's heads over
     # programs (partial dK/dV per head, summed below in a fixed order). Window keys are many.
     split = window == 0 and group > 1
@@ -508,7 +489,7 @@ def band_backward_dkdv(q, k, v, layout: Layout, kind: str, params: KernelParams,
     if split:
         dk = dk.view(k.shape[0], num_kv_heads, group, k.shape[2]).sum(2).to(k.dtype)
         dv = dv.view(v.shape[0], num_kv_heads, group, v.shape[2]).sum(2).to(v.dtype)
-    return dk, dv
+    return dq, dk, dv
 
 
 class BandAttention(torch.autograd.Function):

@@ -83,7 +83,7 @@ class Layout:
         bounds, _, host = self.bounds(rows)
         if host is None:
             return tiles(bounds, block, num_rows)
-        return _host_tiles(host, block, num_rows, bounds.device, _current_stream(bounds.device))
+        return _host_tiles(host, block, num_rows, bounds.device)
 
 
 def num_compressed(seq_lens, block: int, stride: int):
@@ -235,13 +235,6 @@ def _host_documents(host_cu: tuple, num_rows: int, compress_block: int, compress
                   host_c=tuple(int(c) for c in cu_cmp))
 
 
-def _current_stream(device):
-    """The CUDA stream work on `device` is queued on now (None off CUDA)."""
-    return torch.cuda.current_stream(device) if device.type == "cuda" else None
-
-
 @functools.lru_cache(maxsize=TILE_CACHE_SIZE)
-def _host_tiles(host_cu: tuple, block: int, num_rows: int, device, stream) -> Tiles:
-    """Cached per stream: the upload is ordered on the stream that asked for the tables, so a kernel on
-    another stream (kernels/nsa.py runs some on a side stream) must not read them; it gets its own."""
+def _host_tiles(host_cu: tuple, block: int, num_rows: int, device) -> Tiles:
     return tuple(_upload(host_tiles(host_cu, block, num_rows), device))

@@ -418,21 +418,16 @@ def selected_backward(q, k, v, selected_block_idx, layout: Layout, params: Kerne
     `forward_union`: optional (tokens, tile_block_union(...)) the forward built, reused when dQ tiles as
     many tokens. `dq`: a [T, H_q, d_k] gradient that this branch's dQ is added to (returned), instead of
     a new tensor: the sum is taken in float32 and rounded to dq's dtype once."""
-    dq = selected_backward_dq(q, k, v, selected_block_idx, layout, params, grad_out, lse, delta, forward_union, dq)
-    return (dq, *selected_backward_dkdv(q, k, v, selected_block_idx, layout, params, grad_out, lse, delta))
-
-
-def selected_backward_dq(q, k, v, selected_block_idx, layout: Layout, params: KernelParams, grad_out, lse, delta,
-                         forward_union=None, dq=None):
-    """dQ of selected attention (selected_backward's first half; arguments as its)."""
     dims = _dims(q, v, params.select_block)
     num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
     group = num_q_heads // num_kv_heads
     tables = _selection_tables(layout)
     add_dq = dq is not None
     dq = dq if add_dq else torch.empty_like(q)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
     if q.shape[0] == 0:
-        return dq
+        return dq, dk, dv
     launch, constexprs, tokens = _tiled_launch("selected_dq", q, v, group, params, dims)
     if forward_union is not None and forward_union[0] == tokens:
         union = forward_union[1]
@@ -446,19 +441,6 @@ def selected_backward_dq(q, k, v, selected_block_idx, layout: Layout, params: Ke
         sdqt=dq.stride(0), sdqh=dq.stride(1), qk_scale=params.scale * LOG2E.value, sm_scale=params.scale,
         num_rows=q.shape[0], **constexprs, **launch, ADD_DQ=add_dq,
     )
-    return dq
-
-
-def selected_backward_dkdv(q, k, v, selected_block_idx, layout: Layout, params: KernelParams, grad_out, lse, delta):
-    """(dK, dV) of selected attention (selected_backward's second half; arguments as its)."""
-    dims = _dims(q, v, params.select_block)
-    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
-    group = num_q_heads // num_kv_heads
-    _selection_tables(layout)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
-    if q.shape[0] == 0:
-        return dk, dv
     num_blocks = layout.num_blocks
     group_pad = triton.next_power_of_2(group)
     query_list, piece_key, piece_start, piece_end, pieces_of_key = _invert_selection(
@@ -483,7 +465,7 @@ def selected_backward_dkdv(q, k, v, selected_block_idx, layout: Layout, params: 
         sdkt=dk.stride(0), sdkh=dk.stride(1), sdvt=dv.stride(0), sdvh=dv.stride(1), sm_scale=params.scale,
         num_blocks=num_blocks, num_warps=4, **dims,
     )
-    return dk, dv
+    return dq, dk, dv
 
 
 def selected_attention(q, k, v, selected_block_idx, layout: Layout, params: KernelParams):

@@ -8,8 +8,7 @@ defaults are its choices on an H100 (benchmarks/results/tune_kernels_*.md). The 
 document already spans several tiles of selection blocks).
 
 Kernels: band_fwd / band_dq / band_dkdv (per kind: 'window' or 'compressed'), selected_fwd,
-selected_dq, selected_dkdv, topk; and "branches": STREAMS, the CUDA streams nsa_core runs the branches'
-independent kernels on (1 or 2; kernels/nsa.py). ROWS of selected_fwd / selected_dq: query rows per program (tokens x
+selected_dq, selected_dkdv, topk. ROWS of selected_fwd / selected_dq: query rows per program (tokens x
 the G heads of a group; one token when G >= ROWS), KEYS: keys per step of their walk over a selected
 block (a block of l' keys takes l' / KEYS steps); ROWS of selected_dkdv and topk: rows per query tile.
 TMA (band kernels, topk): read the streamed tiles through tensor descriptors where the tensors allow it
@@ -36,7 +35,6 @@ _DEFAULTS: Dict[str, dict] = {
     "selected_dq": dict(ROWS=16, KEYS=32, num_warps=1, num_stages=2),
     "selected_dkdv": dict(ROWS=64, num_warps=4, num_stages=3),
     "topk": dict(ROWS=256, BLOCKS=16, num_warps=4, num_stages=2, TMA=True),
-    "branches": dict(STREAMS=1),
 }
 
 # tiles of 129..192 columns (d_k = 192 = 128 + 64, the paper's shape), where they differ from the
@@ -69,7 +67,6 @@ _INTERPRETER = {
     "selected_dq": dict(ROWS=16, KEYS=64, num_warps=4, num_stages=1),
     "selected_dkdv": dict(ROWS=64, num_warps=4, num_stages=1),
     "topk": dict(ROWS=16, BLOCKS=4, num_warps=4, num_stages=1, TMA=True),
-    "branches": dict(STREAMS=1),
 }
 
 _overrides: Dict[str, dict] = {}
