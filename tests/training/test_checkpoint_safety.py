@@ -129,6 +129,11 @@ def test_a_directory_of_another_model_is_named_first(tmp_path, corpus_cache, fir
     assert fingerprint(ckpt) == before
 
 
+def _default_sigint():
+    """A run started from a background job inherits SIGINT ignored; a terminal job gets it by default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_stop_of_the_whole_process_group_prints_the_note_alone(tmp_path, corpus_cache, signum):
     """Ctrl-C (SIGINT to the terminal's process group) or SIGTERM to every process (SLURM, `timeout`): the
@@ -138,7 +143,8 @@ def test_stop_of_the_whole_process_group_prints_the_note_alone(tmp_path, corpus_
             f"data.cache_dir={corpus_cache}", f"checkpoint.dir={ckpt}", "training.train_steps=1000",
             "optimizer.decay_steps=10"]
     process = subprocess.Popen(args, cwd=tmp_path, env=child_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)  # its own process group, as a terminal job
+                               text=True, start_new_session=True,  # its own process group, as a terminal job
+                               preexec_fn=_default_sigint)
     deadline = time.time() + 240
     while not any(r.get("step", 0) >= 2 and "loss" in r for r in read_records(tmp_path)):
         assert process.poll() is None and time.time() < deadline, "the run ended before it could be stopped"
