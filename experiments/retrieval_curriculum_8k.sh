@@ -16,6 +16,9 @@
 #   CURRICULUM_STAGES  the stages, "length:sequences:facts:last_step ..." (default: the four below); with
 #                      other step counts set optimizer.decay_steps to the last stage's last step
 #   NEEDLE_SAMPLES     samples per needle cell (default 20)
+#   CURRICULUM_RECIPE  the recipe every stage trains (default configs/retrieval_curriculum_8k.yaml); a
+#                      recipe with learned positions cannot change length: give it RoPE
+#                      (model.position_embedding_type=rope)
 # Run from the repository root. The needle results go to CHECKPOINT_DIR/needle.{json,md,png}
 # (default checkpoint directory: checkpoints/retrieval_curriculum_8k[_dense]).
 set -euo pipefail
@@ -58,6 +61,11 @@ for stage in "${stages[@]}"; do
   fi
   previous=$last
 done
+recipe=${CURRICULUM_RECIPE:-configs/retrieval_curriculum_8k.yaml}
+if [[ ! -f "$recipe" ]]; then
+  echo "CURRICULUM_RECIPE: no recipe file '${recipe}'" >&2
+  exit 2
+fi
 needle_samples=${NEEDLE_SAMPLES:-20}
 if ! [[ "$needle_samples" =~ ^[1-9][0-9]*$ ]]; then
   echo "NEEDLE_SAMPLES must be a whole number >= 1, got '${needle_samples}'" >&2
@@ -77,7 +85,7 @@ for stage in "${stages[@]}"; do
   fi
   echo "stage: ${length} tokens x ${sequences} sequences, ${facts} facts per sequence, up to step ${last_step}"
   status=0
-  "${limit[@]}" launch/train.sh configs/retrieval_curriculum_8k.yaml "model.attention=${model}" \
+  "${limit[@]}" launch/train.sh "$recipe" "model.attention=${model}" \
     "checkpoint.dir=${dir}" "logging.metrics_file=${dir}/metrics.jsonl" "data.seq_length=${length}" \
     "training.micro_batch_size=${sequences}" "training.global_batch_size=${sequences}" \
     "retrieval.facts_per_sequence=${facts}" "training.train_steps=${last_step}" "${extra[@]}" || status=$?
