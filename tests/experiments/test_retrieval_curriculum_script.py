@@ -31,7 +31,7 @@ def run_script(args, **env):
     (["nsa"], {"CURRICULUM_STAGES": "256:4:8"}, "stage '256:4:8' must be length:sequences:facts:last_step"),
     (["nsa"], {"CURRICULUM_STAGES": "256:4:8:5 512:2:8:5"}, "stage '512:2:8:5' ends at step 5, not after"),
     (["nsa"], {"NEEDLE_SAMPLES": "0"}, "NEEDLE_SAMPLES must be a whole number >= 1, got '0'"),
-    (["nsa"], {"CURRICULUM_RECIPE": "configs/nothing.yaml"}, "CURRICULUM_RECIPE: no recipe file 'configs/nothing.yaml'"),
+    (["nsa"], {"CURRICULUM_RECIPE": "no_such_recipe.yaml"}, "CURRICULUM_RECIPE: no recipe file 'no_such_recipe.yaml'"),
 ])
 def test_bad_arguments_stop_before_training(args, env, message):
     result = run_script(args, **env)
