@@ -94,17 +94,39 @@ def build_datasets(recipe, tokenizer, num_train_samples: int, num_valid_samples:
     return train, valid
 
 
+class _GlobalOrder(torch.utils.data.Sampler):
+    """Endless lists of sample indices, one micro-batch each, in the global order of micro_batches()."""
+
+    def __init__(self, num_samples: int, first_sample: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        self.num_samples, self.first_sample = num_samples, first_sample
+        self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+
+    def __iter__(self):
+        sample = self.first_sample
+        while True:
+            start = sample + self.dp_rank * self.micro_batch_size
+            yield [(start + i) % self.num_samples for i in range(self.micro_batch_size)]
+            sample += self.micro_batch_size * self.dp_size
+
+
+def _stack(items) -> Batch:
+    return {key: torch.stack([torch.as_tensor(numpy.asarray(item[key])) for item in items])
+            for key in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
 def micro_batches(dataset, first_sample: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                  device: torch.device) -> Iterator[Batch]:
+                  device: torch.device, num_workers: int = 0) -> Iterator[Batch]:
     """Endless micro-batches for one data-parallel rank, from global sample `first_sample` on.
 
     Global sample order: consecutive groups of micro_batch_size * dp_size samples; rank r takes the r-th slice.
+    With num_workers > 0, that many worker processes build the next micro-batches while the caller trains
+    (the same batches in the same order: a sample is a pure function of its index).
     """
-    sample = first_sample
-    while True:
-        start = sample + dp_rank * micro_batch_size
-        items = [dataset[(start + i) % len(dataset)] for i in range(micro_batch_size)]
-        batch = {key: torch.stack([torch.as_tensor(numpy.asarray(item[key])) for item in items])
-                 for key in ("tokens", "labels", "loss_mask", "position_ids")}
+    order = _GlobalOrder(len(dataset), first_sample, micro_batch_size, dp_rank, dp_size)
+    if num_workers == 0:
+        built = (_stack([dataset[i] for i in indices]) for indices in order)
+    else:
+        built = iter(torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=_stack,
+                                                 num_workers=num_workers, pin_memory=device.type == "cuda"))
+    for batch in built:
         yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-        sample += micro_batch_size * dp_size

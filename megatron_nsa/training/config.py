@@ -99,6 +99,8 @@ class DataSection:
     seq_length: int = _key(256, "tokens per sample")
     tokenizer: str = _key("bytes", "bytes, or the path of a local Hugging Face tokenizer directory")
     cache_dir: Optional[str] = _key(None, "null: $MEGATRON_NSA_CACHE or ~/.cache/megatron_nsa")
+    num_workers: int = _key(2, "processes that build micro-batches ahead of the training step (0: in the "
+                               "training process); the batches are the same for any value")
 
 
 @dataclasses.dataclass
@@ -192,7 +194,7 @@ MINIMUMS = {
     "model.kv_channels": 1, "model.ffn_hidden_size": 1, "model.max_position_embeddings": 1,
     "model.make_vocab_size_divisible_by": 1, "model.recompute_num_layers": 1,
     "parallel.tensor_model_parallel_size": 1, "parallel.pipeline_model_parallel_size": 1,
-    "parallel.context_parallel_size": 1, "data.seq_length": 2, "training.train_steps": 1,
+    "parallel.context_parallel_size": 1, "data.seq_length": 2, "data.num_workers": 0, "training.train_steps": 1,
     "training.micro_batch_size": 1, "training.global_batch_size": 1, "training.eval_interval": 0,
     "training.eval_steps": 1, "optimizer.warmup_steps": 0, "optimizer.decay_steps": 1,
     "checkpoint.save_interval": 0, "checkpoint.keep_last": 1, "logging.log_interval": 1,

@@ -127,7 +127,8 @@ def train(recipe: Recipe, stop: StopSignal) -> RunSummary:
     train_set, valid_set = build_datasets(recipe, tokenizer, train_cfg.train_steps * train_cfg.global_batch_size,
                                           train_cfg.eval_steps * train_cfg.global_batch_size)
     batches = functools.partial(micro_batches, micro_batch_size=train_cfg.micro_batch_size,
-                                dp_rank=launch.dp_rank, dp_size=launch.dp_size, device=launch.device)
+                                dp_rank=launch.dp_rank, dp_size=launch.dp_size, device=launch.device,
+                                num_workers=recipe.data.num_workers)
     train_iterator = batches(train_set, progress.consumed_samples)
     num_microbatches = train_cfg.global_batch_size // (train_cfg.micro_batch_size * launch.dp_size)
     forward_backward = functools.partial(
