@@ -3,16 +3,22 @@ sequences, split by how often the asked fact was stated before the question and 
 nearest statement is.
 
     python -m experiments.recall_breakdown --checkpoint DIR [--samples 256] [--json OUT.json]
+    python -m experiments.recall_breakdown --curve DIR [--table OUT.md]
 
-(from the repository root). A model that pools a fact's many restatements does well on facts stated
-several times and poorly on a fact stated once, whatever its distance; a needle is a fact stated once,
-so only the "stated once" column predicts the needle test (megatron_nsa.eval.needle). Answers are
-scored as the needle test scores them: correct when the argmax prediction is the value.
+(from the repository root). The second form tabulates the DIR/recall_step_STEP.json files that
+experiments/retrieval_curriculum_8k.sh writes after each stage: recall against length and steps.
+
+A model that pools a fact's many restatements does well on facts stated several times and poorly on a
+fact stated once, whatever its distance; a needle is a fact stated once, so only the "stated once" column
+predicts the needle test (megatron_nsa.eval.needle). Answers are scored as the needle test scores them:
+correct when the argmax prediction is the value.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 from typing import Dict, List, Optional, Tuple
 
 import numpy
@@ -97,12 +103,53 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def curve(directory: str) -> List[dict]:
+    """The recall breakdowns DIR/recall_step_STEP.json, by step."""
+    results = []
+    for name in os.listdir(directory):
+        match = re.fullmatch(r"recall_step_(\d+)\.json", name)
+        if match:
+            with open(os.path.join(directory, name)) as f:
+                results.append(json.load(f))
+    return sorted(results, key=lambda result: result["step"])
+
+
+def curve_markdown(results: List[dict]) -> str:
+    """One row per breakdown: accuracy on facts stated once and four or more times, and by distance."""
+    distances = [*(f"<= {bound}" for bound in DISTANCE_BUCKETS), f"> {DISTANCE_BUCKETS[-1]}"]
+    stated = ["1", f"{STATED_BUCKETS[-1]}+"]
+
+    def cell(cells: Dict[str, List[int]], key: str) -> str:
+        return f"{100 * cells[key][0] / cells[key][1]:.1f}%" if key in cells else "-"
+
+    lines = ["| step | tokens | stated once | stated 4+ times | " + " | ".join(f"{d} back" for d in distances) + " |",
+             "|---:|---:|" + "---:|" * (len(stated) + len(distances))]
+    for result in results:
+        row = [str(result["step"]), f"{result['seq_length']:,}"]
+        row += [cell(result["stated"], key) for key in stated] + [cell(result["distance"], key) for key in distances]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a training run's checkpoint.dir or a step directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a training run's checkpoint.dir or a step directory")
+    source.add_argument("--curve", metavar="DIR", help="tabulate DIR/recall_step_STEP.json by step instead")
     parser.add_argument("--samples", type=int, default=256, help="validation sequences")
     parser.add_argument("--json", default=None, help="write the counts here")
+    parser.add_argument("--table", default=None, help="with --curve: write the table here too")
     args = parser.parse_args(argv)
+    if args.curve:
+        results = curve(args.curve)
+        if not results:
+            parser.error(f"--curve {args.curve}: no recall_step_STEP.json files there")
+        table = curve_markdown(results)
+        print(table)
+        if args.table:
+            with open(args.table, "w") as f:
+                f.write(table + "\n")
+        return
     if args.samples < 1:
         parser.error(f"--samples={args.samples} is not allowed: at least 1")
     result = evaluate(args.checkpoint, args.samples)

@@ -2,7 +2,9 @@
 # The retrieval length curriculum 256 -> 1k -> 4k -> 8k of configs/retrieval_curriculum_8k.yaml, then the
 # needle test at the last stage's length and at 2x and 4x it. Each stage resumes the previous stage's
 # checkpoint with a new data.seq_length, batch and facts_per_sequence; training.train_steps counts from
-# the start of the curriculum, so a finished stage is a no-op when the script runs again.
+# the start of the curriculum, so a finished stage is a no-op when the script runs again. After each stage the
+# recall breakdown (experiments/recall_breakdown.py) of its last checkpoint goes to
+# CHECKPOINT_DIR/recall_step_STEP.json, and the end prints them as one table: recall against length and steps.
 #
 #   bash experiments/retrieval_curriculum_8k.sh nsa|dense [SECONDS] [section.key=value ...]
 #
@@ -16,6 +18,7 @@
 #   CURRICULUM_STAGES  the stages, "length:sequences:facts:last_step ..." (default: the four below); with
 #                      other step counts set optimizer.decay_steps to the last stage's last step
 #   NEEDLE_SAMPLES     samples per needle cell (default 20)
+#   RECALL_SAMPLES     validation sequences of each stage's recall breakdown (default 16; 0: none)
 #   CURRICULUM_RECIPE  the recipe every stage trains (default configs/retrieval_curriculum_8k.yaml); a
 #                      recipe with learned positions cannot change length: give it RoPE
 #                      (model.position_embedding_type=rope)
@@ -71,6 +74,11 @@ if ! [[ "$needle_samples" =~ ^[1-9][0-9]*$ ]]; then
   echo "NEEDLE_SAMPLES must be a whole number >= 1, got '${needle_samples}'" >&2
   exit 2
 fi
+recall_samples=${RECALL_SAMPLES:-16}
+if ! [[ "$recall_samples" =~ ^[0-9]+$ ]]; then
+  echo "RECALL_SAMPLES must be a whole number >= 0, got '${recall_samples}'" >&2
+  exit 2
+fi
 start=$(date +%s)
 for stage in "${stages[@]}"; do
   IFS=: read -r length sequences facts last_step <<<"$stage"
@@ -95,7 +103,16 @@ for stage in "${stages[@]}"; do
   elif ((status != 0)); then
     exit "$status"
   fi
+  recall="${dir}/recall_step_${last_step}.json"
+  stage_checkpoint="${dir}/step_$(printf %08d "$last_step")"
+  if ((recall_samples > 0)) && [[ ! -e "$recall" && -d "$stage_checkpoint" ]]; then
+    "${PYTHON:-python}" -m experiments.recall_breakdown --checkpoint "$stage_checkpoint" \
+      --samples "$recall_samples" --json "$recall"
+  fi
 done
+if ((recall_samples > 0)); then
+  "${PYTHON:-python}" -m experiments.recall_breakdown --curve "$dir" --table "${dir}/recall_curve.md"
+fi
 "${PYTHON:-python}" -m megatron_nsa.eval.needle --checkpoint "$dir" --lengths "$length" $((2 * length)) $((4 * length)) \
   --depths 0 10 20 30 40 50 60 70 80 90 100 --samples "$needle_samples" --format retrieval \
   $([[ "$model" == nsa ]] && echo --selections) \

@@ -1,9 +1,13 @@
-"""experiments/recall_breakdown.py: each answer's times-stated and distance, and the bucketed table."""
+"""experiments/recall_breakdown.py: each answer's times-stated and distance, the bucketed table, and the table of
+the curriculum's stage breakdowns by step."""
 from __future__ import annotations
 
-import numpy
+import json
 
-from experiments.recall_breakdown import answer_contexts, breakdown, markdown
+import numpy
+import pytest
+
+from experiments.recall_breakdown import answer_contexts, breakdown, curve, curve_markdown, main, markdown
 from megatron_nsa.data.retrieval import TRAIN_STREAM, RetrievalFormat, generate_sequence, sample_rng
 
 
@@ -34,3 +38,22 @@ def test_breakdown_buckets_and_skips_unseen_keys():
     assert table["distance"] == {"<= 16": [1, 1], "<= 64": [1, 1], "<= 1024": [0, 1], "> 4096": [1, 1]}
     text = markdown({"attention": "nsa", "step": 7, "samples": 3, "seq_length": 128, **table})
     assert "| accuracy | 50.0% | 100.0% |" in text and "| <= 16 | <= 64 | <= 1024 | > 4096 |" in text
+
+
+def test_curve_orders_the_stage_breakdowns_by_step(tmp_path):
+    stages = {1400: (1024, breakdown([(1, 10, True), (1, 300, False), (4, 20, True)])),
+              300: (256, breakdown([(1, 10, False), (5, 100, True)]))}
+    for step, (length, table) in stages.items():
+        (tmp_path / f"recall_step_{step}.json").write_text(
+            json.dumps({"step": step, "seq_length": length, "attention": "nsa", "samples": 2, **table}))
+    (tmp_path / "recall.json").write_text("{}")  # not a stage's breakdown: left out
+    lines = curve_markdown(curve(str(tmp_path))).splitlines()
+    assert lines[0].startswith("| step | tokens | stated once | stated 4+ times | <= 16 back |")
+    assert lines[2] == "| 300 | 256 | 0.0% | 100.0% | 0.0% | - | 100.0% | - | - | - |"
+    assert lines[3] == "| 1400 | 1,024 | 50.0% | 100.0% | 100.0% | 100.0% | - | 0.0% | - | - |"
+
+
+def test_curve_of_a_directory_without_breakdowns_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--curve", str(tmp_path)])
+    assert "no recall_step_STEP.json files" in capsys.readouterr().err

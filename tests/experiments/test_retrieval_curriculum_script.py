@@ -1,6 +1,7 @@
 """experiments/retrieval_curriculum_8k.sh: its refusals, and a two-stage curriculum of a tiny NSA model on
 CPU: the second stage resumes the first one's checkpoint, the recipe CURRICULUM_RECIPE names and the overrides
-reach every stage, and the needle test runs at the last stage's length and at 2x and 4x it."""
+reach every stage, each stage's recall breakdown is written and tabulated, and the needle test runs at the last
+stage's length and at 2x and 4x it."""
 from __future__ import annotations
 
 import json
@@ -31,6 +32,7 @@ def run_script(args, **env):
     (["nsa"], {"CURRICULUM_STAGES": "256:4:8"}, "stage '256:4:8' must be length:sequences:facts:last_step"),
     (["nsa"], {"CURRICULUM_STAGES": "256:4:8:5 512:2:8:5"}, "stage '512:2:8:5' ends at step 5, not after"),
     (["nsa"], {"NEEDLE_SAMPLES": "0"}, "NEEDLE_SAMPLES must be a whole number >= 1, got '0'"),
+    (["nsa"], {"RECALL_SAMPLES": "some"}, "RECALL_SAMPLES must be a whole number >= 0, got 'some'"),
     (["nsa"], {"CURRICULUM_RECIPE": "no_such_recipe.yaml"}, "CURRICULUM_RECIPE: no recipe file 'no_such_recipe.yaml'"),
 ])
 def test_bad_arguments_stop_before_training(args, env, message):
@@ -42,7 +44,7 @@ def test_a_two_stage_curriculum_resumes_and_ends_with_the_needle_test(tmp_path):
     checkpoint_dir = tmp_path / "curriculum"
     result = run_script(["nsa", "0", f"checkpoint.dir={checkpoint_dir}", "retrieval.single_facts=2",
                          "model.position_embedding_type=rope", *TINY],
-                        CURRICULUM_STAGES="64:2:4:2 128:2:4:4", NEEDLE_SAMPLES="1",
+                        CURRICULUM_STAGES="64:2:4:2 128:2:4:4", NEEDLE_SAMPLES="1", RECALL_SAMPLES="2",
                         CURRICULUM_RECIPE="configs/retrieval_emergence_cpu.yaml")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "steps 0..2" in result.stdout and "steps 2..4" in result.stdout  # the second stage resumed
@@ -54,3 +56,8 @@ def test_a_two_stage_curriculum_resumes_and_ends_with_the_needle_test(tmp_path):
     assert needle["lengths"] == [128, 256, 512] and needle["step"] == 4 and "needle_block_selected" in needle
     metrics = [json.loads(line) for line in (checkpoint_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(line["step"] for line in metrics) == 4
+    for step, length in ((2, 64), (4, 128)):  # each stage's recall breakdown, at its own length
+        recall = json.loads((checkpoint_dir / f"recall_step_{step}.json").read_text())
+        assert recall["step"] == step and recall["seq_length"] == length and recall["samples"] == 2
+    curve_rows = (checkpoint_dir / "recall_curve.md").read_text().splitlines()[2:]
+    assert [row.split(" | ")[:2] for row in curve_rows] == [["| 2", "64"], ["| 4", "128"]]
