@@ -239,13 +239,16 @@ def add_single_facts(tokens: numpy.ndarray, answer_mask: numpy.ndarray, is_query
     if count == 0:
         return
     pairs = numpy.sort(rng.choice(query_records, size=(count, 2), replace=False), axis=1)  # [count, 2]: statement, question
-    taken = [*used_keys, *([] if exclude_key is None else [exclude_key])]
-    free = numpy.setdiff1d(FIRST_KEY_ID + numpy.arange(fmt.num_keys), taken)  # keys no other fact uses
+    is_free = numpy.ones(fmt.num_keys, dtype=bool)
+    is_free[used_keys - FIRST_KEY_ID] = False
+    if exclude_key is not None:
+        is_free[exclude_key - FIRST_KEY_ID] = False
+    free = FIRST_KEY_ID + numpy.flatnonzero(is_free)  # keys no other fact uses, ascending
     keys = rng.choice(free, size=count, replace=False)  # [count]
     values = fmt.first_value_id + rng.integers(0, fmt.num_values, size=count)  # [count]
-    for (statement, question), key, value in zip(pairs, keys, values):
-        tokens[statement] = tokens[question] = key, value
-        answer_mask[statement, 1], answer_mask[question, 1] = False, True
+    statements, questions = pairs[:, 0], pairs[:, 1]  # distinct records: drawn without replacement
+    tokens[statements] = tokens[questions] = numpy.stack([keys, values], axis=1)
+    answer_mask[statements, 1], answer_mask[questions, 1] = False, True
 
 
 def filler_tokens(num_tokens: int, rng: numpy.random.Generator) -> numpy.ndarray:
