@@ -123,10 +123,7 @@ def micro_batches(dataset, first_sample: int, micro_batch_size: int, dp_rank: in
     (the same batches in the same order: a sample is a pure function of its index).
     """
     order = _GlobalOrder(len(dataset), first_sample, micro_batch_size, dp_rank, dp_size)
-    if num_workers == 0:
-        built = (_stack([dataset[i] for i in indices]) for indices in order)
-    else:
-        built = iter(torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=_stack,
-                                                 num_workers=num_workers, pin_memory=device.type == "cuda"))
-    for batch in built:
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=_stack, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    for batch in loader:
         yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
