@@ -37,7 +37,8 @@ A model trained on bursty facts alone learns to pool a key's many statements and
 once poorly, yet that is what a needle is. `single_facts` = S > 0 (with facts_per_sequence) adds S facts
 per sequence that are stated once and asked once, later, at any distance: each takes two query records
 of the bursty facts (a statement and its question, drawn uniformly among them; the bursty facts keep
-their definitions, so their queries stay answerable) and a key of its own.
+their definitions, so their queries stay answerable) and a key of its own. Record 0 is also a candidate for
+a statement, as a needle at depth 0% sits there: the first fact is then stated by its first remaining query.
 The loss mask covers only the value tokens of queries (everything else is random). No markers tell
 definitions from queries: a model need not know, since a key it has not seen has no answer to learn.
 
@@ -233,12 +234,16 @@ def add_single_facts(tokens: numpy.ndarray, answer_mask: numpy.ndarray, is_query
                      used_keys: numpy.ndarray, rng: numpy.random.Generator, fmt: RetrievalFormat,
                      exclude_key: Optional[int] = None) -> None:
     """Writes fmt.single_facts facts (as many as half the query records allow) over query records, in place:
-    each a fresh key with a random value, stated at one query record and asked at a later one."""
+    each a fresh key with a random value, stated at one record and asked at a later one. Record 0 may hold a
+    statement too, so that facts stated at the very start of a sequence are trained on; the bursty fact it
+    defined is then stated by its first remaining query, which is no longer asked."""
     query_records = numpy.flatnonzero(is_query)
     count = min(fmt.single_facts, query_records.size // 2)
     if count == 0:
         return
-    pairs = numpy.sort(rng.choice(query_records, size=(count, 2), replace=False), axis=1)  # [count, 2]: statement, question
+    candidates = numpy.concatenate([[0], query_records])  # record 0 is a definition, never a query
+    pairs = numpy.sort(rng.choice(candidates, size=(count, 2), replace=False), axis=1)  # [count, 2]: statement, question
+    displaced_key = tokens[0, 0]
     is_free = numpy.ones(fmt.num_keys, dtype=bool)
     is_free[used_keys - FIRST_KEY_ID] = False
     if exclude_key is not None:
@@ -249,6 +254,10 @@ def add_single_facts(tokens: numpy.ndarray, answer_mask: numpy.ndarray, is_query
     statements, questions = pairs[:, 0], pairs[:, 1]  # distinct records: drawn without replacement
     tokens[statements] = tokens[questions] = numpy.stack([keys, values], axis=1)
     answer_mask[statements, 1], answer_mask[questions, 1] = False, True
+    if (statements == 0).any():
+        restated = numpy.flatnonzero(tokens[:, 0] == displaced_key)  # the displaced fact's remaining queries
+        if restated.size:
+            answer_mask[restated[0], 1] = False
 
 
 def filler_tokens(num_tokens: int, rng: numpy.random.Generator) -> numpy.ndarray:

@@ -137,15 +137,20 @@ def test_single_facts_are_stated_once_and_asked_once_later(single, num_records):
         base, base_mask = generate_records(num_records, numpy.random.default_rng(seed), without, FIRST_KEY_ID + 5)
         changed = numpy.flatnonzero((tokens != base).any(axis=1))  # the single facts' records, nothing else
         assert changed.size == 2 * min(single, int(base_mask[:, 1].sum()) // 2)
-        assert base_mask[changed, 1].all()  # written over queries of the bursty facts only
+        assert base_mask[changed[changed > 0], 1].all()  # written over record 0 and queries of the bursty facts
         single_keys = tokens[changed, 0]
         assert not set(single_keys.tolist()) & set(base[:, 0].tolist()) and FIRST_KEY_ID + 5 not in single_keys
         for key in set(single_keys.tolist()):
             statement, question = numpy.flatnonzero(tokens[:, 0] == key)  # exactly two records
             assert not answer_mask[statement, 1] and answer_mask[question, 1]
             assert tokens[statement, 1] == tokens[question, 1]
-        unchanged = numpy.setdiff1d(numpy.arange(num_records), changed)
+        restated = []  # with record 0 taken: the first fact's first remaining query now states it
+        if changed[0] == 0:
+            displaced = numpy.flatnonzero(tokens[:, 0] == base[0, 0])
+            restated = displaced[:1].tolist()
+        unchanged = numpy.setdiff1d(numpy.arange(num_records), numpy.concatenate([changed, restated]))
         assert (answer_mask[unchanged] == base_mask[unchanged]).all()
+        assert not answer_mask[restated, 1].any()
         fact_of = {}
         for index, (key, value) in enumerate(tokens.tolist()):  # every asked value was stated before
             if answer_mask[index, 1]:
@@ -156,7 +161,7 @@ def test_single_facts_are_stated_once_and_asked_once_later(single, num_records):
 
 
 def test_single_facts_reach_across_the_sequence_and_keep_samples_deterministic():
-    distances = []
+    distances, statements_at_start = [], 0
     for index in range(50):
         tokens, answer_mask = generate_records(128, sample_rng(3, TRAIN_STREAM, index), SINGLE)
         again, again_mask = generate_records(128, sample_rng(3, TRAIN_STREAM, index), SINGLE)
@@ -165,9 +170,11 @@ def test_single_facts_reach_across_the_sequence_and_keep_samples_deterministic()
             where = numpy.flatnonzero(tokens[:, 0] == key)
             if where.size == 2 and answer_mask[where[1], 1] and not answer_mask[where[0], 1]:
                 distances.append(int(where[1] - where[0]))
+                statements_at_start += int(where[0] == 0)
     assert len(distances) >= 50 * SINGLE.single_facts
     assert min(distances) <= 3 and max(distances) >= 100  # near and far, up to the whole sequence (128 records)
     assert numpy.mean(distances) > 25
+    assert statements_at_start > 0  # record 0 holds a single fact in some sequences, as a needle at depth 0%
 
 
 @pytest.mark.parametrize("settings, message", [
