@@ -39,6 +39,8 @@ per sequence that are stated once and asked once, later, at any distance: each t
 of the bursty facts (a statement and its question, drawn uniformly among them; the bursty facts keep
 their definitions, so their queries stay answerable) and a key of its own. Record 0 is also a candidate for
 a statement, as a needle at depth 0% sits there: the first fact is then stated by its first remaining query.
+At long lengths that happens rarely (record 0 is one candidate of thousands); `single_fact_at_start` = p
+puts a single fact's statement at record 0 in a share p of the sequences.
 The loss mask covers only the value tokens of queries (everything else is random). No markers tell
 definitions from queries: a model need not know, since a key it has not seen has no answer to learn.
 
@@ -73,6 +75,7 @@ class RetrievalFormat:
     queries_last: bool = False  # all definitions first, then one block of queries (each key at most once)
     facts_per_sequence: int = 0  # > 0: only this many facts per sequence, each restated by many queries
     single_facts: int = 0  # with facts_per_sequence: this many more facts, each stated once and asked once
+    single_fact_at_start: float = 0.0  # share of sequences whose first single fact is stated at record 0
 
     @property
     def first_value_id(self) -> int:
@@ -111,6 +114,12 @@ def check_settings(settings) -> None:
                          f"and retrieval.num_keys={settings.num_keys}: the two together must stay below num_keys "
                          f"(every fact has its own key and one key stays spare for the needle test), so at most "
                          f"{settings.num_keys - 1 - facts}")
+    at_start = settings.single_fact_at_start
+    if not isinstance(at_start, (int, float)) or isinstance(at_start, bool) or not 0 <= at_start <= 1:
+        raise ValueError(f"retrieval.single_fact_at_start={at_start!r} is not allowed: it must be a number in [0, 1]")
+    if at_start and not single:
+        raise ValueError(f"retrieval.single_fact_at_start={at_start} is not allowed with retrieval.single_facts=0: "
+                         "it moves a single fact's statement to record 0; set retrieval.single_facts > 0")
     for name in ("query_once", "queries_last"):
         if not isinstance(getattr(settings, name), bool):
             raise ValueError(f"retrieval.{name}={getattr(settings, name)!r} is not allowed: it must be true or false")
@@ -236,7 +245,9 @@ def add_single_facts(tokens: numpy.ndarray, answer_mask: numpy.ndarray, is_query
     """Writes fmt.single_facts facts (as many as half the query records allow) over query records, in place:
     each a fresh key with a random value, stated at one record and asked at a later one. Record 0 may hold a
     statement too, so that facts stated at the very start of a sequence are trained on; the bursty fact it
-    defined is then stated by its first remaining query, which is no longer asked."""
+    defined is then stated by its first remaining query, which is no longer asked. With
+    fmt.single_fact_at_start = p, in a share p of the sequences where no statement fell on record 0 the
+    earliest one moves there (drawn after everything else, so the rest of the sample is as without it)."""
     query_records = numpy.flatnonzero(is_query)
     count = min(fmt.single_facts, query_records.size // 2)
     if count == 0:
@@ -252,6 +263,8 @@ def add_single_facts(tokens: numpy.ndarray, answer_mask: numpy.ndarray, is_query
     keys = rng.choice(free, size=count, replace=False)  # [count]
     values = fmt.first_value_id + rng.integers(0, fmt.num_values, size=count)  # [count]
     statements, questions = pairs[:, 0], pairs[:, 1]  # distinct records: drawn without replacement
+    if fmt.single_fact_at_start and statements.min() > 0 and rng.random() < fmt.single_fact_at_start:
+        statements[statements.argmin()] = 0  # its question stays later; the query record it held stays a query
     tokens[statements] = tokens[questions] = numpy.stack([keys, values], axis=1)
     answer_mask[statements, 1], answer_mask[questions, 1] = False, True
     if (statements == 0).any():

@@ -117,6 +117,8 @@ class RetrievalSection:
                                        "(0: a fresh key per definition)")
     single_facts: int = _key(0, "with facts_per_sequence: this many more facts per sequence, each stated once and "
                                 "asked once at any later distance (one-shot recall, as in the needle test)")
+    single_fact_at_start: float = _key(0.0, "share of sequences in which a single fact is stated at record 0, the "
+                                            "first two tokens (where a needle at depth 0% sits)")
 
 
 @dataclasses.dataclass

@@ -177,8 +177,42 @@ def test_single_facts_reach_across_the_sequence_and_keep_samples_deterministic()
     assert statements_at_start > 0  # record 0 holds a single fact in some sequences, as a needle at depth 0%
 
 
+def test_single_fact_at_start_states_a_single_fact_at_record_0_in_that_share_of_sequences():
+    at_start = RetrievalFormat(num_keys=64, num_values=16, query_fraction=0.5, facts_per_sequence=8, single_facts=2,
+                               single_fact_at_start=0.5)
+    plain = RetrievalFormat(num_keys=64, num_values=16, query_fraction=0.5, facts_per_sequence=8, single_facts=2)
+    bursty = RetrievalFormat(num_keys=64, num_values=16, query_fraction=0.5, facts_per_sequence=8)
+    moved = 0
+    for index in range(200):
+        tokens, answer_mask = generate_records(400, sample_rng(5, TRAIN_STREAM, index), at_start)
+        base, base_mask = generate_records(400, sample_rng(5, TRAIN_STREAM, index), plain)
+        bursty_tokens, _ = generate_records(400, sample_rng(5, TRAIN_STREAM, index), bursty)
+        singles = [key for key in set(base[:, 0].tolist()) if (base[:, 0] == key).sum() == 2
+                   and not set(numpy.flatnonzero(base[:, 0] == key).tolist()) & {0}]
+        if (tokens == base).all() and (answer_mask == base_mask).all():
+            continue  # not drawn for this sequence: the sample is the plain one
+        moved += 1
+        key = tokens[0, 0]
+        statement, question = numpy.flatnonzero(tokens[:, 0] == key)  # the moved fact: stated at 0, asked later
+        assert statement == 0 and not answer_mask[0, 1] and answer_mask[question, 1]
+        assert tokens[0, 1] == tokens[question, 1] and key in singles  # one of the plain sample's single facts
+        former = numpy.flatnonzero(base[:, 0] == key)[0]  # where the plain sample stated it: the bursty record again
+        assert (tokens[former] == bursty_tokens[former]).all()
+        fact_of = {}
+        for index_, (k, v) in enumerate(tokens.tolist()):  # every asked value was stated before
+            if answer_mask[index_, 1]:
+                assert fact_of[k] == v
+            else:
+                fact_of[k] = v
+    assert 70 <= moved <= 130  # about half of 200 (binomial: 100 +- 7)
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"single_facts": -1, "facts_per_sequence": 8}, r"retrieval.single_facts=-1 is not allowed: it must be an integer"),
+    ({"single_facts": 2, "facts_per_sequence": 8, "single_fact_at_start": 1.5},
+     r"retrieval.single_fact_at_start=1.5 is not allowed: it must be a number in \[0, 1\]"),
+    ({"single_fact_at_start": 0.2, "facts_per_sequence": 8},
+     r"retrieval.single_fact_at_start=0.2 is not allowed with retrieval.single_facts=0"),
     ({"single_facts": 4}, r"retrieval.single_facts=4 is not allowed with retrieval.facts_per_sequence=0"),
     ({"single_facts": 56, "facts_per_sequence": 8},
      r"retrieval.single_facts=56 is not allowed with retrieval.facts_per_sequence=8 and retrieval.num_keys=64: .* at most 55"),
