@@ -151,13 +151,18 @@ def test_single_facts_are_stated_once_and_asked_once_later(single, num_records):
         unchanged = numpy.setdiff1d(numpy.arange(num_records), numpy.concatenate([changed, restated]))
         assert (answer_mask[unchanged] == base_mask[unchanged]).all()
         assert not answer_mask[restated, 1].any()
-        fact_of = {}
-        for index, (key, value) in enumerate(tokens.tolist()):  # every asked value was stated before
-            if answer_mask[index, 1]:
-                assert fact_of[key] == value, f"record {index} asks key {key} with a value never stated"
-            else:
-                assert key not in fact_of
-                fact_of[key] = value
+        _assert_each_fact_stated_once_before_it_is_asked(tokens, answer_mask)
+
+
+def _assert_each_fact_stated_once_before_it_is_asked(tokens, answer_mask):
+    """Records [N, 2] and their answer mask: every asked value was stated earlier, each key stated once."""
+    fact_of = {}
+    for index, (key, value) in enumerate(tokens.tolist()):
+        if answer_mask[index, 1]:
+            assert fact_of[key] == value, f"record {index} asks key {key} with a value never stated"
+        else:
+            assert key not in fact_of
+            fact_of[key] = value
 
 
 def test_single_facts_reach_across_the_sequence_and_keep_samples_deterministic():
@@ -198,12 +203,7 @@ def test_single_fact_at_start_states_a_single_fact_at_record_0_in_that_share_of_
         assert tokens[0, 1] == tokens[question, 1] and key in singles  # one of the plain sample's single facts
         former = numpy.flatnonzero(base[:, 0] == key)[0]  # where the plain sample stated it: the bursty record again
         assert (tokens[former] == bursty_tokens[former]).all()
-        fact_of = {}
-        for index_, (k, v) in enumerate(tokens.tolist()):  # every asked value was stated before
-            if answer_mask[index_, 1]:
-                assert fact_of[k] == v
-            else:
-                fact_of[k] = v
+        _assert_each_fact_stated_once_before_it_is_asked(tokens, answer_mask)
     assert 70 <= moved <= 130  # about half of 200 (binomial: 100 +- 7)
 
 
