@@ -16,7 +16,10 @@ uniformly from all keys defined so far, so that every distance from one record t
 trained. With `mean_gap` > 0 each definition is followed by filler: a number of random byte tokens
 drawn uniformly from [0, 2 * mean_gap]; queries follow one another without filler. A sequence then holds
 fewer keys to tell apart while its distances stay as long, and with a high `query_fraction` it still asks
-many questions (a record cut by the sequence's end is left out). With `query_once` each key is queried at
+many questions (a record cut by the sequence's end is left out). With `gap_after` = "records" every
+record, queries too, is followed by its filler: facts then sit sparsely in low-information bytes at any
+part of the sequence, as a needle does in the needle-in-a-haystack test (with bursty facts, whose records
+are nearly all queries, filler after definitions alone would leave most of the sequence dense). With `query_once` each key is queried at
 most once (a query drawn when every defined key has been asked becomes a definition): the answer is then
 always at the key's definition, never at a nearer earlier query of the same key. It needs `query_fraction`
 below 0.5, so that the keys not yet asked pile up and a query can reach back across the whole context.
@@ -63,6 +66,7 @@ TRAIN_STREAM, VALID_STREAM, NEEDLE_STREAM = 0, 1, 2
 FIRST_KEY_ID = BYTE_VOCAB_SIZE  # after the byte tokenizer's 256 bytes, end-of-document and padding
 RECORD_LENGTH = 2  # key, value
 BYTE_RANGE = 256  # filler tokens between records are bytes 0..255
+GAP_AFTER = ("definitions", "records")  # the records that filler follows when mean_gap > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +75,7 @@ class RetrievalFormat:
     num_values: int = 256
     query_fraction: float = 0.25
     mean_gap: int = 0  # filler tokens after each definition: uniform in [0, 2 * mean_gap]
+    gap_after: str = "definitions"  # which records the filler follows: "definitions" or "records" (all)
     query_once: bool = False  # each key queried at most once: no answer can be copied from an earlier query
     queries_last: bool = False  # all definitions first, then one block of queries (each key at most once)
     facts_per_sequence: int = 0  # > 0: only this many facts per sequence, each restated by many queries
@@ -120,6 +125,12 @@ def check_settings(settings) -> None:
     if at_start and not single:
         raise ValueError(f"retrieval.single_fact_at_start={at_start} is not allowed with retrieval.single_facts=0: "
                          "it moves a single fact's statement to record 0; set retrieval.single_facts > 0")
+    if settings.gap_after not in GAP_AFTER:
+        raise ValueError(f"retrieval.gap_after={settings.gap_after!r} is not allowed: it must be one of "
+                         f"{', '.join(GAP_AFTER)}")
+    if settings.gap_after == "records" and settings.queries_last:
+        raise ValueError("retrieval.gap_after='records' is not allowed with retrieval.queries_last=true: the final "
+                         "query block has no filler; set retrieval.gap_after=definitions")
     for name in ("query_once", "queries_last"):
         if not isinstance(getattr(settings, name), bool):
             raise ValueError(f"retrieval.{name}={getattr(settings, name)!r} is not allowed: it must be true or false")
@@ -282,8 +293,8 @@ def lay_out(num_tokens: int, rng: numpy.random.Generator, fmt: RetrievalFormat,
             exclude_key: Optional[int] = None) -> Tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
     """Exactly `num_tokens` tokens starting at a record: (tokens [num_tokens] int64, answer mask
     [num_tokens] bool, record_starts [num_records] offsets). Without gaps the last record may be cut;
-    with gaps (fmt.mean_gap > 0) every record is whole and filler follows each definition. With
-    fmt.queries_last see lay_out_queries_last."""
+    with gaps (fmt.mean_gap > 0) every record is whole and filler follows each definition (each record with
+    fmt.gap_after = "records"). With fmt.queries_last see lay_out_queries_last."""
     if fmt.queries_last:
         return lay_out_queries_last(num_tokens, rng, fmt, exclude_key)
     if fmt.mean_gap == 0:
@@ -291,7 +302,9 @@ def lay_out(num_tokens: int, rng: numpy.random.Generator, fmt: RetrievalFormat,
         record_starts = numpy.arange(0, num_tokens, RECORD_LENGTH)
         return tokens.reshape(-1)[:num_tokens], answer_mask.reshape(-1)[:num_tokens], record_starts
     is_query = draw_queries(keys_needed(num_tokens), rng, fmt)  # [max records]
-    gaps = numpy.where(is_query, 0, rng.integers(0, 2 * fmt.mean_gap + 1, size=is_query.size))  # [max records]
+    gaps = rng.integers(0, 2 * fmt.mean_gap + 1, size=is_query.size)  # [max records]
+    if fmt.gap_after == "definitions":
+        gaps[is_query] = 0
     record_ends = numpy.cumsum(RECORD_LENGTH + gaps) - gaps  # [max records] offset after each record's value
     num_records = int(numpy.searchsorted(record_ends, num_tokens, side="right"))  # whole records that fit
     drawn = max(num_records, 1)

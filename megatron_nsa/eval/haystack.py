@@ -11,8 +11,9 @@ prediction (teacher forcing: one forward pass scores all of them).
 
 Two formats:
   retrieval  the synthetic task's records (megatron_nsa.data.retrieval): filler = a task sequence
-             whose keys all differ from the needle's (with the recipe's mean_gap after definitions, and
-             with queries_last its query block at the end of the filler, before the needle's question),
+             whose keys all differ from the needle's (with the recipe's mean_gap filler after definitions,
+             or after every record with gap_after=records, and with queries_last its query block at the
+             end of the filler, before the needle's question),
              needle = one definition `key value`, question `key`, answer `value` (one token each)
   text       filler = validation text of the model's corpus, needle `\\nThe secret code of kbfo is 4821.\\n`,
              question `\\nThe secret code of kbfo is `, answer `4821`

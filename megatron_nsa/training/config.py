@@ -21,6 +21,7 @@ import yaml
 from megatron_nsa.config import NSAConfig, literal_choices, suggestion
 from megatron_nsa.context_parallel.exchange import EXCHANGE_MODES, check_node_size
 from megatron_nsa.context_parallel.layout import check_cp_sequence
+from megatron_nsa.data.retrieval import GAP_AFTER
 from megatron_nsa.functional import Backend
 
 
@@ -111,6 +112,9 @@ class RetrievalSection:
     num_values: int = _key(256, "value token ids right after the keys")
     query_fraction: float = _key(0.25, "share of records that query an earlier key (the loss is on their values)")
     mean_gap: int = _key(0, "filler tokens after each definition, uniform in [0, 2 * mean_gap]")
+    gap_after: Literal[GAP_AFTER] = _key(
+        "definitions", "the records that mean_gap's filler follows: definitions, or records (queries too: facts sit "
+                       "sparsely in filler everywhere, as a needle does)")
     query_once: bool = _key(False, "each key queried at most once")
     queries_last: bool = _key(False, "all definitions first, then one block of queries, each key asked once")
     facts_per_sequence: int = _key(0, "> 0: only this many facts per sequence, each restated by many queries "

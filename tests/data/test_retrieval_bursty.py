@@ -2,6 +2,7 @@
 each restated by many queries; and the task's earlier settings still give the samples they always gave."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy
@@ -218,4 +219,58 @@ def test_single_fact_at_start_states_a_single_fact_at_record_0_in_that_share_of_
      r"retrieval.single_facts=56 is not allowed with retrieval.facts_per_sequence=8 and retrieval.num_keys=64: .* at most 55"),
 ])
 def test_bad_single_fact_settings_are_named(settings, message):
+    _assert_refused_by_name(settings, message)
+
+
+@pytest.mark.parametrize("mean_gap", [3, 30])
+def test_gap_after_records_puts_filler_after_every_record_of_a_bursty_sequence(mean_gap):
+    fmt = RetrievalFormat(num_keys=64, num_values=16, query_fraction=0.5, facts_per_sequence=6, single_facts=4,
+                          mean_gap=mean_gap, gap_after="records")
+    num_tokens = 6001
+    tokens, answer_mask, record_starts = lay_out(num_tokens, sample_rng(5, TRAIN_STREAM, 1), fmt)
+    assert tokens.shape == answer_mask.shape == (num_tokens,)
+    is_key = (tokens >= FIRST_KEY_ID) & (tokens < fmt.first_value_id)
+    assert numpy.flatnonzero(is_key).tolist() == record_starts.tolist()  # every key starts a record, no other
+    assert (tokens[record_starts + 1] >= fmt.first_value_id).all() and record_starts[-1] + RECORD_LENGTH <= num_tokens
+    gaps = numpy.diff(record_starts) - RECORD_LENGTH  # [records - 1] filler after each record but the last
+    is_query = answer_mask[record_starts + 1]
+    assert gaps.min() >= 0 and gaps.max() <= 2 * mean_gap
+    for gaps_after in (gaps[is_query[:-1]], gaps[~is_query[:-1]]):  # queries are followed by filler as well
+        assert abs(gaps_after.mean() - mean_gap) < 0.25 * mean_gap + 0.5
+    expected_records = num_tokens / (RECORD_LENGTH + mean_gap)
+    assert 0.8 * expected_records < len(record_starts) < 1.2 * expected_records
+    outside = numpy.ones(num_tokens, dtype=bool)
+    outside[record_starts], outside[record_starts + 1] = False, False
+    assert (tokens[outside] < 256).all()  # everything else is filler bytes
+    stated = {}  # each query answers the value its key was last stated with
+    for start in record_starts.tolist():
+        key, value = int(tokens[start]), int(tokens[start + 1])
+        if answer_mask[start + 1]:
+            assert stated[key] == value
+        stated[key] = value
+    assert len(stated) == 6 + 4  # the bursty facts and the single facts
+    again = lay_out(num_tokens, sample_rng(5, TRAIN_STREAM, 1), fmt)
+    numpy.testing.assert_array_equal(tokens, again[0])
+    after_definitions = lay_out(num_tokens, sample_rng(5, TRAIN_STREAM, 1), dataclasses.replace(fmt, gap_after="definitions"))
+    assert (numpy.diff(after_definitions[2]) == RECORD_LENGTH).mean() > 0.9  # bursty: nearly all dense queries
+
+
+def test_needle_in_a_haystack_with_filler_after_every_record():
+    fmt = RetrievalFormat(num_keys=64, num_values=16, query_fraction=0.5, facts_per_sequence=6, mean_gap=20,
+                          gap_after="records")
+    for index in range(6):
+        sample = retrieval_sample(2048, index / 5, sample_rng(0, 2, index), fmt)
+        key = sample.tokens[-2]
+        assert (sample.tokens[:-2] == key).sum() == 1 and sample.tokens[sample.needle_start] == key
+        assert abs(sample.needle_start - index / 5 * sample.filler_length) <= 2 * 20 + RECORD_LENGTH
+        records = numpy.flatnonzero((sample.tokens[:-2] >= FIRST_KEY_ID) & (sample.tokens[:-2] < fmt.first_value_id))
+        assert 2048 / (RECORD_LENGTH + 2 * 20) < records.size < 2048 / (RECORD_LENGTH + 20 / 2)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"gap_after": "queries"}, r"retrieval.gap_after='queries' is not allowed"),
+    ({"gap_after": "records", "queries_last": True, "query_fraction": 0.3},
+     r"retrieval.gap_after='records' is not allowed with retrieval.queries_last=true"),
+])
+def test_bad_gap_after_is_named(settings, message):
     _assert_refused_by_name(settings, message)
