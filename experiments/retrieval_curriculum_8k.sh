@@ -15,8 +15,11 @@
 # stage (after the stage's own, so they win), e.g. `optimizer.lr=3e-3 retrieval.single_facts=16
 # checkpoint.dir=checkpoints/curriculum_lr3e-3`; give each variant its own checkpoint.dir.
 # Environment:
-#   CURRICULUM_STAGES  the stages, "length:sequences:facts:last_step ..." (default: the four below); with
-#                      other step counts set optimizer.decay_steps to the last stage's last step
+#   CURRICULUM_STAGES  the stages, "length:sequences:facts:last_step[,section.key=value...] ..." (default:
+#                      the four below); with other step counts set optimizer.decay_steps to the last stage's
+#                      last step. Overrides after a stage's numbers apply to that stage alone (before the
+#                      command line's), e.g. "8192:8:64:6000,retrieval.mean_gap=14" (the needle test then
+#                      takes the last stage's settings, saved with its checkpoint)
 #   NEEDLE_SAMPLES     samples per needle cell (default 20)
 #   RECALL_SAMPLES     validation sequences of each stage's recall breakdown (default 16; 0: none)
 #   CURRICULUM_RECIPE  the recipe every stage trains (default configs/retrieval_curriculum_8k.yaml); a
@@ -53,11 +56,20 @@ done
 read -r -a stages <<<"${CURRICULUM_STAGES:-256:256:8:600 1024:64:32:1000 4096:16:128:1400 8192:8:512:3000}"
 previous=0
 for stage in "${stages[@]}"; do
-  if ! [[ "$stage" =~ ^[0-9]+:[0-9]+:[0-9]+:[0-9]+$ ]]; then
-    echo "CURRICULUM_STAGES: stage '${stage}' must be length:sequences:facts:last_step (whole numbers)" >&2
+  if ! [[ "${stage%%,*}" =~ ^[0-9]+:[0-9]+:[0-9]+:[0-9]+$ ]]; then
+    echo "CURRICULUM_STAGES: stage '${stage}' must be length:sequences:facts:last_step (whole numbers), then" \
+      "optionally ,section.key=value overrides" >&2
     exit 2
   fi
-  last=${stage##*:}
+  IFS=, read -r -a stage_overrides <<<"${stage#"${stage%%,*}"}"
+  for override in "${stage_overrides[@]:1}"; do
+    if [[ "$override" != *.*=* ]]; then
+      echo "CURRICULUM_STAGES: stage '${stage}': override '${override}' must look like section.key=value" >&2
+      exit 2
+    fi
+  done
+  last=${stage%%,*}
+  last=${last##*:}
   if ((last <= previous)); then
     echo "CURRICULUM_STAGES: stage '${stage}' ends at step ${last}, not after the previous stage's ${previous}" >&2
     exit 2
@@ -81,7 +93,9 @@ if ! [[ "$recall_samples" =~ ^[0-9]+$ ]]; then
 fi
 start=$(date +%s)
 for stage in "${stages[@]}"; do
-  IFS=: read -r length sequences facts last_step <<<"$stage"
+  IFS=: read -r length sequences facts last_step <<<"${stage%%,*}"
+  IFS=, read -r -a stage_overrides <<<"${stage#"${stage%%,*}"}"  # [0] is empty: the text starts with a comma
+  stage_overrides=("${stage_overrides[@]:1}")
   limit=()
   if ((limit_s > 0)); then
     left=$((limit_s - ($(date +%s) - start)))
@@ -91,12 +105,14 @@ for stage in "${stages[@]}"; do
     fi
     limit=(timeout -s TERM "$left")
   fi
-  echo "stage: ${length} tokens x ${sequences} sequences, ${facts} facts per sequence, up to step ${last_step}"
+  echo "stage: ${length} tokens x ${sequences} sequences, ${facts} facts per sequence, up to step ${last_step}" \
+    "${stage_overrides[*]}"
   status=0
   "${limit[@]}" launch/train.sh "$recipe" "model.attention=${model}" \
     "checkpoint.dir=${dir}" "logging.metrics_file=${dir}/metrics.jsonl" "data.seq_length=${length}" \
     "training.micro_batch_size=${sequences}" "training.global_batch_size=${sequences}" \
-    "retrieval.facts_per_sequence=${facts}" "training.train_steps=${last_step}" "${extra[@]}" || status=$?
+    "retrieval.facts_per_sequence=${facts}" "training.train_steps=${last_step}" "${stage_overrides[@]}" \
+    "${extra[@]}" || status=$?
   if ((status == 124)); then
     echo "time limit reached in the ${length}-token stage (checkpoint saved): run the same command again to resume"
     exit 0

@@ -1,6 +1,6 @@
 """experiments/retrieval_curriculum_8k.sh: its refusals, and a two-stage curriculum of a tiny NSA model on
 CPU: the second stage resumes the first one's checkpoint, the recipe CURRICULUM_RECIPE names and the overrides
-reach every stage, each stage's recall breakdown is written and tabulated, and the needle test runs at the last
+reach every stage, a stage's own overrides reach that stage alone, each stage's recall breakdown is written and tabulated, and the needle test runs at the last
 stage's length and at 2x and 4x it."""
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def run_script(args, **env):
     (["nsa", "10", "lr=3e-3"], {}, "override 'lr=3e-3' must look like section.key=value"),
     (["nsa"], {"CURRICULUM_STAGES": "256:4:8"}, "stage '256:4:8' must be length:sequences:facts:last_step"),
     (["nsa"], {"CURRICULUM_STAGES": "256:4:8:5 512:2:8:5"}, "stage '512:2:8:5' ends at step 5, not after"),
+    (["nsa"], {"CURRICULUM_STAGES": "256:4:8:5,retrieval.mean_gap=2 512:2:8:9,gap=3"},
+     "stage '512:2:8:9,gap=3': override 'gap=3' must look like section.key=value"),
     (["nsa"], {"NEEDLE_SAMPLES": "0"}, "NEEDLE_SAMPLES must be a whole number >= 1, got '0'"),
     (["nsa"], {"RECALL_SAMPLES": "some"}, "RECALL_SAMPLES must be a whole number >= 0, got 'some'"),
     (["nsa"], {"CURRICULUM_RECIPE": "no_such_recipe.yaml"}, "CURRICULUM_RECIPE: no recipe file 'no_such_recipe.yaml'"),
@@ -44,7 +46,8 @@ def test_a_two_stage_curriculum_resumes_and_ends_with_the_needle_test(tmp_path):
     checkpoint_dir = tmp_path / "curriculum"
     result = run_script(["nsa", "0", f"checkpoint.dir={checkpoint_dir}", "retrieval.single_facts=2",
                          "model.position_embedding_type=rope", *TINY],
-                        CURRICULUM_STAGES="64:2:4:2 128:2:4:4", NEEDLE_SAMPLES="1", RECALL_SAMPLES="2",
+                        CURRICULUM_STAGES="64:2:4:2 128:2:4:4,retrieval.mean_gap=3,retrieval.gap_after=records",
+                        NEEDLE_SAMPLES="1", RECALL_SAMPLES="2",
                         CURRICULUM_RECIPE="configs/retrieval_emergence_cpu.yaml")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "steps 0..2" in result.stdout and "steps 2..4" in result.stdout  # the second stage resumed
@@ -52,6 +55,9 @@ def test_a_two_stage_curriculum_resumes_and_ends_with_the_needle_test(tmp_path):
     assert recipe["retrieval"]["single_facts"] == 2 and recipe["data"]["seq_length"] == 128  # the overrides won
     assert recipe["model"]["hidden_size"] == 64
     assert recipe["retrieval"]["num_keys"] == 64  # CURRICULUM_RECIPE's (the default recipe has 1,024 keys)
+    assert recipe["retrieval"]["mean_gap"] == 3 and recipe["retrieval"]["gap_after"] == "records"  # the stage's own
+    first_stage, second_stage = [line for line in result.stdout.splitlines() if line.startswith("stage:")]
+    assert "mean_gap" not in first_stage and second_stage.endswith("retrieval.mean_gap=3 retrieval.gap_after=records")
     needle = json.loads((checkpoint_dir / "needle.json").read_text())
     assert needle["lengths"] == [128, 256, 512] and needle["step"] == 4 and "needle_block_selected" in needle
     metrics = [json.loads(line) for line in (checkpoint_dir / "metrics.jsonl").read_text().splitlines()]
