@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 import numpy
 
 from megatron_nsa.data.retrieval import (FIRST_KEY_ID, NEEDLE_STREAM, RECORD_LENGTH, RetrievalFormat, check_key_space,
-                             generate_records, lay_out)
+                             filler_tokens, generate_records, lay_out)
 
 FORMATS = ("retrieval", "text")
 TEXT_KEY_LETTERS, TEXT_VALUE_DIGITS = 4, 4  # the text fact: "The secret code of kbfo is 4821."
@@ -91,10 +91,14 @@ def retrieval_sample(length: int, depth: float, rng: numpy.random.Generator, fmt
     key = FIRST_KEY_ID + int(rng.integers(fmt.num_keys))
     value = fmt.first_value_id + int(rng.integers(fmt.num_values))
     needle, question, answer = numpy.array([key, value]), numpy.array([key]), numpy.array([value])
-    filler_length = length - len(needle) - len(question) - len(answer)
+    # with filler after every record the needle has its own gap, drawn as the haystack's are
+    gap = filler_tokens(int(rng.integers(0, 2 * fmt.mean_gap + 1)), rng) if fmt.gap_after == "records" else needle[:0]
+    filler_length = length - len(needle) - len(gap) - len(question) - len(answer)
     if fmt.mean_gap or fmt.queries_last:  # records all whole: the needle goes before one, or at the end
         filler, _, record_starts = lay_out(filler_length, rng, fmt, exclude_key=key)
-        return place_needle(filler, needle, question, answer, depth, numpy.append(record_starts, filler_length))
+        sample = place_needle(filler, numpy.concatenate([needle, gap]), question, answer, depth,
+                              numpy.append(record_starts, filler_length))
+        return dataclasses.replace(sample, needle_length=len(needle))
     records, _ = generate_records(-(-filler_length // RECORD_LENGTH), rng, fmt, exclude_key=key)
     filler = records.reshape(-1)[-filler_length:]  # the first record may start cut
     first_start = filler_length % RECORD_LENGTH  # offset of the first whole record

@@ -258,6 +258,7 @@ def test_gap_after_records_puts_filler_after_every_record_of_a_bursty_sequence(m
 def test_needle_in_a_haystack_with_filler_after_every_record():
     fmt = RetrievalFormat(num_keys=64, num_values=16, query_fraction=0.5, facts_per_sequence=6, mean_gap=20,
                           gap_after="records")
+    gaps_after = []  # filler tokens between the needle and the next record
     for index in range(6):
         sample = retrieval_sample(2048, index / 5, sample_rng(0, 2, index), fmt)
         key = sample.tokens[-2]
@@ -265,6 +266,10 @@ def test_needle_in_a_haystack_with_filler_after_every_record():
         assert abs(sample.needle_start - index / 5 * sample.filler_length) <= 2 * 20 + RECORD_LENGTH
         records = numpy.flatnonzero((sample.tokens[:-2] >= FIRST_KEY_ID) & (sample.tokens[:-2] < fmt.first_value_id))
         assert 2048 / (RECORD_LENGTH + 2 * 20) < records.size < 2048 / (RECORD_LENGTH + 20 / 2)
+        assert sample.needle_length == RECORD_LENGTH and len(sample.tokens) == 2048
+        next_key = numpy.append(records, len(sample.tokens) - 2)[numpy.searchsorted(records, sample.needle_start) + 1]
+        gaps_after.append(next_key - sample.needle_start - RECORD_LENGTH)  # the question's key counts at the end
+    assert max(gaps_after) > 0  # the needle is followed by filler as every haystack record is
 
 
 @pytest.mark.parametrize("settings, message", [
