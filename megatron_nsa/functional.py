@@ -48,6 +48,43 @@ def recorded_selections() -> Iterator[List[torch.Tensor]]:
         _selection_records.reset(token)
 
 
+BRANCHES = ("cmp", "slc", "win")  # the order of the gates' last dimension
+
+# The branches silenced_branches() turned off in this context.
+_silenced: contextvars.ContextVar[Tuple[str, ...]] = contextvars.ContextVar("nsa_silenced_branches", default=())
+
+
+@contextlib.contextmanager
+def silenced_branches(*branches: str) -> Iterator[None]:
+    """Turn NSA branches off, to see which one carries a result (an evaluation ablation).
+
+    Inside the block every nsa_attention (and nsa_attention_cp) call multiplies the gates of `branches`
+    ('cmp', 'slc', 'win') by 0, so its output is the gated sum of the other branches alone. The selection
+    still runs on the compressed scores, whether or not the compressed branch is silenced. A nested block
+    replaces the outer one's set.
+
+        with silenced_branches("cmp", "win"):
+            logits = model(tokens)          # the selected branch alone
+    """
+    unknown = [branch for branch in branches if branch not in BRANCHES]
+    if unknown:
+        raise ValueError(f"silenced_branches{branches} names {unknown}: a branch must be one of {BRANCHES}")
+    token = _silenced.set(tuple(branches))
+    try:
+        yield
+    finally:
+        _silenced.reset(token)
+
+
+def silenced_gates(gates: torch.Tensor) -> torch.Tensor:
+    """gates [..., 3] with the silenced branches' columns set to 0 (gates itself when none is silenced)."""
+    silenced = _silenced.get()
+    if not silenced:
+        return gates
+    keep = torch.tensor([branch not in silenced for branch in BRANCHES], dtype=gates.dtype, device=gates.device)
+    return gates * keep
+
+
 def default_backend(device: torch.device) -> str:
     """triton on CUDA (when the kernels import), torch elsewhere."""
     if device.type == "cuda" and triton_backend_available():
@@ -231,7 +268,8 @@ def nsa_attention(
            compressed key at its block's last token position (within its document)
     returns [B, T, H_q, d_v]
 
-    Inside `with recorded_selections()` the call also records the blocks its queries selected.
+    Inside `with recorded_selections()` the call also records the blocks its queries selected; inside
+    `with silenced_branches(...)` the named branches' gates are 0.
     """
     if not isinstance(config, NSAConfig):
         raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
@@ -247,6 +285,7 @@ def nsa_attention(
     ks = branch_tensors("k", k, config.separate_kv)
     vs = branch_tensors("v", v, config.separate_kv)
     bounds = check_inputs(q, ks, vs, gates, cu_seqlens, config)
+    gates = silenced_gates(gates)
     backend = backend or default_backend(q.device)
     if backend == "triton":
         if not triton_backend_available():

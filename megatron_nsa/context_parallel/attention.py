@@ -23,7 +23,7 @@ import torch
 
 from ..compression import block_windows
 from ..config import NSAConfig
-from ..functional import branch_tensors, check_cu_seqlens, check_inputs
+from ..functional import branch_tensors, check_cu_seqlens, check_inputs, silenced_gates
 from ..reference import RopeFn, num_compressed_blocks
 from .branches import resolve_branches
 from .exchange import make_exchange
@@ -111,6 +111,7 @@ def nsa_attention_cp(
     ks = branch_tensors("k", k, config.separate_kv)
     vs = branch_tensors("v", v, config.separate_kv)
     check_inputs(q, ks, vs, gates, None, config)
+    gates = silenced_gates(gates)  # inside functional.silenced_branches(...)
     batch, local_len, _, _ = q.shape
     num_kv_heads = ks[0].shape[2]
     if head_group_size is None:

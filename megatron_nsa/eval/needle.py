@@ -2,7 +2,8 @@
 
     python -m megatron_nsa.eval.needle --checkpoint CKPT_DIR [--lengths 8192 16384 32768]
         [--depths 0 10 20 ... 100] [--samples 20] [--format retrieval|text] [--json OUT.json]
-        [--table OUT.md] [--png OUT.png] [--selections] [--recipe CONFIG.yaml] [section.key=value ...]
+        [--table OUT.md] [--png OUT.png] [--selections] [--silence BRANCH ...] [--recipe CONFIG.yaml]
+        [section.key=value ...]
 
 Each sample hides one key/value fact at a depth of its filler and asks for it at the end
 (megatron_nsa.eval.haystack). Scoring is teacher-forced: one forward pass per sample, and a sample counts
@@ -12,7 +13,8 @@ data.source=retrieval) and `text` (an English sentence in validation text of the
 default otherwise). Prints a markdown table (depth rows, length columns); --png draws a heat map when
 matplotlib is installed. --selections (NSA models) adds how often the selected blocks at the question hold
 the needle (megatron_nsa.eval.selections): a needle never selected can only be seen through the window and
-the compressed branch.
+the compressed branch. --silence cmp win (NSA models) scores the model with those branches' gates set to 0
+(megatron_nsa.functional.silenced_branches): which branch carries the answer.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from .checkpoints import EvalInputError, check_length, checkpoint_recipe, read_m
 from .haystack import FORMATS, check_depths, check_grid_lengths, needle_samples
 from .report import accuracy_table, grid_key, write_json
 from megatron_nsa.data.retrieval import RetrievalFormat
+from megatron_nsa.functional import BRANCHES, silenced_branches
 
 DEFAULT_DEPTHS = [float(d) for d in range(0, 101, 10)]
 SCORING = "teacher-forced: correct when every answer token is the argmax prediction"
@@ -56,6 +59,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--selections", action="store_true",
                         help="NSA models: also report how often the selection at the question holds the needle's "
                              "block (share of layers x KV heads), per cell and per layer")
+    parser.add_argument("--silence", nargs="+", choices=BRANCHES, default=[], metavar="BRANCH",
+                        help="NSA models: turn these branches off (their gates set to 0: cmp, slc, win), to see "
+                             "which branch finds the needle; the selection still runs")
     parser.add_argument("--recipe", help="the training recipe, for checkpoints that do not store theirs")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
     return parser.parse_args(argv)
@@ -170,15 +176,21 @@ def run(args: argparse.Namespace) -> dict:
         raise EvalInputError(f"--batch-size {args.batch_size} is not allowed: it must be >= 1")
     if args.selections and recipe.model.attention != "nsa":
         raise EvalInputError(f"--selections needs an NSA model; this one has model.attention={recipe.model.attention!r}")
+    if args.silence and recipe.model.attention != "nsa":
+        raise EvalInputError(f"--silence needs an NSA model; this one has model.attention={recipe.model.attention!r}")
 
     from .model_loader import load_model
     from .plots import accuracy_heatmap
 
     loaded = load_model(args.checkpoint, args.recipe, args.overrides, args.device)
-    result = needle_grid(loaded, text_format, lengths, args.depths, samples, args.seed, args.batch_size,
-                         args.selections)
+    with silenced_branches(*args.silence):
+        result = needle_grid(loaded, text_format, lengths, args.depths, samples, args.seed, args.batch_size,
+                             args.selections)
+    result["silenced_branches"] = list(args.silence)
+    silenced = f", branches off: {' '.join(args.silence)}" if args.silence else ""
     table = accuracy_table(result["accuracy"], lengths, args.depths)
-    print(f"\nneedle accuracy, {loaded.attention} step {loaded.step}, format {text_format} ({SCORING}):\n{table}")
+    print(f"\nneedle accuracy, {loaded.attention} step {loaded.step}, format {text_format}{silenced} ({SCORING}):"
+          f"\n{table}")
     if args.selections:
         print(f"\n{SELECTED_TITLE}:\n{accuracy_table(result['needle_block_selected'], lengths, args.depths)}")
     if args.json:
@@ -188,7 +200,7 @@ def run(args: argparse.Namespace) -> dict:
             f.write(table + "\n")
     if args.png:
         accuracy_heatmap(result["accuracy"], lengths, args.depths, args.png,
-                         f"needle accuracy: {loaded.attention}, step {loaded.step}, {text_format}")
+                         f"needle accuracy: {loaded.attention}, step {loaded.step}, {text_format}{silenced}")
     return result
 
 

@@ -101,6 +101,21 @@ def test_needle_selections_count_the_layers_that_select_the_needle(trained):
 
 
 @pytest.mark.slow
+def test_needle_with_every_branch_silenced_still_selects_and_says_so(trained):
+    """--silence sets those branches' gates to 0 (tests/test_silenced_branches.py checks the outputs); the
+    selection still runs, so the selections diagnostic is the same as without it."""
+    workdir, checkpoint, _ = trained
+    result = run_module("megatron_nsa.eval.needle", "--checkpoint", checkpoint, "--lengths", 64, "--depths", 0, 50,
+                        100, "--samples", 2, "--selections", "--silence", "cmp", "slc", "win",
+                        "--json", workdir / "silenced.json", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((workdir / "silenced.json").read_text())
+    assert report["silenced_branches"] == ["cmp", "slc", "win"]
+    assert report["needle_block_selected"]["64"] == {"0": 1.0, "50": 0.0, "100": 1.0}
+    assert "branches off: cmp slc win" in result.stdout
+
+
+@pytest.mark.slow
 def test_eval_loss_on_an_indexed_dataset(trained, tmp_path):
     from megatron_nsa.data.build_dataset import build_indexed_dataset
     from megatron_nsa.data.tokenizer import ByteTokenizer
