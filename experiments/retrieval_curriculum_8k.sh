@@ -22,6 +22,9 @@
 #                      takes the last stage's settings, saved with its checkpoint)
 #   NEEDLE_SAMPLES     samples per needle cell (default 20)
 #   RECALL_SAMPLES     validation sequences of each stage's recall breakdown (default 16; 0: none)
+#   NEEDLE_SILENCE     NSA: branches to turn off in a second needle test at the last stage's length, e.g.
+#                      "cmp win" (the selected branch alone; megatron_nsa.eval.needle --silence), written to
+#                      CHECKPOINT_DIR/needle_silenced.{json,md} (default: none)
 #   CURRICULUM_RECIPE  the recipe every stage trains (default configs/retrieval_curriculum_8k.yaml); a
 #                      recipe with learned positions cannot change length: give it RoPE
 #                      (model.position_embedding_type=rope)
@@ -82,6 +85,12 @@ if [[ ! -f "$recipe" ]]; then
   exit 2
 fi
 needle_samples=${NEEDLE_SAMPLES:-20}
+for branch in ${NEEDLE_SILENCE:-}; do
+  if [[ "$branch" != cmp && "$branch" != slc && "$branch" != win ]]; then
+    echo "NEEDLE_SILENCE: '${branch}' is not a branch: give some of cmp slc win, e.g. NEEDLE_SILENCE=\"cmp win\"" >&2
+    exit 2
+  fi
+done
 if ! [[ "$needle_samples" =~ ^[1-9][0-9]*$ ]]; then
   echo "NEEDLE_SAMPLES must be a whole number >= 1, got '${needle_samples}'" >&2
   exit 2
@@ -133,3 +142,9 @@ fi
   --depths 0 10 20 30 40 50 60 70 80 90 100 --samples "$needle_samples" --format retrieval \
   $([[ "$model" == nsa ]] && echo --selections) \
   --json "${dir}/needle.json" --table "${dir}/needle.md" --png "${dir}/needle.png"
+if [[ -n "${NEEDLE_SILENCE:-}" && "$model" == nsa ]]; then
+  # shellcheck disable=SC2086  # one argument per branch
+  "${PYTHON:-python}" -m megatron_nsa.eval.needle --checkpoint "$dir" --lengths "$length" \
+    --depths 0 10 20 30 40 50 60 70 80 90 100 --samples "$needle_samples" --format retrieval --silence $NEEDLE_SILENCE \
+    --json "${dir}/needle_silenced.json" --table "${dir}/needle_silenced.md"
+fi
