@@ -1,7 +1,8 @@
 """CP = 1, 2, 4 give the single-process NSA's outputs and gradients (gloo, torch backend, float64).
 
 One spawn per CP size runs every case (process start-up dominates on the CI machine): the
-comparisons, the bytes each exchange moves against docs/design.md's volumes, and the input errors.
+comparisons, the bytes each exchange moves against docs/design.md's volumes, the input errors, and
+branches silenced by functional.silenced_branches.
 Every case runs with 'allgather'; the 'ring' and 'hierarchical' exchanges join the cases with
 packed documents (blocks straddling chunk edges), separate K/V, one KV head at a time and batch
 rows, attending a few query rows at a time.
@@ -18,6 +19,7 @@ from megatron_nsa.context_parallel import Branches, Communicator, LoadBalancedLa
 from megatron_nsa.context_parallel.exchange import AllGatherExchange, build_exchange
 from megatron_nsa.context_parallel.exchange import ring as ring_exchange
 from megatron_nsa.context_parallel.rope import RankTableRotary, cp_rotary
+from megatron_nsa.functional import silenced_branches
 from megatron_nsa.rope import Rotary, rotary_angles
 
 # Tiny geometry: l=8, d=4, l'=8, n=4, w=12. S=128 gives chunks of 64 / 32 / 16 tokens for C = 1 / 2 / 4.
@@ -53,6 +55,19 @@ def _cases(rank, world):
     _check_errors(group)
     _check_rotary(group)
     _check_pluggable_branches(group)
+    _check_silenced_branches(group)
+
+
+def _check_silenced_branches(group):
+    """Inside functional.silenced_branches nsa_attention_cp silences the same branches as nsa_attention."""
+    case = make_case(6, SEQ_LEN, **GEOMETRY)
+    with silenced_branches("cmp", "win"):
+        assert_cp_matches_reference(case, group)
+    layout = LoadBalancedLayout(SEQ_LEN, dist.get_world_size(group), case["config"])
+    args = [layout.shard(t, dist.get_rank(group)) for t in (case["q"], case["ks"][0], case["vs"][0], case["gates"])]
+    with silenced_branches("cmp", "win"):
+        silenced = nsa_attention_cp(*args, case["config"], group, backend="torch")
+    assert (nsa_attention_cp(*args, case["config"], group, backend="torch") - silenced).abs().max() > 1e-3
 
 
 def _check_bytes(group):
