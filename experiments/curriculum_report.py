@@ -21,6 +21,7 @@ import sys
 from typing import Dict, List, Optional
 
 from benchmarks.recording import recorded, recorded_line
+from experiments.nsa_vs_dense import read_records
 from experiments.recall_breakdown import curve, curve_markdown
 from megatron_nsa.eval.report import accuracy_table, write_json
 
@@ -42,12 +43,8 @@ def parse_run(text: str) -> tuple:
 
 def read_run(directory: str) -> dict:
     """A run's validation answer loss by step, recall breakdowns and needle results (those present)."""
-    validation = {}
-    with open(os.path.join(directory, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if "validation_loss" in record:
-                validation[str(record["step"])] = record["validation_loss"]
+    validation = {str(r["step"]): r["validation_loss"] for r in read_records(os.path.join(directory, "metrics.jsonl"))
+                  if "validation_loss" in r}
     run = {"validation_answer_loss": validation, "recall": {str(r["step"]): r for r in curve(directory)}}
     for key, name in NEEDLE_FILES.items():
         path = os.path.join(directory, name)

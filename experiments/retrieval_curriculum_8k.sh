@@ -59,20 +59,19 @@ done
 read -r -a stages <<<"${CURRICULUM_STAGES:-256:256:8:600 1024:64:32:1000 4096:16:128:1400 8192:8:512:3000}"
 previous=0
 for stage in "${stages[@]}"; do
-  if ! [[ "${stage%%,*}" =~ ^[0-9]+:[0-9]+:[0-9]+:[0-9]+$ ]]; then
+  IFS=, read -r -a parts <<<"$stage"  # the stage's numbers, then its own overrides
+  if ! [[ "${parts[0]}" =~ ^[0-9]+:[0-9]+:[0-9]+:[0-9]+$ ]]; then
     echo "CURRICULUM_STAGES: stage '${stage}' must be length:sequences:facts:last_step (whole numbers), then" \
       "optionally ,section.key=value overrides" >&2
     exit 2
   fi
-  IFS=, read -r -a stage_overrides <<<"${stage#"${stage%%,*}"}"
-  for override in "${stage_overrides[@]:1}"; do
+  for override in "${parts[@]:1}"; do
     if [[ "$override" != *.*=* ]]; then
       echo "CURRICULUM_STAGES: stage '${stage}': override '${override}' must look like section.key=value" >&2
       exit 2
     fi
   done
-  last=${stage%%,*}
-  last=${last##*:}
+  last=${parts[0]##*:}
   if ((last <= previous)); then
     echo "CURRICULUM_STAGES: stage '${stage}' ends at step ${last}, not after the previous stage's ${previous}" >&2
     exit 2
@@ -102,9 +101,9 @@ if ! [[ "$recall_samples" =~ ^[0-9]+$ ]]; then
 fi
 start=$(date +%s)
 for stage in "${stages[@]}"; do
-  IFS=: read -r length sequences facts last_step <<<"${stage%%,*}"
-  IFS=, read -r -a stage_overrides <<<"${stage#"${stage%%,*}"}"  # [0] is empty: the text starts with a comma
-  stage_overrides=("${stage_overrides[@]:1}")
+  IFS=, read -r -a parts <<<"$stage"
+  IFS=: read -r length sequences facts last_step <<<"${parts[0]}"
+  stage_overrides=("${parts[@]:1}")
   limit=()
   if ((limit_s > 0)); then
     left=$((limit_s - ($(date +%s) - start)))
@@ -138,13 +137,14 @@ done
 if ((recall_samples > 0)); then
   "${PYTHON:-python}" -m experiments.recall_breakdown --curve "$dir" --table "${dir}/recall_curve.md"
 fi
+depths=(0 10 20 30 40 50 60 70 80 90 100)
 "${PYTHON:-python}" -m megatron_nsa.eval.needle --checkpoint "$dir" --lengths "$length" $((2 * length)) $((4 * length)) \
-  --depths 0 10 20 30 40 50 60 70 80 90 100 --samples "$needle_samples" --format retrieval \
+  --depths "${depths[@]}" --samples "$needle_samples" --format retrieval \
   $([[ "$model" == nsa ]] && echo --selections) \
   --json "${dir}/needle.json" --table "${dir}/needle.md" --png "${dir}/needle.png"
 if [[ -n "${NEEDLE_SILENCE:-}" && "$model" == nsa ]]; then
   # shellcheck disable=SC2086  # one argument per branch
   "${PYTHON:-python}" -m megatron_nsa.eval.needle --checkpoint "$dir" --lengths "$length" \
-    --depths 0 10 20 30 40 50 60 70 80 90 100 --samples "$needle_samples" --format retrieval --silence $NEEDLE_SILENCE \
+    --depths "${depths[@]}" --samples "$needle_samples" --format retrieval --silence $NEEDLE_SILENCE \
     --json "${dir}/needle_silenced.json" --table "${dir}/needle_silenced.md"
 fi
