@@ -19,10 +19,11 @@ fewer keys to tell apart while its distances stay as long, and with a high `quer
 many questions (a record cut by the sequence's end is left out). With `gap_after` = "records" every
 record, queries too, is followed by its filler: facts then sit sparsely in low-information bytes at any
 part of the sequence, as a needle does in the needle-in-a-haystack test (with bursty facts, whose records
-are nearly all queries, filler after definitions alone would leave most of the sequence dense). With `query_once` each key is queried at
-most once (a query drawn when every defined key has been asked becomes a definition): the answer is then
-always at the key's definition, never at a nearer earlier query of the same key. It needs `query_fraction`
-below 0.5, so that the keys not yet asked pile up and a query can reach back across the whole context.
+are nearly all queries, filler after definitions alone would leave most of the sequence dense).
+With `query_once` each key is queried at most once (a query drawn when every defined key has been asked
+becomes a definition): the answer is then always at the key's definition, never at a nearer earlier query
+of the same key. It needs `query_fraction` below 0.5, so that the keys not yet asked pile up and a query
+can reach back across the whole context.
 With `queries_last` every definition comes first (each with its filler) and the queries follow in one block
 at the end, each asking a different definition in random order: the layout of a needle test with many
 needles, where every distance from the question block back to the start of the sequence is trained

@@ -251,7 +251,8 @@ def test_gap_after_records_puts_filler_after_every_record_of_a_bursty_sequence(m
     assert len(stated) == 6 + 4  # the bursty facts and the single facts
     again = lay_out(num_tokens, sample_rng(5, TRAIN_STREAM, 1), fmt)
     numpy.testing.assert_array_equal(tokens, again[0])
-    after_definitions = lay_out(num_tokens, sample_rng(5, TRAIN_STREAM, 1), dataclasses.replace(fmt, gap_after="definitions"))
+    after_definitions = lay_out(num_tokens, sample_rng(5, TRAIN_STREAM, 1),
+                                dataclasses.replace(fmt, gap_after="definitions"))
     assert (numpy.diff(after_definitions[2]) == RECORD_LENGTH).mean() > 0.9  # bursty: nearly all dense queries
 
 
