@@ -2,7 +2,8 @@
 # The retrieval length curriculum 256 -> 1k -> 4k -> 8k of configs/retrieval_curriculum_8k.yaml, then the
 # needle test at the last stage's length and at 2x and 4x it. Each stage resumes the previous stage's
 # checkpoint with a new data.seq_length, batch and facts_per_sequence; training.train_steps counts from
-# the start of the curriculum, so a finished stage is a no-op when the script runs again. After each stage the
+# the start of the curriculum, and a stage whose last step the checkpoint directory already holds is
+# skipped when the script runs again (no trainer starts for it). After each stage the
 # recall breakdown (experiments/recall_breakdown.py) of its last checkpoint goes to
 # CHECKPOINT_DIR/recall_step_STEP.json, and the end prints them as one table: recall against length and steps.
 #
@@ -99,11 +100,39 @@ if ! [[ "$recall_samples" =~ ^[0-9]+$ ]]; then
   echo "RECALL_SAMPLES must be a whole number >= 0, got '${recall_samples}'" >&2
   exit 2
 fi
+# The step of the newest complete checkpoint in the run's directory (0: none yet).
+latest_step() {
+  local latest=0 name step
+  for name in "$dir"/step_*; do
+    step=${name##*/step_}
+    if [[ -d "$name" && "$step" =~ ^[0-9]+$ ]] && ((10#$step > latest)); then
+      latest=$((10#$step))
+    fi
+  done
+  echo "$latest"
+}
+
+# The recall breakdown of a finished stage's checkpoint, unless made already (or the checkpoint is gone).
+stage_recall() {
+  if ((recall_samples > 0)) && [[ ! -e "$recall" && -d "$stage_checkpoint" ]]; then
+    "${PYTHON:-python}" -m experiments.recall_breakdown --checkpoint "$stage_checkpoint" \
+      --samples "$recall_samples" --json "$recall"
+  fi
+}
+
 start=$(date +%s)
 for stage in "${stages[@]}"; do
   IFS=, read -r -a parts <<<"$stage"
   IFS=: read -r length sequences facts last_step <<<"${parts[0]}"
   stage_overrides=("${parts[@]:1}")
+  recall="${dir}/recall_step_${last_step}.json"
+  stage_checkpoint="${dir}/step_$(printf %08d "$last_step")"
+  if (($(latest_step) >= last_step)); then
+    # trained by an earlier run of this command: no trainer start (it would only resume and stop)
+    echo "stage: ${length} tokens, up to step ${last_step}: trained already"
+    stage_recall
+    continue
+  fi
   limit=()
   if ((limit_s > 0)); then
     left=$((limit_s - ($(date +%s) - start)))
@@ -127,12 +156,7 @@ for stage in "${stages[@]}"; do
   elif ((status != 0)); then
     exit "$status"
   fi
-  recall="${dir}/recall_step_${last_step}.json"
-  stage_checkpoint="${dir}/step_$(printf %08d "$last_step")"
-  if ((recall_samples > 0)) && [[ ! -e "$recall" && -d "$stage_checkpoint" ]]; then
-    "${PYTHON:-python}" -m experiments.recall_breakdown --checkpoint "$stage_checkpoint" \
-      --samples "$recall_samples" --json "$recall"
-  fi
+  stage_recall
 done
 if ((recall_samples > 0)); then
   "${PYTHON:-python}" -m experiments.recall_breakdown --curve "$dir" --table "${dir}/recall_curve.md"

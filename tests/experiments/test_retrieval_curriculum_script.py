@@ -46,11 +46,12 @@ def test_bad_arguments_stop_before_training(args, env, message):
 
 def test_a_two_stage_curriculum_resumes_and_ends_with_the_needle_test(tmp_path):
     checkpoint_dir = tmp_path / "curriculum"
-    result = run_script(["nsa", "0", f"checkpoint.dir={checkpoint_dir}", "retrieval.single_facts=2",
-                         "model.position_embedding_type=rope", *TINY],
-                        CURRICULUM_STAGES="64:2:4:2 128:2:4:4,retrieval.mean_gap=3,retrieval.gap_after=records",
-                        NEEDLE_SAMPLES="1", RECALL_SAMPLES="2", NEEDLE_SILENCE="cmp win",
-                        CURRICULUM_RECIPE="configs/retrieval_emergence_cpu.yaml")
+    args = ["nsa", "0", f"checkpoint.dir={checkpoint_dir}", "retrieval.single_facts=2",
+            "model.position_embedding_type=rope", *TINY]
+    env = dict(CURRICULUM_STAGES="64:2:4:2 128:2:4:4,retrieval.mean_gap=3,retrieval.gap_after=records",
+               NEEDLE_SAMPLES="1", RECALL_SAMPLES="2", NEEDLE_SILENCE="cmp win",
+               CURRICULUM_RECIPE="configs/retrieval_emergence_cpu.yaml")
+    result = run_script(args, **env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "steps 0..2" in result.stdout and "steps 2..4" in result.stdout  # the second stage resumed
     recipe = json.loads((checkpoint_dir / "step_00000004" / "meta.json").read_text())["recipe"]
@@ -71,3 +72,13 @@ def test_a_two_stage_curriculum_resumes_and_ends_with_the_needle_test(tmp_path):
         assert recall["step"] == step and recall["seq_length"] == length and recall["samples"] == 2
     curve_rows = (checkpoint_dir / "recall_curve.md").read_text().splitlines()[2:]
     assert [row.split(" | ")[:2] for row in curve_rows] == [["| 2", "64"], ["| 4", "128"]]
+
+    # the same command again: both stages are trained, so no trainer starts; a missing recall breakdown of a
+    # stage whose checkpoint is kept is made, and the needle test runs again
+    (checkpoint_dir / "recall_step_4.json").unlink()
+    (checkpoint_dir / "needle.json").unlink()
+    again = run_script(args, **env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("trained already") == 2 and "training nsa GPT" not in again.stdout + again.stderr
+    assert json.loads((checkpoint_dir / "recall_step_4.json").read_text())["step"] == 4
+    assert json.loads((checkpoint_dir / "needle.json").read_text())["step"] == 4
