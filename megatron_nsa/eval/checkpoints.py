@@ -24,19 +24,20 @@ class EvalInputError(BadInputError):
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A step directory holding meta.json: `path` itself, or the newest one inside `path`."""
+    """A step directory holding meta.json: `path` itself, or the newest one inside `path`; relative when `path` is
+    (results files then name the run's directory, not the machine's)."""
     if not os.path.isdir(path):
         raise EvalInputError(f"--checkpoint {path!r} is not a directory: give a training run's checkpoint.dir or "
                              "one of its step_XXXXXXXX directories")
     if os.path.isfile(os.path.join(path, META)):
-        return os.path.abspath(path)
+        return os.path.normpath(path)
     steps = sorted(int(name[len(STEP_PREFIX):]) for name in os.listdir(path)
                    if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit()
                    and os.path.isfile(os.path.join(path, name, META)))
     if not steps:
         raise EvalInputError(f"--checkpoint {path!r} holds no complete checkpoint (a step_XXXXXXXX directory with "
                              f"{META}); point it at a training run's checkpoint.dir or a step directory")
-    return os.path.abspath(os.path.join(path, f"{STEP_PREFIX}{steps[-1]:08d}"))
+    return os.path.normpath(os.path.join(path, f"{STEP_PREFIX}{steps[-1]:08d}"))
 
 
 def read_meta(step_dir: str) -> dict:

@@ -146,6 +146,21 @@ def test_missing_or_empty_checkpoint_is_named(tmp_path, capsys):
     assert code == 2 and f"--checkpoint '{tmp_path}' holds no complete checkpoint" in err
 
 
+def test_checkpoint_is_named_as_given(tmp_path, monkeypatch):
+    """A run's directory resolves to its newest complete step, named relative to where the command runs when
+    given so: results files then name the run's directory, not the machine's."""
+    from megatron_nsa.eval.checkpoints import resolve_checkpoint
+
+    for step in (3, 10):
+        (tmp_path / "run" / f"step_{step:08d}").mkdir(parents=True)
+        (tmp_path / "run" / f"step_{step:08d}" / "meta.json").write_text("{}")
+    (tmp_path / "run" / "step_00000020").mkdir()  # no meta.json: not complete
+    monkeypatch.chdir(tmp_path)
+    assert resolve_checkpoint("run") == os.path.join("run", "step_00000010")
+    assert resolve_checkpoint("./run/step_00000003/") == os.path.join("run", "step_00000003")
+    assert resolve_checkpoint(str(tmp_path / "run")) == str(tmp_path / "run" / "step_00000010")
+
+
 def test_missing_dataset_files_are_named(trained, capsys):
     from megatron_nsa.eval import loss
 
