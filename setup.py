@@ -27,6 +27,7 @@ setup(
             "megatron-nsa-build-dataset=megatron_nsa.data.build_dataset:main",
             "megatron-nsa-eval-loss=megatron_nsa.eval.loss:main",
             "megatron-nsa-needle=megatron_nsa.eval.needle:main",
+            "megatron-nsa-export=megatron_nsa.eval.export:main",
             "megatron-nsa-pretrain-gpt=megatron_nsa.megatron_lm.pretrain_gpt:main",
         ],
     },

@@ -30,7 +30,9 @@
 #                      recipe with learned positions cannot change length: give it RoPE
 #                      (model.position_embedding_type=rope)
 # Run from the repository root. The needle results go to CHECKPOINT_DIR/needle.{json,md,png}
-# (default checkpoint directory: checkpoints/retrieval_curriculum_8k[_dense]).
+# (default checkpoint directory: checkpoints/retrieval_curriculum_8k[_dense]), the last checkpoint's weights
+# in bf16 to CHECKPOINT_DIR/weights/step_XXXXXXXX (megatron_nsa.eval.export: every evaluation command loads
+# CHECKPOINT_DIR/weights, on CPU too).
 set -euo pipefail
 
 usage="usage: $0 nsa|dense [SECONDS] [section.key=value ...]"
@@ -171,4 +173,9 @@ if [[ -n "${NEEDLE_SILENCE:-}" && "$model" == nsa ]]; then
   "${PYTHON:-python}" -m megatron_nsa.eval.needle --checkpoint "$dir" --lengths "$length" \
     --depths "${depths[@]}" --samples "$needle_samples" --format retrieval --silence $NEEDLE_SILENCE \
     --json "${dir}/needle_silenced.json" --table "${dir}/needle_silenced.md"
+fi
+# The trained model's weights alone (bf16, a few MB), for evaluation on any machine: the step_* checkpoints
+# hold the optimizer too and are too large to copy off a GPU job.
+if [[ ! -d "${dir}/weights/step_$(printf %08d "$last_step")" ]]; then
+  "${PYTHON:-python}" -m megatron_nsa.eval.export --checkpoint "$dir" --out "${dir}/weights" --dtype bf16
 fi

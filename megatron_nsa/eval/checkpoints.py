@@ -17,6 +17,8 @@ from megatron_nsa.training.config import BadInputError, Recipe, load_recipe, rec
 
 META = "meta.json"  # the names of megatron_nsa.training.checkpoint
 STEP_PREFIX = "step_"
+WEIGHTS_FORMAT = "weights"  # meta.json's format of a weights-only export (megatron_nsa.eval.export)
+WEIGHTS_FILE = "model.pt"
 
 
 class EvalInputError(BadInputError):

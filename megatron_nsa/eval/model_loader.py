@@ -2,7 +2,8 @@
 
 The model is the training stack's own GPTModel (megatron_nsa.training.model.build_model) from the
 checkpoint's recipe, with the weights of its `model` state: megatron dist_checkpointing shards
-(written on CUDA) or the host format (written on CPU).
+(written on CUDA), the host format (written on CPU) or a weights-only export (megatron_nsa.eval.export,
+either device).
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from megatron_nsa.training.config import Recipe, check_fields, wants_cuda  # noq
 from megatron_nsa.training.model import build_model  # noqa: E402
 from megatron_nsa.data.datasets import recipe_tokenizer  # noqa: E402
 
-from .checkpoints import (EvalInputError, checkpoint_recipe, eval_recipe, read_meta, resolve_checkpoint,  # noqa: E402
-                          trained_positions)
+from .checkpoints import (WEIGHTS_FILE, WEIGHTS_FORMAT, EvalInputError, checkpoint_recipe, eval_recipe,  # noqa: E402
+                          read_meta, resolve_checkpoint, trained_positions)
 
 
 @dataclasses.dataclass
@@ -88,10 +89,13 @@ def _load_weights(core: torch.nn.Module, step_dir: str, meta: dict, on_cuda: boo
                 "CPU checkpoints load only in the layout that wrote them: evaluate checkpoints of one-process runs"
             )
         state = torch.load(os.path.join(step_dir, "rank_00000.pt"), map_location="cpu", weights_only=False)["model"]
+    elif meta.get("format") == WEIGHTS_FORMAT:
+        state = torch.load(os.path.join(step_dir, WEIGHTS_FILE), map_location="cpu", weights_only=False)
     elif meta.get("format") == "dist_checkpointing":
         if not on_cuda:
             raise EvalInputError(f"--checkpoint {step_dir!r} was written on CUDA (megatron dist_checkpointing); "
-                                 "evaluate it on a machine with a GPU")
+                                 "evaluate it on a machine with a GPU, or export its weights there "
+                                 "(python -m megatron_nsa.eval.export) and evaluate those")
         state = dist_checkpointing.load({"model": core.sharded_state_dict()}, step_dir)["model"]
     else:
         raise EvalInputError(f"--checkpoint {step_dir!r} has an unknown format {meta.get('format')!r} in meta.json")

@@ -47,6 +47,7 @@ PARTIAL_PREFIX = ".partial-"
 REPLACED_PREFIX = ".replaced-"
 RUN_PREFIX = "run_"
 META = "meta.json"
+WEIGHTS_FORMAT = "weights"  # a weights-only export (megatron_nsa.eval.export): evaluation only
 
 
 class CheckpointError(BadInputError):
@@ -275,6 +276,11 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path} is corrupt: cannot read {META} ({err}); {advice}") from None
         if missing:
             raise CheckpointError(f"checkpoint {path} is corrupt: {META} lacks {sorted(missing)}; {advice}")
+        if meta["format"] == WEIGHTS_FORMAT:
+            raise CheckpointError(
+                f"checkpoint {path} holds model weights alone (python -m megatron_nsa.eval.export), without "
+                "optimizer, schedule or data position: a training run cannot resume from it; point checkpoint.dir "
+                "at the training run's own directory")
         if meta["format"] != self.format:
             raise CheckpointError(
                 f"checkpoint {path} was written in the '{meta['format']}' format but this run needs "

@@ -199,3 +199,56 @@ def test_eval_loss_refuses_lengths_past_learned_positions(trained, capsys):
     _, checkpoint, _ = trained
     code, err = call_main(loss.main, ["--checkpoint", checkpoint, "--seq-length", 300], capsys)
     assert code == 2 and "--seq-length 300 is not allowed: the model has learned positions for 256 tokens" in err
+
+
+@pytest.mark.slow
+def test_exported_weights_evaluate_like_the_checkpoint(trained, tmp_path):
+    """fp32 weights give the training checkpoint's loss exactly, bf16 weights within bf16's rounding; the export is
+    the model alone (no optimizer state), and a training run refuses to resume from it."""
+    import torch
+
+    workdir, checkpoint, validation = trained
+    exported = {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / f"weights_{dtype}"
+        result = run_module("megatron_nsa.eval.export", "--checkpoint", checkpoint, "--out", out, "--dtype", dtype,
+                            cwd=workdir)
+        assert result.returncode == 0, result.stderr[-2000:]
+        step_dir = out / f"step_{STEPS:08d}"
+        assert f"-> {step_dir}" in result.stdout
+        meta = json.loads((step_dir / "meta.json").read_text())
+        assert meta["format"] == "weights" and meta["dtype"] == dtype and meta["step"] == STEPS
+        state = torch.load(step_dir / "model.pt", map_location="cpu", weights_only=False)
+        floats = [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
+        assert floats and all(v.dtype == (torch.float32 if dtype == "fp32" else torch.bfloat16) for v in floats)
+        exported[dtype] = step_dir
+        result = run_module("megatron_nsa.eval.loss", "--checkpoint", out, "--batches", 2, "--batch-size", 4,
+                            "--json", tmp_path / f"loss_{dtype}.json", cwd=workdir)
+        assert result.returncode == 0, result.stderr[-2000:]
+    full = os.path.getsize(checkpoint / f"step_{STEPS:08d}" / "rank_00000.pt")
+    assert os.path.getsize(exported["bf16"] / "model.pt") < full / 4  # fp32 weights + Adam's two moments
+    loss_fp32 = json.loads((tmp_path / "loss_fp32.json").read_text())["loss"]
+    loss_bf16 = json.loads((tmp_path / "loss_bf16.json").read_text())["loss"]
+    assert loss_fp32 == pytest.approx(validation[STEPS], rel=1e-6)
+    assert loss_bf16 == pytest.approx(validation[STEPS], rel=2e-2) and loss_bf16 != loss_fp32
+
+    result = run_module("megatron_nsa.training.train", REPO / "configs" / "tiny.yaml", *TINY_RUN,
+                        f"checkpoint.dir={exported['fp32'].parent}", cwd=workdir)
+    assert result.returncode != 0
+    assert "holds model weights alone" in result.stdout + result.stderr
+
+
+def test_export_never_replaces_an_export(trained, tmp_path, capsys):
+    from megatron_nsa.eval import export
+
+    _, checkpoint, _ = trained
+    existing = tmp_path / "weights" / f"step_{STEPS:08d}"
+    existing.mkdir(parents=True)
+    (existing / "model.pt").write_text("an earlier export")
+    code, err = call_main(export.main, ["--checkpoint", checkpoint, "--out", tmp_path / "weights"], capsys)
+    assert code == 2 and f"--out '{tmp_path / 'weights'}' already holds {existing}: it is not replaced" in err
+    assert (existing / "model.pt").read_text() == "an earlier export"
+    assert sorted(os.listdir(tmp_path / "weights")) == [existing.name]
+    code, err = call_main(export.main, ["--checkpoint", checkpoint, "--out", tmp_path / "w2", "--dtype", "fp16"],
+                          capsys)
+    assert code == 2 and "--dtype 'fp16' is not allowed: use one of bf16, fp32" in err

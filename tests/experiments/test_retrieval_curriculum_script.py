@@ -72,6 +72,9 @@ def test_a_two_stage_curriculum_resumes_and_ends_with_the_needle_test(tmp_path):
         assert recall["step"] == step and recall["seq_length"] == length and recall["samples"] == 2
     curve_rows = (checkpoint_dir / "recall_curve.md").read_text().splitlines()[2:]
     assert [row.split(" | ")[:2] for row in curve_rows] == [["| 2", "64"], ["| 4", "128"]]
+    weights = checkpoint_dir / "weights" / "step_00000004"  # the last checkpoint's weights, bf16
+    assert json.loads((weights / "meta.json").read_text())["format"] == "weights"
+    exported_at = (weights / "model.pt").stat().st_mtime_ns
 
     # the same command again: both stages are trained, so no trainer starts; a missing recall breakdown of a
     # stage whose checkpoint is kept is made, and the needle test runs again
@@ -82,3 +85,4 @@ def test_a_two_stage_curriculum_resumes_and_ends_with_the_needle_test(tmp_path):
     assert again.stdout.count("trained already") == 2 and "training nsa GPT" not in again.stdout + again.stderr
     assert json.loads((checkpoint_dir / "recall_step_4.json").read_text())["step"] == 4
     assert json.loads((checkpoint_dir / "needle.json").read_text())["step"] == 4
+    assert (weights / "model.pt").stat().st_mtime_ns == exported_at  # exported once
