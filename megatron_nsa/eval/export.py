@@ -4,10 +4,11 @@
 
 Writes WEIGHTS_DIR/step_XXXXXXXX/ (the step of the checkpoint) with model.pt, the model's state dict with
 floating-point tensors in --dtype, and the checkpoint's meta.json with format "weights". No optimizer,
-scheduler or RNG state: the 4-layer retrieval model (configs/retrieval_curriculum_8k.yaml, 5.4M parameters)
-takes 10 MiB in bf16 where its training checkpoint on CPU takes 62 MiB. Every evaluation command (megatron_nsa.eval.loss, .needle, experiments.recall_breakdown) loads
-WEIGHTS_DIR like a training checkpoint, on CPU or GPU, whatever format the training run wrote; a training
-run cannot resume from it. The files are written under a temporary name and renamed when complete; an
+scheduler or RNG state: the 4-layer retrieval model (configs/retrieval_curriculum_8k.yaml, about 5.5M
+parameters) takes about 10 MiB in bf16 where its training checkpoint on CPU takes about 62 MiB. Every
+evaluation command (megatron_nsa.eval.loss, .needle, experiments.recall_breakdown) loads WEIGHTS_DIR like
+a training checkpoint, on CPU or GPU, whatever format the training run wrote; a training run cannot
+resume from it. The files are written under a temporary name and renamed when complete; an
 existing WEIGHTS_DIR/step_XXXXXXXX is never replaced.
 """
 from __future__ import annotations
