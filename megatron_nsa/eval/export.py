@@ -29,7 +29,7 @@ DTYPES = ("bf16", "fp32")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="megatron-nsa-eval-export", description=__doc__,
+    parser = argparse.ArgumentParser(prog="megatron-nsa-export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a run's checkpoint.dir or one step_XXXXXXXX directory")
     parser.add_argument("--out", required=True, help="the directory to write step_XXXXXXXX/ into")
@@ -83,8 +83,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BadInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    size_mb = os.path.getsize(os.path.join(final, WEIGHTS_FILE)) / 2**20
-    print(f"weights of {resolve_checkpoint(args.checkpoint)} ({args.dtype}, {size_mb:.1f} MiB) -> {final}")
+    size_mib = os.path.getsize(os.path.join(final, WEIGHTS_FILE)) / 2**20
+    print(f"weights of {resolve_checkpoint(args.checkpoint)} ({args.dtype}, {size_mib:.1f} MiB) -> {final}")
     return 0
 
 
