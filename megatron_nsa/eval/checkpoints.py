@@ -15,10 +15,11 @@ from typing import List, Optional
 
 from megatron_nsa.training.config import BadInputError, Recipe, load_recipe, recipe_from_mapping
 
-META = "meta.json"  # the names of megatron_nsa.training.checkpoint
+# the names of megatron_nsa.training.checkpoint (which imports megatron-core)
+META = "meta.json"
 STEP_PREFIX = "step_"
 WEIGHTS_FORMAT = "weights"  # meta.json's format of a weights-only export (megatron_nsa.eval.export)
-WEIGHTS_FILE = "model.pt"
+WEIGHTS_FILE = "model.pt"  # the export's state dict
 
 
 class EvalInputError(BadInputError):

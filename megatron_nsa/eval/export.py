@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from megatron_nsa.training.config import BadInputError
 
@@ -39,8 +39,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def export(checkpoint: str, out: str, dtype: str = "bf16", device: str = "auto") -> str:
-    """Write the weights of `checkpoint` into `out`/step_XXXXXXXX; returns that directory."""
+def export(checkpoint: str, out: str, dtype: str = "bf16", device: str = "auto") -> Tuple[str, str]:
+    """Write the weights of `checkpoint` into `out`/step_XXXXXXXX; returns (the step directory read, the one
+    written)."""
     if dtype not in DTYPES:
         raise EvalInputError(f"--dtype {dtype!r} is not allowed: use one of {', '.join(DTYPES)}")
     step_dir = resolve_checkpoint(checkpoint)
@@ -73,18 +74,18 @@ def export(checkpoint: str, out: str, dtype: str = "bf16", device: str = "auto")
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return final
+    return step_dir, final
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        final = export(args.checkpoint, args.out, args.dtype, args.device)
+        step_dir, final = export(args.checkpoint, args.out, args.dtype, args.device)
     except BadInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     size_mib = os.path.getsize(os.path.join(final, WEIGHTS_FILE)) / 2**20
-    print(f"weights of {resolve_checkpoint(args.checkpoint)} ({args.dtype}, {size_mib:.1f} MiB) -> {final}")
+    print(f"weights of {step_dir} ({args.dtype}, {size_mib:.1f} MiB) -> {final}")
     return 0
 
 
