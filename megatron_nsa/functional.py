@@ -48,6 +48,29 @@ def recorded_selections() -> Iterator[List[torch.Tensor]]:
         _selection_records.reset(token)
 
 
+# The list that recorded_block_scores() opened in this context, None outside one.
+_score_records: contextvars.ContextVar[Optional[List[torch.Tensor]]] = contextvars.ContextVar(
+    "nsa_block_score_records", default=None)
+
+
+@contextlib.contextmanager
+def recorded_block_scores() -> Iterator[List[torch.Tensor]]:
+    """Record the scores by which NSA's selection ranks the blocks (the torch backend only: the Triton
+    kernels rank the blocks in registers and never form their scores; a triton call inside raises).
+
+    Inside the block, every nsa_attention call appends reference.ranked_block_scores of its queries to the
+    yielded list, in call order: [B * T, H_kv, N_slc] float32 on the host, rows as in
+    recorded_selections, +inf for forced blocks, -inf for blocks a query cannot select. The selection
+    keeps the n highest (ties to the lower block id). Outputs and gradients are unchanged.
+    """
+    records: List[torch.Tensor] = []
+    token = _score_records.set(records)
+    try:
+        yield records
+    finally:
+        _score_records.reset(token)
+
+
 BRANCHES = ("cmp", "slc", "win")  # the order of the gates' last dimension
 
 # The branches silenced_branches() turned off in this context.
@@ -268,7 +291,8 @@ def nsa_attention(
            compressed key at its block's last token position (within its document)
     returns [B, T, H_q, d_v]
 
-    Inside `with recorded_selections()` the call also records the blocks its queries selected; inside
+    Inside `with recorded_selections()` the call also records the blocks its queries selected (with
+    recorded_block_scores(), torch backend, the scores that ranked them); inside
     `with silenced_branches(...)` the named branches' gates are 0.
     """
     if not isinstance(config, NSAConfig):
@@ -287,16 +311,23 @@ def nsa_attention(
     bounds = check_inputs(q, ks, vs, gates, cu_seqlens, config)
     gates = silenced_gates(gates)
     backend = backend or default_backend(q.device)
+    score_records = _score_records.get()
     if backend == "triton":
+        if score_records is not None:
+            raise RuntimeError("recorded_block_scores() needs backend='torch'; this call has backend='triton', whose "
+                               "kernels rank the blocks without forming their scores")
         if not triton_backend_available():
             raise RuntimeError("backend='triton' needs the nsa_kernels package and triton; install them or use 'torch'")
         return _nsa_triton(q, ks, vs, gates, config, cu_seqlens, bounds, compressor, compressed_rope,
                            _selection_records.get())
     kv = [(kb, vb) for kb, vb in zip(ks, vs)]
     records = _selection_records.get()
-    if records is None:
+    if records is None and score_records is None:
         return nsa_reference(q, *kv, gates, config, cu_seqlens, compressor, compressed_rope)
     out, intermediates = nsa_reference(q, *kv, gates, config, cu_seqlens, compressor, compressed_rope,
                                        return_intermediates=True)
-    records.append(intermediates.selected_block_idx.detach().to("cpu", torch.int64))
+    if records is not None:
+        records.append(intermediates.selected_block_idx.detach().to("cpu", torch.int64))
+    if score_records is not None:
+        score_records.append(intermediates.ranked_block_scores.detach().to("cpu", torch.float32))
     return out

@@ -39,6 +39,9 @@ class NSAIntermediates:
     win_out: torch.Tensor
     win_lse: torch.Tensor
     selected_block_idx: torch.Tensor  # [B*T, H_kv, n] int64, ascending, -1 padded
+    # [B*T, H_kv, N_slc]: ranked_block_scores of each query (+inf forced, -inf not selectable);
+    # N_slc is the longest sequence's, -inf past a shorter one's blocks
+    ranked_block_scores: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,21 +165,25 @@ def block_scores(cmp_probs: torch.Tensor, num_slc: int, num_kv_heads: int, confi
 
 
 @torch.no_grad()
-def select_blocks(cmp_probs: torch.Tensor, q_pos: torch.Tensor, num_slc: int, num_kv_heads: int, config: NSAConfig):
-    """Top-n selection blocks per query and KV head (docs/semantics.md, Eq. 9-12).
-
-    cmp_probs [Tq, H_q, N_cmp]. Returns selected_block_idx [Tq, H_kv, n] int64: ascending block ids,
-    -1 for unused slots. Forced blocks (first n_init, the n_local ending at the one holding t) always
-    win; blocks after t's are never chosen; ties go to the lower block id.
-    """
-    n, lp = config.select_count, config.select_block_size
+def ranked_block_scores(cmp_probs: torch.Tensor, q_pos: torch.Tensor, num_slc: int, num_kv_heads: int,
+                        config: NSAConfig) -> torch.Tensor:
+    """The block scores as the selection ranks them: cmp_probs [Tq, H_q, N_cmp] -> [Tq, H_kv, N_slc], the
+    importance of each block (Eq. 9-10), +inf for forced blocks (the first n_init and the n_local ending at
+    the one holding t), -inf for blocks after t's."""
     scores = block_scores(cmp_probs, num_slc, num_kv_heads, config)  # [Tq, H_kv, N_slc]
-
     block = torch.arange(num_slc, device=q_pos.device)[None, :]
-    current = (q_pos // lp)[:, None]  # block holding t
+    current = (q_pos // config.select_block_size)[:, None]  # block holding t
     valid = block <= current
     forced = valid & ((block < config.select_init_blocks) | (block > current - config.select_local_blocks))
-    ranked = torch.where(forced[:, None, :], float("inf"), torch.where(valid[:, None, :], scores, float("-inf")))
+    return torch.where(forced[:, None, :], float("inf"), torch.where(valid[:, None, :], scores, float("-inf")))
+
+
+@torch.no_grad()
+def top_blocks(ranked: torch.Tensor, q_pos: torch.Tensor, config: NSAConfig) -> torch.Tensor:
+    """The n best blocks of ranked_block_scores' result [Tq, H_kv, N_slc]: selected_block_idx [Tq, H_kv, n]
+    int64, ascending block ids, -1 for unused slots; ties go to the lower block id."""
+    n, num_slc = config.select_count, ranked.shape[-1]
+    current = (q_pos // config.select_block_size)[:, None]  # block holding t
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :n]  # [Tq, H_kv, <=n]
     slot = torch.arange(order.shape[-1], device=q_pos.device)
     in_use = slot[None, None, :] < torch.clamp(current + 1, max=n)[:, :, None]
@@ -186,6 +193,16 @@ def select_blocks(cmp_probs: torch.Tensor, q_pos: torch.Tensor, num_slc: int, nu
     if chosen.shape[-1] < n:
         chosen = torch.nn.functional.pad(chosen, (0, n - chosen.shape[-1]), value=-1)
     return chosen
+
+
+def select_blocks(cmp_probs: torch.Tensor, q_pos: torch.Tensor, num_slc: int, num_kv_heads: int, config: NSAConfig):
+    """Top-n selection blocks per query and KV head (docs/semantics.md, Eq. 9-12).
+
+    cmp_probs [Tq, H_q, N_cmp]. Returns selected_block_idx [Tq, H_kv, n] int64: ascending block ids,
+    -1 for unused slots. Forced blocks (first n_init, the n_local ending at the one holding t) always
+    win; blocks after t's are never chosen; ties go to the lower block id.
+    """
+    return top_blocks(ranked_block_scores(cmp_probs, q_pos, num_slc, num_kv_heads, config), q_pos, config)
 
 
 def selected_attention(q, k, v, selected_block_idx, q_pos, config: NSAConfig, scale: float):
@@ -274,11 +291,13 @@ def nsa_sequence(q, kv_cmp, kv_slc, kv_win, gates, config: NSAConfig, compressor
     q_pos = torch.arange(seq_len, device=q.device)
     compressed_k, compressed_v = compress_sequence(*kv_cmp, config, compressor, rope)
     cmp_out, cmp_lse, cmp_probs = compressed_attention(q, compressed_k, compressed_v, q_pos, config, scale)
-    idx = select_blocks(cmp_probs.detach(), q_pos, num_selection_blocks(seq_len, config), num_kv_heads, config)
+    ranked = ranked_block_scores(cmp_probs.detach(), q_pos, num_selection_blocks(seq_len, config), num_kv_heads,
+                                 config)  # [T, H_kv, N_slc]
+    idx = top_blocks(ranked, q_pos, config)
     slc_out, slc_lse = selected_attention(q, *kv_slc, idx, q_pos, config, scale)
     win_out, win_lse = window_attention(q, *kv_win, q_pos, 0, config, scale)
     out = gates[..., 0:1] * cmp_out + gates[..., 1:2] * slc_out + gates[..., 2:3] * win_out
-    return out, NSAIntermediates(cmp_out, cmp_lse, slc_out, slc_lse, win_out, win_lse, idx)
+    return out, NSAIntermediates(cmp_out, cmp_lse, slc_out, slc_lse, win_out, win_lse, idx, ranked)
 
 
 def sequence_spans(batch: int, seq_len: int, cu_seqlens: Optional[torch.Tensor]):
@@ -318,6 +337,9 @@ def nsa_reference(q, kv_cmp, kv_slc, kv_win, gates, config: NSAConfig, cu_seqlen
     out = torch.cat(outs).view(batch, seq_len, q.shape[2], -1).to(in_dtype)
     if not return_intermediates:
         return out
+    num_slc = max(p.ranked_block_scores.shape[-1] for p in parts)
+    parts = [dataclasses.replace(p, ranked_block_scores=torch.nn.functional.pad(
+        p.ranked_block_scores, (0, num_slc - p.ranked_block_scores.shape[-1]), value=float("-inf"))) for p in parts]
     merged = NSAIntermediates(*[torch.cat([getattr(p, f.name) for p in parts])
                                 for f in dataclasses.fields(NSAIntermediates)])
     return out, merged

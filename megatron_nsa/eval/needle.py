@@ -2,7 +2,7 @@
 
     python -m megatron_nsa.eval.needle --checkpoint CKPT_DIR [--lengths 8192 16384 32768]
         [--depths 0 10 20 ... 100] [--samples 20] [--format retrieval|text] [--json OUT.json]
-        [--table OUT.md] [--png OUT.png] [--selections] [--silence BRANCH ...] [--recipe CONFIG.yaml]
+        [--table OUT.md] [--png OUT.png] [--selections] [--ranks] [--silence BRANCH ...] [--recipe CONFIG.yaml]
         [section.key=value ...]
 
 Each sample hides one key/value fact at a depth of its filler and asks for it at the end
@@ -13,7 +13,10 @@ data.source=retrieval) and `text` (an English sentence in validation text of the
 default otherwise). Prints a markdown table (depth rows, length columns); --png draws a heat map when
 matplotlib is installed. --selections (NSA models) adds how often the selected blocks at the question hold
 the needle (megatron_nsa.eval.selections): a needle never selected can only be seen through the window and
-the compressed branch. --silence cmp win (NSA models) scores the model with those branches' gates set to 0
+the compressed branch. --ranks (NSA models, torch backend: on CPU, or with nsa.backend=torch) adds the needle
+block's median rank among the blocks by selection score at the question (1 = the highest; the selection keeps
+ranks <= n), which grades a miss: a rank just past n is a near miss, about half the candidate blocks is
+chance. --silence cmp win (NSA models) scores the model with those branches' gates set to 0
 (megatron_nsa.functional.silenced_branches): which branch carries the answer.
 """
 from __future__ import annotations
@@ -30,13 +33,14 @@ from megatron_nsa.training.config import BadInputError
 from .checkpoints import EvalInputError, check_length, checkpoint_recipe, read_meta, resolve_checkpoint, \
     trained_positions
 from .haystack import FORMATS, check_depths, check_grid_lengths, needle_samples
-from .report import accuracy_table, grid_key, write_json
+from .report import accuracy_table, grid_key, rank_table, write_json
 from megatron_nsa.data.retrieval import RetrievalFormat
 from megatron_nsa.functional import BRANCHES, silenced_branches
 
 DEFAULT_DEPTHS = [float(d) for d in range(0, 101, 10)]
 SCORING = "teacher-forced: correct when every answer token is the argmax prediction"
 SELECTED_TITLE = "needle block selected at the question (share of layers x KV heads)"
+RANK_TITLE = "needle block's median rank at the question (1 = highest score; selected when <= n)"
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -59,6 +63,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--selections", action="store_true",
                         help="NSA models: also report how often the selection at the question holds the needle's "
                              "block (share of layers x KV heads), per cell and per layer")
+    parser.add_argument("--ranks", action="store_true",
+                        help="NSA models on the torch backend (CPU, or nsa.backend=torch): also report the needle "
+                             "block's median rank by selection score at the question, per cell and per layer")
     parser.add_argument("--silence", nargs="+", choices=BRANCHES, default=[], metavar="BRANCH",
                         help="NSA models: turn these branches off (their gates set to 0: cmp, slc, win), to see "
                              "which branch finds the needle; the selection still runs")
@@ -116,22 +123,29 @@ def corpus_filler(loaded, longest: int, pool: int = 64):
 
 
 def needle_grid(loaded, text_format: str, lengths: Sequence[int], depths: Sequence[float], samples: Sequence[int],
-                seed: int, batch_size: int, selections: bool = False) -> dict:
+                seed: int, batch_size: int, selections: bool = False, ranks: bool = False) -> dict:
     """Accuracy of `loaded` (a model_loader.LoadedModel) on every (length, depth) cell. With `selections`
     (NSA models only) also the share of layers x KV heads whose selection at the question holds a block of
-    the needle ("needle_block_selected", and per layer "needle_block_selected_by_layer")."""
+    the needle ("needle_block_selected", and per layer "needle_block_selected_by_layer"); with `ranks`
+    (torch backend) the median over samples x layers x KV heads of the needle block's rank by selection score
+    ("needle_block_rank", per layer "needle_block_rank_by_layer"; "candidate_blocks": the blocks a query
+    at the question can select, per length)."""
     from .scoring import score_cell
     from .selections import QuestionSelections
 
-    if selections and loaded.attention != "nsa":
-        raise EvalInputError(f"--selections needs an NSA model; this one has model.attention={loaded.attention!r}")
-    tracked = QuestionSelections(loaded.logits, loaded.recipe.model.num_layers) if selections else None
+    for flag, wanted in (("--selections", selections), ("--ranks", ranks)):
+        if wanted and loaded.attention != "nsa":
+            raise EvalInputError(f"{flag} needs an NSA model; this one has model.attention={loaded.attention!r}")
+    tracked = (QuestionSelections(loaded.logits, loaded.recipe.model.num_layers, scores=ranks)
+               if selections or ranks else None)
+    select_block_size = loaded.recipe.nsa.select_block_size
     fmt = RetrievalFormat.of(loaded.recipe.retrieval)
     filler = corpus_filler(loaded, max(lengths)) if text_format == "text" else None
     accuracy, token_accuracy, seconds, selected, selected_by_layer = {}, {}, {}, {}, {}
+    rank, rank_by_layer, candidate_blocks = {}, {}, {}
     for length, count in zip(lengths, samples):
         started = time.perf_counter()
-        for grid in (accuracy, token_accuracy, selected, selected_by_layer):
+        for grid in (accuracy, token_accuracy, selected, selected_by_layer, rank, rank_by_layer):
             grid[grid_key(length)] = {}
         for depth in depths:
             cell = needle_samples(text_format, length, depth / 100.0, count, seed, fmt, filler)
@@ -142,13 +156,23 @@ def needle_grid(loaded, text_format: str, lengths: Sequence[int], depths: Sequen
             accuracy[grid_key(length)][grid_key(depth)] = score.accuracy
             token_accuracy[grid_key(length)][grid_key(depth)] = score.token_accuracy
             if tracked:
-                hits = tracked.needle_hits(cell, loaded.recipe.nsa.select_block_size).float()  # [count, L, H_kv]
+                hits = tracked.needle_hits(cell, select_block_size).float()  # [count, L, H_kv]
                 selected[grid_key(length)][grid_key(depth)] = hits.mean().item()
                 selected_by_layer[grid_key(length)][grid_key(depth)] = hits.mean((0, 2)).tolist()
+            if ranks:
+                ranked = tracked.needle_ranks(cell, select_block_size).float()  # [count, L, H_kv]
+                rank[grid_key(length)][grid_key(depth)] = ranked.median().item()
+                rank_by_layer[grid_key(length)][grid_key(depth)] = ranked.transpose(0, 1).flatten(1).median(1) \
+                    .values.tolist()
+                question = length - 1 - len(cell[0].answer_positions)
+                candidate_blocks[grid_key(length)] = question // select_block_size + 1
         seconds[grid_key(length)] = time.perf_counter() - started
         mean = sum(accuracy[grid_key(length)].values()) / len(depths)
         found = (f" | needle block selected {100 * sum(selected[grid_key(length)].values()) / len(depths):.1f}%"
                  if tracked else "")
+        if ranks:
+            found += (f" | needle block rank {sum(rank[grid_key(length)].values()) / len(depths):.1f} of "
+                      f"{candidate_blocks[grid_key(length)]} (mean of the depths' medians)")
         print(f"{loaded.attention} | length {length:,} | {count} samples x {len(depths)} depths | mean accuracy "
               f"{100 * mean:.1f}%{found} | {seconds[grid_key(length)]:.1f} s", flush=True)
     result = {"checkpoint": loaded.step_dir, "step": loaded.step, "attention": loaded.attention,
@@ -159,7 +183,23 @@ def needle_grid(loaded, text_format: str, lengths: Sequence[int], depths: Sequen
               "seconds": seconds}
     if tracked:
         result.update(needle_block_selected=selected, needle_block_selected_by_layer=selected_by_layer)
+    if ranks:
+        result.update(needle_block_rank=rank, needle_block_rank_by_layer=rank_by_layer,
+                      candidate_blocks=candidate_blocks, select_count=loaded.recipe.nsa.select_count)
     return result
+
+
+def check_ranks_backend(recipe, device: str) -> None:
+    """--ranks reads the block scores, which only the torch backend forms: evaluate on CPU, or on CUDA with
+    nsa.backend=torch. `device`: --device (auto: CUDA when visible)."""
+    import torch
+
+    on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if on_cuda and recipe.nsa.backend != "torch":
+        backend = recipe.nsa.backend or "null (triton on CUDA)"
+        raise EvalInputError(f"--ranks needs the torch NSA backend (the Triton kernels never form the block scores); "
+                             f"this evaluation runs on CUDA with nsa.backend={backend}: add nsa.backend=torch or "
+                             "--device cpu")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -178,6 +218,10 @@ def run(args: argparse.Namespace) -> dict:
         raise EvalInputError(f"--selections needs an NSA model; this one has model.attention={recipe.model.attention!r}")
     if args.silence and recipe.model.attention != "nsa":
         raise EvalInputError(f"--silence needs an NSA model; this one has model.attention={recipe.model.attention!r}")
+    if args.ranks and recipe.model.attention != "nsa":
+        raise EvalInputError(f"--ranks needs an NSA model; this one has model.attention={recipe.model.attention!r}")
+    if args.ranks:
+        check_ranks_backend(recipe, args.device)
 
     from .model_loader import load_model
     from .plots import accuracy_heatmap
@@ -185,7 +229,7 @@ def run(args: argparse.Namespace) -> dict:
     loaded = load_model(args.checkpoint, args.recipe, args.overrides, args.device)
     with silenced_branches(*args.silence):
         result = needle_grid(loaded, text_format, lengths, args.depths, samples, args.seed, args.batch_size,
-                             args.selections)
+                             args.selections, args.ranks)
     result["silenced_branches"] = list(args.silence)
     silenced = f", branches off: {' '.join(args.silence)}" if args.silence else ""
     table = accuracy_table(result["accuracy"], lengths, args.depths)
@@ -193,6 +237,10 @@ def run(args: argparse.Namespace) -> dict:
           f"\n{table}")
     if args.selections:
         print(f"\n{SELECTED_TITLE}:\n{accuracy_table(result['needle_block_selected'], lengths, args.depths)}")
+    if args.ranks:
+        candidates = ", ".join(f"{blocks} at {int(length):,}" for length, blocks in result["candidate_blocks"].items())
+        print(f"\n{RANK_TITLE}, n = {result['select_count']}; candidate blocks {candidates}:\n"
+              f"{rank_table(result['needle_block_rank'], lengths, args.depths)}")
     if args.json:
         write_json(args.json, result)
     if args.table:

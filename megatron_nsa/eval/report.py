@@ -1,9 +1,10 @@
-"""Results as files: JSON, and the needle accuracy grid as a markdown table (depth rows x length columns)."""
+"""Results as files: JSON, and the needle grids (accuracy, block ranks) as markdown tables (depth rows x length
+columns)."""
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Sequence
+from typing import Callable, Dict, Sequence
 
 
 def write_json(path: str, content) -> None:
@@ -18,13 +19,25 @@ def grid_key(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def grid_table(grid: Dict[str, Dict[str, float]], lengths: Sequence[int], depths: Sequence[float],
+               cell: Callable[[float], str], mean: Callable[[float], str], title: str = "depth \\ length") -> str:
+    """grid[length][depth] -> a markdown table (depth rows, length columns, a last row of the depths' mean),
+    cells written by `cell`, the means by `mean`."""
+    header = f"| {title} | " + " | ".join(f"{length:,}" for length in lengths) + " |"
+    rule = "|---|" + "---:|" * len(lengths)
+    rows = [f"| {depth:g}% | " + " | ".join(cell(grid[grid_key(length)][grid_key(depth)]) for length in lengths)
+            + " |" for depth in depths]
+    means = [sum(grid[grid_key(length)][grid_key(d)] for d in depths) / len(depths) for length in lengths]
+    rows.append("| mean | " + " | ".join(mean(m) for m in means) + " |")
+    return "\n".join([header, rule, *rows])
+
+
 def accuracy_table(accuracy: Dict[str, Dict[str, float]], lengths: Sequence[int], depths: Sequence[float],
                    title: str = "depth \\ length") -> str:
     """accuracy[length][depth] (fractions) -> a markdown table of percentages."""
-    header = f"| {title} | " + " | ".join(f"{length:,}" for length in lengths) + " |"
-    rule = "|---|" + "---:|" * len(lengths)
-    rows = [f"| {depth:g}% | " + " | ".join(f"{100 * accuracy[grid_key(length)][grid_key(depth)]:.0f}%"
-                                           for length in lengths) + " |" for depth in depths]
-    means = [sum(accuracy[grid_key(length)][grid_key(d)] for d in depths) / len(depths) for length in lengths]
-    rows.append("| mean | " + " | ".join(f"{100 * m:.1f}%" for m in means) + " |")
-    return "\n".join([header, rule, *rows])
+    return grid_table(accuracy, lengths, depths, lambda v: f"{100 * v:.0f}%", lambda m: f"{100 * m:.1f}%", title)
+
+
+def rank_table(rank: Dict[str, Dict[str, float]], lengths: Sequence[int], depths: Sequence[float]) -> str:
+    """rank[length][depth] (medians of block ranks) -> a markdown table."""
+    return grid_table(rank, lengths, depths, lambda v: f"{v:g}", lambda m: f"{m:.1f}")

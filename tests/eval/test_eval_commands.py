@@ -90,14 +90,20 @@ def test_needle_selections_count_the_layers_that_select_the_needle(trained):
     at depth 0 (the initial block) and 100% (next to the question) in every layer and head, never at 50%."""
     workdir, checkpoint, _ = trained
     result = run_module("megatron_nsa.eval.needle", "--checkpoint", checkpoint, "--lengths", 64, 200,
-                        "--depths", 0, 50, 100, "--samples", 2, "--selections", "--json", workdir / "selected.json",
-                        cwd=workdir)
+                        "--depths", 0, 50, 100, "--samples", 2, "--selections", "--ranks",
+                        "--json", workdir / "selected.json", cwd=workdir)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((workdir / "selected.json").read_text())
     for length in ("64", "200"):
         assert report["needle_block_selected"][length] == {"0": 1.0, "50": 0.0, "100": 1.0}
         assert report["needle_block_selected_by_layer"][length]["50"] == [0.0, 0.0]  # two layers
+        # --ranks: the initial block ranks first, a block next to the question among the 3 forced, the middle after
+        ranks = report["needle_block_rank"][length]
+        assert ranks["0"] == 1 and ranks["100"] <= 3 < ranks["50"] <= report["candidate_blocks"][length]
+        assert len(report["needle_block_rank_by_layer"][length]["50"]) == 2
+    assert report["candidate_blocks"] == {"64": 4, "200": 13} and report["select_count"] == 3
     assert "needle block selected at the question" in result.stdout and "needle block selected 66.7%" in result.stdout
+    assert "needle block's median rank at the question" in result.stdout and "candidate blocks 4 at 64" in result.stdout
 
 
 @pytest.mark.slow
@@ -184,6 +190,7 @@ def test_missing_dataset_files_are_named(trained, capsys):
     (["training.lr=1"], "unknown recipe key 'training.lr'"),
     (["--selections", "model.attention=dense"], "--selections needs an NSA model; this one has "
                                                 "model.attention='dense'"),
+    (["--ranks", "model.attention=dense"], "--ranks needs an NSA model; this one has model.attention='dense'"),
 ])
 def test_bad_needle_grids_are_named(trained, capsys, args, message):
     from megatron_nsa.eval import needle
@@ -191,6 +198,25 @@ def test_bad_needle_grids_are_named(trained, capsys, args, message):
     _, checkpoint, _ = trained
     code, err = call_main(needle.main, ["--checkpoint", checkpoint, *args], capsys)
     assert code == 2 and message in err, err
+
+
+def test_needle_ranks_refuse_the_triton_backend_on_cuda(trained, monkeypatch):
+    """--ranks reads block scores, which the Triton kernels never form: on CUDA it needs nsa.backend=torch
+    (checked from the recipe, before any model is loaded)."""
+    import torch
+
+    from megatron_nsa.eval import needle
+    from megatron_nsa.eval.checkpoints import EvalInputError, checkpoint_recipe, read_meta, resolve_checkpoint
+
+    _, checkpoint, _ = trained
+    step_dir = resolve_checkpoint(str(checkpoint))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    recipe = checkpoint_recipe(step_dir, read_meta(step_dir), None, [])
+    with pytest.raises(EvalInputError, match="--ranks needs the torch NSA backend .* nsa.backend=null \\(triton on "
+                                             "CUDA\\): add nsa.backend=torch or --device cpu"):
+        needle.check_ranks_backend(recipe, "auto")
+    needle.check_ranks_backend(recipe, "cpu")
+    needle.check_ranks_backend(checkpoint_recipe(step_dir, read_meta(step_dir), None, ["nsa.backend=torch"]), "cuda")
 
 
 def test_eval_loss_refuses_lengths_past_learned_positions(trained, capsys):

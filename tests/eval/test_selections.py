@@ -1,5 +1,6 @@
 """megatron_nsa.eval.selections: the recorded selections stacked by layer; the needle diagnostic counts a
-layer's KV head as a hit exactly when its selection (the reference's) holds a block of the needle."""
+layer's KV head as a hit exactly when its selection (the reference's) holds a block of the needle, and ranks
+the needle's block so that a rank <= n is exactly a hit."""
 from __future__ import annotations
 
 import numpy
@@ -9,7 +10,7 @@ import torch
 from megatron_nsa import NSAConfig, nsa_attention
 from megatron_nsa import reference as R
 from megatron_nsa.eval.haystack import NeedleSample
-from megatron_nsa.eval.selections import QuestionSelections, needle_blocks, stack_layers
+from megatron_nsa.eval.selections import QuestionSelections, block_rank, needle_blocks, stack_layers
 
 CONFIG = NSAConfig(compress_block_size=8, compress_stride=4, select_block_size=16, select_count=5, window_size=16)
 
@@ -67,3 +68,37 @@ def test_question_selections_hit_exactly_where_a_needle_block_is_selected(nsa_in
     assert hits[0, 0, 0] and not hits[1, 0, 0]
     with pytest.raises(ValueError, match="selections of 2 samples recorded for 3 samples"):
         tracked.needle_hits(cell + cell[:1], select_block_size=16)
+
+
+def test_block_rank_orders_as_the_selection_does():
+    inf = float("inf")
+    scores = torch.tensor([[inf, 0.2, 0.5, 0.2, 0.1, inf, -inf]])
+    assert [block_rank(scores, b).item() for b in range(7)] == [1, 4, 3, 5, 6, 2, 7]  # ties: lower id first
+    assert block_rank(scores[0], 2).shape == ()
+
+
+def test_needle_rank_is_within_n_exactly_where_the_needle_is_selected(nsa_inputs):
+    """On random inputs at several lengths the needle's block rank is <= n exactly where needle_hits says it
+    was selected, in every layer and KV head; ranks are past the forced blocks elsewhere."""
+    num_layers, batch, seq_len, kv_heads = 2, 3, 192, 2
+    seed = int(numpy.random.default_rng().integers(1 << 30))
+    layers = [nsa_inputs(batch, seq_len, 4, kv_heads, 16, 16, False, seed + layer, dtype=torch.float32)
+              for layer in range(num_layers)]
+
+    def logits_fn(tokens):
+        for q, ks, vs, gates in layers:
+            nsa_attention(q, ks[0], vs[0], gates, CONFIG, backend="torch")
+        return torch.randn(*tokens.shape, 5)
+
+    cell = [sample(seq_len, start) for start in (5, 70, 120)]
+    tracked = QuestionSelections(logits_fn, num_layers, scores=True)
+    tracked.start_cell(cell)
+    tracked(torch.zeros(batch, seq_len, dtype=torch.int64))
+    hits = tracked.needle_hits(cell, select_block_size=16)
+    ranks = tracked.needle_ranks(cell, select_block_size=16)
+    assert ranks.shape == hits.shape == (batch, num_layers, kv_heads)
+    assert torch.equal(ranks <= CONFIG.select_count, hits)
+    assert (ranks[0] == 1).all()  # block 0 is the forced initial block, ranked first
+    assert (ranks[1:] > CONFIG.select_init_blocks).all()
+    with pytest.raises(ValueError, match="needs QuestionSelections"):
+        QuestionSelections(logits_fn, num_layers).needle_ranks(cell, 16)
