@@ -6,10 +6,11 @@ each run's checkpoint directory, side by side.
         [--title "..."] [--commit abc1234]
 
 (from the repository root). Per run it reads metrics.jsonl (validation answer loss by step),
-recall_step_STEP.json (each stage's recall breakdown), needle.json and, when there, needle_silenced.json,
-and writes <out>.json (all of it, with the commit and GPU) and <out>.md: the validation answer loss at the
-stage ends (the recall breakdowns' steps) and at --steps, recall against length and steps, the needle grid
-of every run at every length, the needle block's selection rate and the silenced grid where measured.
+recall_step_STEP.json (each stage's recall breakdown), needle.json and, when there, needle_silenced.json and
+needle_ranks.json (`megatron_nsa.eval.needle --ranks --json`, e.g. on CPU from the exported weights), and writes
+<out>.json (all of it, with the commit and GPU) and <out>.md: the validation answer loss at the stage ends
+(the recall breakdowns' steps) and at --steps, recall against length and steps, the needle grid of every run
+at every length, the needle block's selection rate, its rank and the silenced grid where measured.
 --commit names the code that trained (default: this checkout's).
 """
 from __future__ import annotations
@@ -23,9 +24,9 @@ from typing import Dict, List, Optional
 from benchmarks.recording import recorded, recorded_line
 from experiments.nsa_vs_dense import read_records
 from experiments.recall_breakdown import curve, curve_markdown
-from megatron_nsa.eval.report import accuracy_table, write_json
+from megatron_nsa.eval.report import accuracy_table, rank_table, write_json
 
-NEEDLE_FILES = {"needle": "needle.json", "needle_silenced": "needle_silenced.json"}
+NEEDLE_FILES = {"needle": "needle.json", "needle_silenced": "needle_silenced.json", "needle_ranks": "needle_ranks.json"}
 
 
 def parse_run(text: str) -> tuple:
@@ -69,7 +70,7 @@ def loss_table(runs: Dict[str, dict], steps: List[int]) -> str:
     return "\n".join(lines)
 
 
-def needle_section(name: str, needle: dict, silenced: Optional[dict]) -> List[str]:
+def needle_section(name: str, needle: dict, silenced: Optional[dict], ranks: Optional[dict] = None) -> List[str]:
     """The markdown of one run's needle results."""
     lengths, depths = needle["lengths"], needle["depths"]
     counts = sorted(set(needle["samples"]))
@@ -83,6 +84,11 @@ def needle_section(name: str, needle: dict, silenced: Optional[dict]) -> List[st
         off = " ".join(silenced.get("silenced_branches", []))
         lines += [f"Needle, {name}, with the branches {off} off:", "",
                   accuracy_table(silenced["accuracy"], silenced["lengths"], silenced["depths"]), ""]
+    if ranks:
+        candidates = ", ".join(f"{blocks} at {int(length):,}" for length, blocks in ranks["candidate_blocks"].items())
+        lines += [f"Needle block's median rank at the question, {name}, step {ranks['step']:,} (1 = highest score; "
+                  f"the top {ranks['select_count']} are selected; candidate blocks {candidates}):", "",
+                  rank_table(ranks["needle_block_rank"], ranks["lengths"], ranks["depths"]), ""]
     return lines
 
 
@@ -98,7 +104,7 @@ def report(runs: Dict[str, dict], steps: List[int], title: str, info: Dict[str, 
                       "sequences):", "", curve_markdown(by_step), ""]
     for name, run in runs.items():
         if "needle" in run:
-            lines += needle_section(name, run["needle"], run.get("needle_silenced"))
+            lines += needle_section(name, run["needle"], run.get("needle_silenced"), run.get("needle_ranks"))
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """experiments/curriculum_report.py: the answer loss at the stage ends and at chosen steps, each run's recall
-curve, needle grids (with the selection rate and the silenced grid where a run has them) in one markdown
-and one JSON file; bad --run arguments are named."""
+curve, needle grids (with the selection rate, the needle block's rank and the silenced grid where a run has
+them) in one markdown and one JSON file; bad --run arguments are named."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from experiments import curriculum_report
 DEPTHS = [0.0, 50.0, 100.0]
 
 
-def _write_run(directory, losses, needle_accuracy, selected=None, silenced=None):
+def _write_run(directory, losses, needle_accuracy, selected=None, silenced=None, rank=None):
     """A run directory as the curriculum script leaves it: losses {step: loss}; needle at 8k and 16k."""
     directory.mkdir()
     with open(directory / "metrics.jsonl", "w") as f:
@@ -33,10 +33,14 @@ def _write_run(directory, losses, needle_accuracy, selected=None, silenced=None)
         (directory / "needle_silenced.json").write_text(json.dumps(
             {"step": 3400, "lengths": [8192], "depths": DEPTHS, "samples": [10], "silenced_branches": ["cmp", "win"],
              "accuracy": {"8192": {f"{d:g}": silenced for d in DEPTHS}}}))
+    if rank is not None:
+        (directory / "needle_ranks.json").write_text(json.dumps(
+            {"step": 3400, "lengths": [8192], "depths": DEPTHS, "samples": [4], "candidate_blocks": {"8192": 128},
+             "select_count": 16, "needle_block_rank": {"8192": {f"{d:g}": rank for d in DEPTHS}}}))
 
 
 def test_report_puts_the_runs_side_by_side(tmp_path, capsys):
-    _write_run(tmp_path / "nsa", {1000: 0.5, 2000: 0.25, 3400: 0.125}, 0.9, selected=0.7, silenced=0.8)
+    _write_run(tmp_path / "nsa", {1000: 0.5, 2000: 0.25, 3400: 0.125}, 0.9, selected=0.7, silenced=0.8, rank=20.5)
     _write_run(tmp_path / "dense", {1000: 0.75, 2000: 0.375, 3400: 0.0625}, 1.0)
     out = tmp_path / "results" / "report_h100"
     assert curriculum_report.main(["--run", f"nsa={tmp_path / 'nsa'}", "--run", f"dense={tmp_path / 'dense'}",
@@ -51,7 +55,10 @@ def test_report_puts_the_runs_side_by_side(tmp_path, capsys):
     assert "| mean | 100.0% | 100.0% |" in text  # dense's grid
     assert "Needle block selected at the question, nsa" in text and "| mean | 70.0% | 70.0% |" in text
     assert "Needle, nsa, with the branches cmp win off:" in text and "| mean | 80.0% |" in text
+    assert ("Needle block's median rank at the question, nsa, step 3,400 (1 = highest score; the top 16 are "
+            "selected; candidate blocks 128 at 8,192):" in text) and "| 50% | 20.5 |" in text
     assert "selected at the question, dense" not in text and "dense, with the branches" not in text
+    assert "rank at the question, dense" not in text
     report = json.loads((tmp_path / "results" / "report_h100.json").read_text())
     assert report["recorded"]["commit"] == "abc1234" and report["recorded"]["gpu"] == "NVIDIA H100 80GB HBM3"
     assert report["runs"]["dense"]["validation_answer_loss"] == {"1000": 0.75, "2000": 0.375, "3400": 0.0625}
