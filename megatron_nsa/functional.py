@@ -20,6 +20,17 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 KV = Union[torch.Tensor, Sequence[torch.Tensor]]
 
+@contextlib.contextmanager
+def _recording_into(records_var: contextvars.ContextVar) -> Iterator[List[torch.Tensor]]:
+    """A new list in `records_var` for the block (an enclosing block's list is restored after it)."""
+    records: List[torch.Tensor] = []
+    token = records_var.set(records)
+    try:
+        yield records
+    finally:
+        records_var.reset(token)
+
+
 # The list that recorded_selections() opened in this context, None outside one.
 _selection_records: contextvars.ContextVar[Optional[List[torch.Tensor]]] = contextvars.ContextVar(
     "nsa_selection_records", default=None)
@@ -40,12 +51,8 @@ def recorded_selections() -> Iterator[List[torch.Tensor]]:
             logits = model(tokens)
         first_layer = selections[0]
     """
-    records: List[torch.Tensor] = []
-    token = _selection_records.set(records)
-    try:
+    with _recording_into(_selection_records) as records:
         yield records
-    finally:
-        _selection_records.reset(token)
 
 
 # The list that recorded_block_scores() opened in this context, None outside one.
@@ -63,12 +70,8 @@ def recorded_block_scores() -> Iterator[List[torch.Tensor]]:
     recorded_selections, +inf for forced blocks, -inf for blocks a query cannot select. The selection
     keeps the n highest (ties to the lower block id). Outputs and gradients are unchanged.
     """
-    records: List[torch.Tensor] = []
-    token = _score_records.set(records)
-    try:
+    with _recording_into(_score_records) as records:
         yield records
-    finally:
-        _score_records.reset(token)
 
 
 BRANCHES = ("cmp", "slc", "win")  # the order of the gates' last dimension
