@@ -26,6 +26,9 @@
 #   NEEDLE_SILENCE     NSA: branches to turn off in a second needle test at the last stage's length, e.g.
 #                      "cmp win" (the selected branch alone; megatron_nsa.eval.needle --silence), written to
 #                      CHECKPOINT_DIR/needle_silenced.{json,md} (default: none)
+#   NEEDLE_RANKS       NSA: 1 adds the needle block's rank by selection score at the last stage's length
+#                      (megatron_nsa.eval.needle --ranks, on the torch backend: the reference's block scores),
+#                      written to CHECKPOINT_DIR/needle_ranks.{json,md} (default: 0)
 #   CURRICULUM_RECIPE  the recipe every stage trains (default configs/retrieval_curriculum_8k.yaml); a
 #                      recipe with learned positions cannot change length: give it RoPE
 #                      (model.position_embedding_type=rope)
@@ -93,6 +96,11 @@ for branch in ${NEEDLE_SILENCE:-}; do
     exit 2
   fi
 done
+needle_ranks=${NEEDLE_RANKS:-0}
+if [[ "$needle_ranks" != 0 && "$needle_ranks" != 1 ]]; then
+  echo "NEEDLE_RANKS must be 0 or 1, got '${needle_ranks}'" >&2
+  exit 2
+fi
 if ! [[ "$needle_samples" =~ ^[1-9][0-9]*$ ]]; then
   echo "NEEDLE_SAMPLES must be a whole number >= 1, got '${needle_samples}'" >&2
   exit 2
@@ -173,6 +181,11 @@ if [[ -n "${NEEDLE_SILENCE:-}" && "$model" == nsa ]]; then
   "${PYTHON:-python}" -m megatron_nsa.eval.needle --checkpoint "$dir" --lengths "$length" \
     --depths "${depths[@]}" --samples "$needle_samples" --format retrieval --silence $NEEDLE_SILENCE \
     --json "${dir}/needle_silenced.json" --table "${dir}/needle_silenced.md"
+fi
+if [[ "$needle_ranks" == 1 && "$model" == nsa ]]; then
+  "${PYTHON:-python}" -m megatron_nsa.eval.needle --checkpoint "$dir" --lengths "$length" \
+    --depths "${depths[@]}" --samples "$needle_samples" --format retrieval --selections --ranks nsa.backend=torch \
+    --json "${dir}/needle_ranks.json" --table "${dir}/needle_ranks.md"
 fi
 # The trained model's weights alone (bf16, a few MB), for evaluation on any machine: the step_* checkpoints
 # hold the optimizer too and are too large to copy off a GPU job.

@@ -2,7 +2,7 @@
 CPU: the second stage resumes the first one's checkpoint, the recipe CURRICULUM_RECIPE names and the overrides
 reach every stage, a stage's own overrides reach that stage alone, each stage's recall breakdown is written
 and tabulated, and the needle test runs at the last stage's length and at 2x and 4x it (and with
-NEEDLE_SILENCE once more with branches off)."""
+NEEDLE_SILENCE once more with branches off, with NEEDLE_RANKS once more ranking the needle's block)."""
 from __future__ import annotations
 
 import json
@@ -37,6 +37,7 @@ def run_script(args, **env):
     (["nsa"], {"NEEDLE_SAMPLES": "0"}, "NEEDLE_SAMPLES must be a whole number >= 1, got '0'"),
     (["nsa"], {"RECALL_SAMPLES": "some"}, "RECALL_SAMPLES must be a whole number >= 0, got 'some'"),
     (["nsa"], {"NEEDLE_SILENCE": "cmp window"}, "NEEDLE_SILENCE: 'window' is not a branch"),
+    (["nsa"], {"NEEDLE_RANKS": "yes"}, "NEEDLE_RANKS must be 0 or 1, got 'yes'"),
     (["nsa"], {"CURRICULUM_RECIPE": "no_such_recipe.yaml"}, "CURRICULUM_RECIPE: no recipe file 'no_such_recipe.yaml'"),
 ])
 def test_bad_arguments_stop_before_training(args, env, message):
@@ -49,7 +50,7 @@ def test_a_two_stage_curriculum_resumes_and_ends_with_the_needle_test(tmp_path):
     args = ["nsa", "0", f"checkpoint.dir={checkpoint_dir}", "retrieval.single_facts=2",
             "model.position_embedding_type=rope", *TINY]
     env = dict(CURRICULUM_STAGES="64:2:4:2 128:2:4:4,retrieval.mean_gap=3,retrieval.gap_after=records",
-               NEEDLE_SAMPLES="1", RECALL_SAMPLES="2", NEEDLE_SILENCE="cmp win",
+               NEEDLE_SAMPLES="1", RECALL_SAMPLES="2", NEEDLE_SILENCE="cmp win", NEEDLE_RANKS="1",
                CURRICULUM_RECIPE="configs/retrieval_emergence_cpu.yaml")
     result = run_script(args, **env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -65,6 +66,8 @@ def test_a_two_stage_curriculum_resumes_and_ends_with_the_needle_test(tmp_path):
     assert needle["lengths"] == [128, 256, 512] and needle["step"] == 4 and "needle_block_selected" in needle
     silenced = json.loads((checkpoint_dir / "needle_silenced.json").read_text())  # the selected branch alone
     assert silenced["lengths"] == [128] and silenced["silenced_branches"] == ["cmp", "win"]
+    ranks = json.loads((checkpoint_dir / "needle_ranks.json").read_text())  # the needle block's rank, 128 tokens
+    assert ranks["lengths"] == [128] and set(ranks["needle_block_rank"]["128"]) == {f"{d}" for d in range(0, 101, 10)}
     metrics = [json.loads(line) for line in (checkpoint_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(line["step"] for line in metrics) == 4
     for step, length in ((2, 64), (4, 128)):  # each stage's recall breakdown, at its own length
