@@ -333,7 +333,8 @@ def nsa_reference(q, kv_cmp, kv_slc, kv_win, gates, config: NSAConfig, cu_seqlen
         out, inter = nsa_sequence(up(q[b, doc]), pick(kv_cmp), pick(kv_slc), pick(kv_win), up(gates[b, doc]),
                                   config, compressor, rope)
         outs.append(out)
-        parts.append(inter)
+        if return_intermediates:
+            parts.append(inter)
     out = torch.cat(outs).view(batch, seq_len, q.shape[2], -1).to(in_dtype)
     if not return_intermediates:
         return out
