@@ -20,6 +20,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 KV = Union[torch.Tensor, Sequence[torch.Tensor]]
 
+
 @contextlib.contextmanager
 def _recording_into(records_var: contextvars.ContextVar) -> Iterator[List[torch.Tensor]]:
     """A new list in `records_var` for the block (an enclosing block's list is restored after it)."""
@@ -314,17 +315,15 @@ def nsa_attention(
     bounds = check_inputs(q, ks, vs, gates, cu_seqlens, config)
     gates = silenced_gates(gates)
     backend = backend or default_backend(q.device)
-    score_records = _score_records.get()
+    records, score_records = _selection_records.get(), _score_records.get()
     if backend == "triton":
         if score_records is not None:
             raise RuntimeError("recorded_block_scores() needs backend='torch'; this call has backend='triton', whose "
                                "kernels rank the blocks without forming their scores")
         if not triton_backend_available():
             raise RuntimeError("backend='triton' needs the nsa_kernels package and triton; install them or use 'torch'")
-        return _nsa_triton(q, ks, vs, gates, config, cu_seqlens, bounds, compressor, compressed_rope,
-                           _selection_records.get())
+        return _nsa_triton(q, ks, vs, gates, config, cu_seqlens, bounds, compressor, compressed_rope, records)
     kv = [(kb, vb) for kb, vb in zip(ks, vs)]
-    records = _selection_records.get()
     if records is None and score_records is None:
         return nsa_reference(q, *kv, gates, config, cu_seqlens, compressor, compressed_rope)
     out, intermediates = nsa_reference(q, *kv, gates, config, cu_seqlens, compressor, compressed_rope,

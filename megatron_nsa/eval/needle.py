@@ -133,9 +133,7 @@ def needle_grid(loaded, text_format: str, lengths: Sequence[int], depths: Sequen
     from .scoring import score_cell
     from .selections import QuestionSelections
 
-    for flag, wanted in (("--selections", selections), ("--ranks", ranks)):
-        if wanted and loaded.attention != "nsa":
-            raise EvalInputError(f"{flag} needs an NSA model; this one has model.attention={loaded.attention!r}")
+    require_nsa(loaded.attention, {"--selections": selections, "--ranks": ranks})
     tracked = (QuestionSelections(loaded.logits, loaded.recipe.model.num_layers, scores=ranks)
                if selections or ranks else None)
     select_block_size = loaded.recipe.nsa.select_block_size
@@ -189,6 +187,13 @@ def needle_grid(loaded, text_format: str, lengths: Sequence[int], depths: Sequen
     return result
 
 
+def require_nsa(attention: str, flags: dict) -> None:
+    """The NSA-only options among `flags` ({option: given}) refused for a model of another attention."""
+    for flag, given in flags.items():
+        if given and attention != "nsa":
+            raise EvalInputError(f"{flag} needs an NSA model; this one has model.attention={attention!r}")
+
+
 def check_ranks_backend(recipe, device: str) -> None:
     """--ranks reads the block scores, which only the torch backend forms: evaluate on CPU, or on CUDA with
     nsa.backend=torch. `device`: --device (auto: CUDA when visible)."""
@@ -214,12 +219,8 @@ def run(args: argparse.Namespace) -> dict:
     samples = samples_per_length(args.samples, lengths)
     if args.batch_size < 1:
         raise EvalInputError(f"--batch-size {args.batch_size} is not allowed: it must be >= 1")
-    if args.selections and recipe.model.attention != "nsa":
-        raise EvalInputError(f"--selections needs an NSA model; this one has model.attention={recipe.model.attention!r}")
-    if args.silence and recipe.model.attention != "nsa":
-        raise EvalInputError(f"--silence needs an NSA model; this one has model.attention={recipe.model.attention!r}")
-    if args.ranks and recipe.model.attention != "nsa":
-        raise EvalInputError(f"--ranks needs an NSA model; this one has model.attention={recipe.model.attention!r}")
+    require_nsa(recipe.model.attention, {"--selections": args.selections, "--silence": bool(args.silence),
+                                         "--ranks": args.ranks})
     if args.ranks:
         check_ranks_backend(recipe, args.device)
 
