@@ -33,6 +33,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import get_pg_rank, get_pg_size
 
+from .block_score_loss import attach_loss, block_score_loss
 from .compat import module_name_kwargs
 from .compression import KVCompressor
 from .config import NSAConfig
@@ -128,6 +129,12 @@ class NSASelfAttention(Attention):
         self.own_rotary = None
         if settings.rotary_base is not None:
             self.own_rotary = Rotary.from_base(settings.rotary_base, settings.rotary_dim)
+        if settings.block_score_loss_coeff > 0 and get_pg_size(self.pg_collection.cp) > 1:
+            raise ValueError(f"nsa_block_score_loss_coeff={settings.block_score_loss_coeff} needs context parallel "
+                             f"size 1 (got {get_pg_size(self.pg_collection.cp)}); allowed with context parallelism: 0")
+        # the block score loss of this layer's training forwards since a monitor last read it (sum, count)
+        self.block_score_loss_sum = torch.zeros((), dtype=torch.float32)
+        self.block_score_loss_count = 0
 
     def _head_norm(self, norm_spec, config) -> Optional[torch.nn.Module]:
         """A norm over one head's d_k dims built from the spec (None: no norm), on the device and in the
@@ -166,8 +173,27 @@ class NSASelfAttention(Attention):
         batch_first = lambda t: t.transpose(0, 1)  # noqa: E731  [s, b, ...] <-> [b, s, ...]
         core_out = self._nsa_core(batch_first(q), tuple(map(batch_first, k)), tuple(map(batch_first, v)),
                                   batch_first(gates), cu_seqlens, rotary)
+        if self.settings.block_score_loss_coeff > 0 and self.training and torch.is_grad_enabled():
+            core_out = self._with_block_score_loss(core_out, batch_first(q), batch_first(k[0]), batch_first(k[1]),
+                                                   cu_seqlens, rotary)
         core_out = batch_first(core_out).reshape(seq_len, batch, -1)  # [s, b, H_q * d_v]
         return self.linear_proj(core_out)
+
+    def _with_block_score_loss(self, core_out, q, k_cmp, k_slc, cu_seqlens, rotary):
+        """core_out carrying this layer's block score loss (megatron_nsa/block_score_loss.py) into backward,
+        weighted so that it adds nsa_block_score_loss_coeff * loss to the per-token language-model loss the
+        optimizer sees: with calculate_per_token_loss Megatron divides every gradient by the batch's token
+        count, so the loss enters once per token of this micro-batch; without, Megatron divides each
+        micro-batch's loss by the number of micro-batches, and so is this one."""
+        loss = block_score_loss(q, k_cmp, k_slc, self.core_config, self.settings.block_score_loss_queries,
+                                cu_seqlens, self.compressor, rotary)
+        self.block_score_loss_sum = self.block_score_loss_sum.to(loss.device) + loss.detach()
+        self.block_score_loss_count += 1
+        if self.config.calculate_per_token_loss:
+            weight = self.settings.block_score_loss_coeff * q.shape[0] * q.shape[1]
+        else:
+            weight = self.settings.block_score_loss_coeff / _micro_batches()
+        return attach_loss(core_out, loss, weight)
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, *args, **kwargs):
         """hidden_states [s, b, h] -> q [s, b, H_q, d_k]; k, v: (cmp, slc, win) triples of [s, b, H_kv, d]
@@ -277,6 +303,16 @@ def sum_grads_over_group(params, group) -> None:
 
     for param in params:
         param.register_hook(all_reduce)
+
+
+def _micro_batches() -> int:
+    """Megatron's micro-batches per step, 1 where no schedule set it up (a plain forward and backward)."""
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+    try:
+        return get_num_microbatches()
+    except AttributeError:  # the calculator was never initialized
+        return 1
 
 
 def bound_backend(requested: Optional[str]) -> str:

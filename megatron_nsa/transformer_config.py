@@ -82,6 +82,12 @@ class NSATransformerConfig(_TransformerConfigWithNSAConfig):
     nsa_cp_node_size: Optional[int] = _layer_field(
         None, "Consecutive context-parallel ranks per node, for nsa_cp_exchange 'hierarchical' "
               "(a divisor of context_parallel_size).")
+    nsa_block_score_loss_coeff: float = _layer_field(
+        0.0, "Weight of the auxiliary loss that trains the block scores toward the selected branch's full "
+             "attention per block (megatron_nsa/block_score_loss.py; not in the NSA paper); 0: off. Needs "
+             "context_parallel_size 1.")
+    nsa_block_score_loss_queries: int = _layer_field(
+        256, "Query positions per sequence (evenly spaced) at which that loss compares the two.")
 
     def __post_init__(self):
         if self.kv_channels is None and self.nsa_v_head_dim is not None:
@@ -97,6 +103,8 @@ class NSATransformerConfig(_TransformerConfigWithNSAConfig):
         _validate_choice(self.nsa_backend, NSA_BACKENDS, "nsa_backend")
         _validate_rotary(self)
         _validate_cp_exchange(self)
+        check_block_score_loss(self.nsa_block_score_loss_coeff, self.nsa_block_score_loss_queries,
+                               self.context_parallel_size, "nsa_")
         check_megatron_fields(self, self.tensor_model_parallel_size)
 
     def nsa_config(self) -> NSAConfig:
@@ -134,6 +142,8 @@ class NSALayerSettings:
     backend: Optional[str] = None
     rotary_base: Optional[float] = None  # NSA's own RoPE; None: Megatron's table (if passed) or none
     rotary_dim: Optional[int] = None
+    block_score_loss_coeff: float = 0.0  # megatron_nsa/block_score_loss.py; 0: off
+    block_score_loss_queries: int = 256
 
 
 def nsa_layer_settings(config: TransformerConfig, nsa_config: Optional[NSAConfig] = None,
@@ -150,6 +160,8 @@ def nsa_layer_settings(config: TransformerConfig, nsa_config: Optional[NSAConfig
             nsa=config.nsa_config(), qk_head_dim=config.nsa_qk_head_dim, v_head_dim=config.nsa_v_head_dim,
             backend=config.nsa_backend, rotary_base=config.nsa_rotary_base,
             rotary_dim=config.nsa_rotary_dim or config.nsa_qk_head_dim,
+            block_score_loss_coeff=config.nsa_block_score_loss_coeff,
+            block_score_loss_queries=config.nsa_block_score_loss_queries,
         )
     if nsa_config is None:
         nsa_config = NSAConfig(softmax_scale=config.softmax_scale)
@@ -171,6 +183,17 @@ def check_megatron_fields(config: TransformerConfig, tensor_parallel_size: int) 
     for name in ("multi_latent_attention", "rotary_interleaved"):
         if getattr(config, name, False):
             raise ValueError(f"{name}=True is not supported by NSA layers; allowed: False")
+
+
+def check_block_score_loss(coeff, queries, context_parallel_size: int, prefix: str) -> None:
+    """The block score loss's settings (named `prefix + block_score_loss_coeff` / `_queries` in errors)."""
+    name = f"{prefix}block_score_loss_coeff"
+    if isinstance(coeff, bool) or not isinstance(coeff, (int, float)) or not math.isfinite(coeff) or coeff < 0:
+        raise ValueError(f"{name}={coeff!r} is not allowed: it must be a finite number >= 0 (0: off)")
+    _require_positive_int(f"{prefix}block_score_loss_queries", queries)
+    if coeff > 0 and context_parallel_size > 1:
+        raise ValueError(f"{name}={coeff} needs context_parallel_size 1 (got {context_parallel_size}): the loss "
+                         f"compares each query with every key before it; allowed with context parallelism: {name}=0")
 
 
 def _require_positive_int(name: str, value) -> None:

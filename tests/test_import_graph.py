@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 FLOORS: List[Tuple[str, Tuple[str, ...]]] = [
     ("kernels", ("nsa_kernels",)),
     ("core", ("megatron_nsa", "megatron_nsa.config", "megatron_nsa.reference", "megatron_nsa.compression",
-              "megatron_nsa.functional", "megatron_nsa.rope")),
+              "megatron_nsa.functional", "megatron_nsa.rope", "megatron_nsa.block_score_loss")),
     ("context parallelism", ("megatron_nsa.context_parallel",)),
     ("Megatron layer", ("megatron_nsa.attention", "megatron_nsa.spec", "megatron_nsa.transformer_config",
                         "megatron_nsa.compat")),

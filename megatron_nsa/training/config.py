@@ -71,11 +71,15 @@ class ModelSection:
 @dataclasses.dataclass(frozen=True)
 class NSASection(NSAConfig):
     """NSA settings (used when model.attention = nsa): every field of NSAConfig, with its default, allowed
-    values and checks, plus the head dims and the backend of the recipe's NSA layers."""
+    values and checks, plus the head dims, the backend and the block score loss of the recipe's NSA layers."""
 
     qk_head_dim: Optional[int] = _key(None, "NSA query/key head dim; null: model.kv_channels")
     v_head_dim: Optional[int] = _key(None, "NSA value head dim; null: qk_head_dim")
     backend: Optional[Backend] = _key(None, "NSA core: torch or triton; null: triton on CUDA, torch on CPU")
+    block_score_loss_coeff: float = _key(
+        0.0, "weight of the auxiliary loss that trains the block scores toward the selected branch's full "
+             "attention (not in the paper; docs/training.md); 0: off")
+    block_score_loss_queries: int = _key(256, "query positions per sequence at which that loss is taken")
 
 
 @dataclasses.dataclass

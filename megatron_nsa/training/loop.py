@@ -21,7 +21,7 @@ from megatron_nsa.data.datasets import build_datasets, micro_batches, recipe_tok
 
 from . import checkpoint as ckpt
 from .config import Recipe
-from .metrics import GateMonitor, Metrics, model_flops_per_token
+from .metrics import BlockScoreLossMonitor, GateMonitor, Metrics, model_flops_per_token
 from .model import build_model
 from .optimizer import build_optimizer, build_scheduler
 from .parallel import Launch, connect_schedule, forward_backward_function, initialize, wrap_model
@@ -143,6 +143,7 @@ def train(recipe: Recipe, stop: StopSignal) -> RunSummary:
     metrics = Metrics(train_cfg.train_steps, train_cfg.global_batch_size * seq_length, flops_per_token,
                       launch.world_size, launch.device, tensorboard_dir, recipe.logging.metrics_file, launch.is_logger)
     gates = GateMonitor(core_model, launch.device) if recipe.model.attention == "nsa" else None
+    score_loss = BlockScoreLossMonitor(core_model, launch.device) if recipe.model.attention == "nsa" else None
     if launch.is_logger:
         print(f"training {recipe.model.attention} GPT: {sum(p.numel() for p in core_model.parameters()):,} "
               f"parameters on this rank, {launch.world_size} process(es) on {launch.device.type}, "
@@ -168,7 +169,8 @@ def train(recipe: Recipe, stop: StopSignal) -> RunSummary:
         metrics.step(progress.step, loss or 0.0, lr, grad_norm, time.perf_counter() - started)
 
         if progress.step % recipe.logging.log_interval == 0 or progress.step == train_cfg.train_steps:
-            metrics.log(progress.step, lr, grad_norm, gates.pop() if gates else {})
+            metrics.log(progress.step, lr, grad_norm, gates.pop() if gates else {},
+                        score_loss.pop() if score_loss else None)
         if valid_set is not None and train_cfg.eval_interval and (
                 progress.step % train_cfg.eval_interval == 0 or progress.step == train_cfg.train_steps):
             validation_loss = evaluate(forward_backward, model, batches(valid_set, 0), train_cfg.eval_steps, launch)

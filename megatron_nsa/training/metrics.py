@@ -97,6 +97,29 @@ class GateMonitor:
         return dict(zip(GATE_BRANCHES, (totals[:3] / totals[3]).tolist()))
 
 
+class BlockScoreLossMonitor:
+    """Mean block score loss (megatron_nsa/block_score_loss.py) of the NSA layers' training forwards."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        from megatron_nsa.attention import NSASelfAttention
+
+        self.device = device
+        self.layers = [module for module in model.modules()
+                       if isinstance(module, NSASelfAttention) and module.settings.block_score_loss_coeff > 0]
+
+    def pop(self) -> Optional[float]:
+        """The mean since the last call over every layer of the model (a collective over tensor and pipeline
+        ranks); None when the loss is off."""
+        totals = torch.zeros(2, dtype=torch.float32, device=self.device)
+        for layer in self.layers:
+            totals[0] += layer.block_score_loss_sum.to(self.device)
+            totals[1] += layer.block_score_loss_count
+            layer.block_score_loss_sum = torch.zeros_like(layer.block_score_loss_sum)
+            layer.block_score_loss_count = 0
+        torch.distributed.all_reduce(totals, group=parallel_state.get_model_parallel_group())
+        return (totals[0] / totals[1]).item() if totals[1] > 0 else None
+
+
 class Metrics:
     """Accumulates steps between log lines; prints on the logging rank and writes TensorBoard."""
 
@@ -140,7 +163,8 @@ class Metrics:
             if grad_norm is not None:
                 self.writer.add_scalar("train/grad_norm", grad_norm, step)
 
-    def log(self, step: int, lr: float, grad_norm: Optional[float], gate_means: Dict[str, float]) -> Dict[str, float]:
+    def log(self, step: int, lr: float, grad_norm: Optional[float], gate_means: Dict[str, float],
+            block_score_loss: Optional[float] = None) -> Dict[str, float]:
         """Report the steps since the last log line; returns the reported values."""
         step_time = self.seconds / max(self.steps, 1)
         self.recent_step_time = step_time
@@ -152,13 +176,16 @@ class Metrics:
             "step_time": step_time,
             "peak_memory_gib": peak_memory_gib(self.device),
         }
+        if block_score_loss is not None:
+            values["block_score_loss"] = block_score_loss
         if self.is_logger:
             left = time.strftime("%H:%M:%S", time.gmtime(step_time * (self.total_steps - step)))
             norm = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
             gates = " ".join(f"{k}={v:.3f}" for k, v in gate_means.items())
             print(f"step {step:>6}/{self.total_steps} | loss {values['loss']:.4f} | lr {lr:.2e} | grad norm {norm} | "
                   f"{tokens_per_second:,.0f} tok/s | {values['tflops_per_gpu']:.2f} TFLOP/s/{self.unit} | "
-                  f"mem {values['peak_memory_gib']:.2f} GiB | {left} left" + (f" | gates {gates}" if gates else ""),
+                  f"mem {values['peak_memory_gib']:.2f} GiB | {left} left" + (f" | gates {gates}" if gates else "")
+                  + (f" | block score loss {block_score_loss:.4f}" if block_score_loss is not None else ""),
                   flush=True)
             if self.writer:
                 self.writer.add_scalar("train/loss_mean", values["loss"], step)
@@ -168,6 +195,8 @@ class Metrics:
                 self.writer.add_scalar("perf/peak_memory_gib", values["peak_memory_gib"], step)
                 for branch, value in gate_means.items():
                     self.writer.add_scalar(f"nsa/gate_{branch}", value, step)
+                if block_score_loss is not None:
+                    self.writer.add_scalar("nsa/block_score_loss", block_score_loss, step)
             self._append({"step": step, "lr": lr, "grad_norm": grad_norm, **values,
                           **{f"gate_{k}": v for k, v in gate_means.items()}})
         self._reset()

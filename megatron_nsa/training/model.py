@@ -125,6 +125,8 @@ def nsa_config_and_spec(recipe: Recipe, common: dict):
             nsa_qk_head_dim=nsa.qk_head_dim,
             nsa_v_head_dim=nsa.v_head_dim,
             nsa_backend=nsa.backend,
+            nsa_block_score_loss_coeff=nsa.block_score_loss_coeff,
+            nsa_block_score_loss_queries=nsa.block_score_loss_queries,
             nsa_cp_exchange=recipe.parallel.cp_exchange,
             nsa_cp_node_size=recipe.parallel.cp_node_size,
             nsa_rotary_base=recipe.model.rotary_base if rope else None,

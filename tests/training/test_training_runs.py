@@ -132,3 +132,22 @@ def test_stop_and_resume_on_cuda(tmp_path, corpus_cache):
         f"checkpoint.dir={tmp_path / 'resume' / 'ckpt'}"], nproc=1)
     assert_ok(resumed)
     assert_close(resumed.losses(), reference.losses(), rel=1e-5)
+
+
+def test_block_score_loss_is_trained_and_reported(tmp_path, corpus_cache):
+    """nsa.block_score_loss_coeff > 0: every log line, the metrics file and TensorBoard carry the loss."""
+    # 128 tokens of 16-token blocks: up to 5 blocks to rank after the forced ones
+    run = run_training(tmp_path, ["training.train_steps=3", "optimizer.decay_steps=3", "data.seq_length=128",
+                                  f"data.cache_dir={corpus_cache}", "nsa.block_score_loss_coeff=0.5",
+                                  "nsa.block_score_loss_queries=32", f"checkpoint.dir={tmp_path / 'ckpt'}"])
+    assert_ok(run)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("step") and "tok/s" in line]
+    assert len(lines) == 3 and all("| block score loss " in line for line in lines)
+    values = [record["block_score_loss"] for record in run.records if "block_score_loss" in record]
+    assert len(values) == 3 and all(math.isfinite(v) and v > 0 for v in values)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "ckpt" / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("nsa/block_score_loss")] == pytest.approx(values)
