@@ -27,6 +27,7 @@ from .reference import (
     RopeFn,
     block_scores,
     compressed_block_positions,
+    in_selection_order,
     masked_attention,
     num_selection_blocks,
     sequence_spans,
@@ -34,6 +35,11 @@ from .reference import (
 
 # Elements of one chunk of the target's score tensor (all heads); bounds peak memory at long context.
 _TARGET_CHUNK_ELEMENTS = 1 << 26
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The loss's arithmetic: float32 for half-precision inputs, else their own dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def sampled_positions(seq_len: int, queries: int, device=None) -> torch.Tensor:
@@ -46,9 +52,8 @@ def rankable_blocks(q_pos: torch.Tensor, num_slc: int, config: NSAConfig) -> tor
     """[Tq, N_slc] bool: the blocks whose order the selection decides for a query at each position: at or
     before the query's block, neither among the first select_init_blocks nor among the select_local_blocks
     ending at the query's block."""
-    block = torch.arange(num_slc, device=q_pos.device)[None, :]
-    current = (q_pos // config.select_block_size)[:, None]
-    return (block >= config.select_init_blocks) & (block <= current - config.select_local_blocks)
+    ordered = in_selection_order(torch.zeros(q_pos.shape[0], 1, num_slc, device=q_pos.device), q_pos, config)
+    return torch.isfinite(ordered[:, 0])
 
 
 def compressed_keys(k: torch.Tensor, config: NSAConfig, compressor=None, rope: Optional[RopeFn] = None):
@@ -97,9 +102,9 @@ def sequence_block_score_loss(q, k_cmp, k_slc, config: NSAConfig, queries: int, 
     rankable = rankable_blocks(q_pos, num_slc, config)  # [R, N_slc]
     keep = rankable.sum(dim=1) >= 2
     if not bool(keep.any()):
-        return q.new_zeros(()), 0
+        return q.new_zeros((), dtype=compute_dtype(q.dtype)), 0
     q_pos, rankable = q_pos[keep], rankable[keep]
-    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    compute = compute_dtype(q.dtype)
     q_rows = q.detach()[q_pos].to(compute)  # [R, H_q, d_k]
     target = target_block_attention(q_rows, k_slc.detach().to(compute), q_pos, config.select_block_size, scale)
 
@@ -133,13 +138,31 @@ def block_score_loss(q, k_cmp, k_slc, config: NSAConfig, queries: int, cu_seqlen
     """
     if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
         raise ValueError(f"queries={queries!r} is not allowed: it must be an integer >= 1")
-    total, count = q.new_zeros((), dtype=torch.float32 if q.element_size() < 4 else q.dtype), 0
+    total, count = q.new_zeros((), dtype=compute_dtype(q.dtype)), 0
     for b, start, end in sequence_spans(q.shape[0], q.shape[1], cu_seqlens):
         doc = slice(start, end)
         kl_sum, n = sequence_block_score_loss(q[b, doc], k_cmp[b, doc], k_slc[b, doc], config, queries,
                                               compressor, rope)
         total, count = total + kl_sum, count + n
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def ranked_target_scores(q, k_slc, config: NSAConfig, cu_seqlens=None) -> torch.Tensor:
+    """The loss's target for every query, as the selection would rank it: [B * T, H_kv, N_slc] (rows in batch-then-
+    token order, as recorded_block_scores'), +inf for forced blocks, -inf for blocks a query cannot select and
+    past a shorter document's blocks. q [B, T, H_q, d_k], k_slc [B, T, H_kv, d_k] as the selected branch uses
+    them."""
+    scale, compute = config.scale_for(q.shape[-1]), compute_dtype(q.dtype)
+    parts = []
+    for b, start, end in sequence_spans(q.shape[0], q.shape[1], cu_seqlens):
+        q_pos = torch.arange(end - start, device=q.device)
+        target = target_block_attention(q[b, start:end].to(compute), k_slc[b, start:end].to(compute), q_pos,
+                                        config.select_block_size, scale)
+        parts.append(in_selection_order(target, q_pos, config))
+    num_slc = max(part.shape[-1] for part in parts)
+    return torch.cat([torch.nn.functional.pad(part, (0, num_slc - part.shape[-1]), value=float("-inf"))
+                      for part in parts])
 
 
 class _AttachedLoss(torch.autograd.Function):

@@ -11,6 +11,7 @@ import numpy
 import torch
 
 from .config import NSAConfig
+from .block_score_loss import ranked_target_scores
 from .compression import compress_documents
 from .reference import RopeFn, nsa_reference
 
@@ -72,6 +73,26 @@ def recorded_block_scores() -> Iterator[List[torch.Tensor]]:
     keeps the n highest (ties to the lower block id). Outputs and gradients are unchanged.
     """
     with _recording_into(_score_records) as records:
+        yield records
+
+
+# The list that recorded_target_scores() opened in this context, None outside one.
+_target_records: contextvars.ContextVar[Optional[List[torch.Tensor]]] = contextvars.ContextVar(
+    "nsa_target_score_records", default=None)
+
+
+@contextlib.contextmanager
+def recorded_target_scores() -> Iterator[List[torch.Tensor]]:
+    """Record, per block, the attention the selected branch's queries and keys would give it without
+    selection (the block score loss's target, megatron_nsa/block_score_loss.py): how the blocks would rank
+    if the block scores had learned where the selected branch looks.
+
+    Inside the block, every nsa_attention call (either backend) appends block_score_loss.ranked_target_scores
+    of its queries to the yielded list, in call order: [B * T, H_kv, N_slc] on the host, rows and +inf / -inf
+    as in recorded_block_scores. It costs one full causal attention per call. Outputs and gradients are
+    unchanged.
+    """
+    with _recording_into(_target_records) as records:
         yield records
 
 
@@ -315,7 +336,9 @@ def nsa_attention(
     bounds = check_inputs(q, ks, vs, gates, cu_seqlens, config)
     gates = silenced_gates(gates)
     backend = backend or default_backend(q.device)
-    records, score_records = _selection_records.get(), _score_records.get()
+    records, score_records, target_records = _selection_records.get(), _score_records.get(), _target_records.get()
+    if target_records is not None:
+        target_records.append(ranked_target_scores(q.detach(), ks[1].detach(), config, cu_seqlens).to("cpu"))
     if backend == "triton":
         if score_records is not None:
             raise RuntimeError("recorded_block_scores() needs backend='torch'; this call has backend='triton', whose "

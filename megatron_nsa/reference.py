@@ -170,7 +170,13 @@ def ranked_block_scores(cmp_probs: torch.Tensor, q_pos: torch.Tensor, num_slc: i
     """The block scores as the selection ranks them: cmp_probs [Tq, H_q, N_cmp] -> [Tq, H_kv, N_slc], the
     importance of each block (Eq. 9-10), +inf for forced blocks (the first n_init and the n_local ending at
     the one holding t), -inf for blocks after t's."""
-    scores = block_scores(cmp_probs, num_slc, num_kv_heads, config)  # [Tq, H_kv, N_slc]
+    return in_selection_order(block_scores(cmp_probs, num_slc, num_kv_heads, config), q_pos, config)
+
+
+def in_selection_order(scores: torch.Tensor, q_pos: torch.Tensor, config: NSAConfig) -> torch.Tensor:
+    """Per-block scores [Tq, H_kv, N_slc] of queries at q_pos with the selection's rules applied: +inf for
+    forced blocks, -inf for blocks after the query's."""
+    num_slc = scores.shape[-1]
     block = torch.arange(num_slc, device=q_pos.device)[None, :]
     current = (q_pos // config.select_block_size)[:, None]  # block holding t
     valid = block <= current

@@ -16,8 +16,11 @@ the needle (megatron_nsa.eval.selections): a needle never selected can only be s
 the compressed branch. --ranks (NSA models, torch backend: on CPU, or with nsa.backend=torch) adds the needle
 block's median rank among the blocks by selection score at the question (1 = the highest; the selection keeps
 ranks <= n), which grades a miss: a rank just past n is a near miss, about half the candidate blocks is
-chance. --silence cmp win (NSA models) scores the model with those branches' gates set to 0
-(megatron_nsa.functional.silenced_branches): which branch carries the answer.
+chance; beside it the same rank by the block score loss's target (megatron_nsa/block_score_loss.py: the
+selected branch's own attention per block, without selection), which says whether the selected branch's
+queries and keys would find the needle's block if the block scores followed them. --silence cmp win (NSA
+models) scores the model with those branches' gates set to 0 (megatron_nsa.functional.silenced_branches):
+which branch carries the answer.
 """
 from __future__ import annotations
 
@@ -41,6 +44,8 @@ DEFAULT_DEPTHS = [float(d) for d in range(0, 101, 10)]
 SCORING = "teacher-forced: correct when every answer token is the argmax prediction"
 SELECTED_TITLE = "needle block selected at the question (share of layers x KV heads)"
 RANK_TITLE = "needle block's median rank at the question (1 = highest score; selected when <= n)"
+TARGET_RANK_TITLE = ("the same rank by the block score loss's target (the selected branch's own attention per block, "
+                     "without selection)")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -65,7 +70,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                              "block (share of layers x KV heads), per cell and per layer")
     parser.add_argument("--ranks", action="store_true",
                         help="NSA models on the torch backend (CPU, or nsa.backend=torch): also report the needle "
-                             "block's median rank by selection score at the question, per cell and per layer")
+                             "block's median rank by selection score at the question, per cell and per layer, and "
+                             "by the block score loss's target")
     parser.add_argument("--silence", nargs="+", choices=BRANCHES, default=[], metavar="BRANCH",
                         help="NSA models: turn these branches off (their gates set to 0: cmp, slc, win), to see "
                              "which branch finds the needle; the selection still runs")
@@ -129,7 +135,9 @@ def needle_grid(loaded, text_format: str, lengths: Sequence[int], depths: Sequen
     the needle ("needle_block_selected", and per layer "needle_block_selected_by_layer"); with `ranks`
     (torch backend) the median over samples x layers x KV heads of the needle block's rank by selection score
     ("needle_block_rank", per layer "needle_block_rank_by_layer"; "candidate_blocks": the blocks a query
-    at the question can select, per length)."""
+    at the question can select, per length), and the same by the block score loss's target
+    ("needle_block_target_rank", "needle_block_target_rank_by_layer"): where the needle's block would rank if
+    the block scores had learned where the selected branch's queries and keys attend."""
     from .scoring import score_cell
     from .selections import QuestionSelections
 
@@ -140,10 +148,11 @@ def needle_grid(loaded, text_format: str, lengths: Sequence[int], depths: Sequen
     fmt = RetrievalFormat.of(loaded.recipe.retrieval)
     filler = corpus_filler(loaded, max(lengths)) if text_format == "text" else None
     accuracy, token_accuracy, seconds, selected, selected_by_layer = {}, {}, {}, {}, {}
-    rank, rank_by_layer, candidate_blocks = {}, {}, {}
+    rank, rank_by_layer, target_rank, target_rank_by_layer, candidate_blocks = {}, {}, {}, {}, {}
     for length, count in zip(lengths, samples):
         started = time.perf_counter()
-        for grid in (accuracy, token_accuracy, selected, selected_by_layer, rank, rank_by_layer):
+        for grid in (accuracy, token_accuracy, selected, selected_by_layer, rank, rank_by_layer, target_rank,
+                     target_rank_by_layer):
             grid[grid_key(length)] = {}
         for depth in depths:
             cell = needle_samples(text_format, length, depth / 100.0, count, seed, fmt, filler)
@@ -158,10 +167,13 @@ def needle_grid(loaded, text_format: str, lengths: Sequence[int], depths: Sequen
                 selected[grid_key(length)][grid_key(depth)] = hits.mean().item()
                 selected_by_layer[grid_key(length)][grid_key(depth)] = hits.mean((0, 2)).tolist()
             if ranks:
-                ranked = tracked.needle_ranks(cell, select_block_size).float()  # [count, L, H_kv]
-                rank[grid_key(length)][grid_key(depth)] = ranked.median().item()
-                rank_by_layer[grid_key(length)][grid_key(depth)] = ranked.transpose(0, 1).flatten(1).median(1) \
-                    .values.tolist()
+                for medians, by_layer, ranked in (
+                        (rank, rank_by_layer, tracked.needle_ranks(cell, select_block_size)),
+                        (target_rank, target_rank_by_layer, tracked.needle_target_ranks(cell, select_block_size))):
+                    ranked = ranked.float()  # [count, L, H_kv]
+                    medians[grid_key(length)][grid_key(depth)] = ranked.median().item()
+                    by_layer[grid_key(length)][grid_key(depth)] = ranked.transpose(0, 1).flatten(1).median(1) \
+                        .values.tolist()
                 question = length - 1 - len(cell[0].answer_positions)
                 candidate_blocks[grid_key(length)] = question // select_block_size + 1
         seconds[grid_key(length)] = time.perf_counter() - started
@@ -170,7 +182,8 @@ def needle_grid(loaded, text_format: str, lengths: Sequence[int], depths: Sequen
                  if tracked else "")
         if ranks:
             found += (f" | needle block rank {sum(rank[grid_key(length)].values()) / len(depths):.1f} of "
-                      f"{candidate_blocks[grid_key(length)]} (mean of the depths' medians)")
+                      f"{candidate_blocks[grid_key(length)]} (mean of the depths' medians), by the block score "
+                      f"loss's target {sum(target_rank[grid_key(length)].values()) / len(depths):.1f}")
         print(f"{loaded.attention} | length {length:,} | {count} samples x {len(depths)} depths | mean accuracy "
               f"{100 * mean:.1f}%{found} | {seconds[grid_key(length)]:.1f} s", flush=True)
     result = {"checkpoint": loaded.step_dir, "step": loaded.step, "attention": loaded.attention,
@@ -183,6 +196,7 @@ def needle_grid(loaded, text_format: str, lengths: Sequence[int], depths: Sequen
         result.update(needle_block_selected=selected, needle_block_selected_by_layer=selected_by_layer)
     if ranks:
         result.update(needle_block_rank=rank, needle_block_rank_by_layer=rank_by_layer,
+                      needle_block_target_rank=target_rank, needle_block_target_rank_by_layer=target_rank_by_layer,
                       candidate_blocks=candidate_blocks, select_count=loaded.recipe.nsa.select_count)
     return result
 
@@ -242,6 +256,7 @@ def run(args: argparse.Namespace) -> dict:
         candidates = ", ".join(f"{blocks} at {int(length):,}" for length, blocks in result["candidate_blocks"].items())
         print(f"\n{RANK_TITLE}, n = {result['select_count']}; candidate blocks {candidates}:\n"
               f"{rank_table(result['needle_block_rank'], lengths, args.depths)}")
+        print(f"\n{TARGET_RANK_TITLE}:\n{rank_table(result['needle_block_target_rank'], lengths, args.depths)}")
     if args.json:
         write_json(args.json, result)
     if args.table:

@@ -16,7 +16,7 @@ from typing import Callable, List, Sequence
 
 import torch
 
-from megatron_nsa.functional import recorded_block_scores, recorded_selections
+from megatron_nsa.functional import recorded_block_scores, recorded_selections, recorded_target_scores
 
 from .haystack import NeedleSample
 
@@ -51,7 +51,8 @@ def block_rank(scores: torch.Tensor, block: int) -> torch.Tensor:
 class QuestionSelections:
     """A logits function that also keeps, per forward pass, every layer's selection at the question's last
     token (the position that predicts the first answer token; the same for every sample of a needle cell),
-    and with `scores` (torch backend) the block scores there.
+    and with `scores` (torch backend) the block scores there and the block score loss's target (where the
+    selected branch's queries and keys would attend without selection).
 
         tracked = QuestionSelections(loaded.logits, num_layers)
         score_cell(tracked, cell, ...)       # batches in order, as the cell's samples
@@ -64,23 +65,30 @@ class QuestionSelections:
         self.scores = scores
         self.batches: List[torch.Tensor] = []  # each [num_layers, batch, H_kv, n]
         self.score_batches: List[torch.Tensor] = []  # each [num_layers, batch, H_kv, N_slc]
+        self.target_batches: List[torch.Tensor] = []  # each [num_layers, batch, H_kv, N_slc]
         self.answer_length = 1
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        scores_ctx = recorded_block_scores() if self.scores else contextlib.nullcontext([])
-        with recorded_selections() as records, scores_ctx as score_records:
+        with contextlib.ExitStack() as stack:
+            records = stack.enter_context(recorded_selections())
+            if self.scores:
+                score_records = stack.enter_context(recorded_block_scores())
+                target_records = stack.enter_context(recorded_target_scores())
             logits = self.logits_fn(tokens)
         batch, seq_len = tokens.shape
         question = seq_len - 1 - self.answer_length
-        self.batches.append(stack_layers(records, self.num_layers, batch, seq_len)[:, :, question])
+        at_question = lambda rows: stack_layers(rows, self.num_layers, batch, seq_len)[:, :, question]  # noqa: E731
+        self.batches.append(at_question(records))
         if self.scores:
-            self.score_batches.append(stack_layers(score_records, self.num_layers, batch, seq_len)[:, :, question])
+            self.score_batches.append(at_question(score_records))
+            self.target_batches.append(at_question(target_records))
         return logits
 
     def start_cell(self, samples: Sequence[NeedleSample]) -> None:
         """Forget earlier batches; the cell's samples share their length and answer length."""
         self.batches = []
         self.score_batches = []
+        self.target_batches = []
         self.answer_length = len(samples[0].answer_positions)
 
     def needle_hits(self, samples: Sequence[NeedleSample], select_block_size: int) -> torch.Tensor:
@@ -98,9 +106,17 @@ class QuestionSelections:
     def needle_ranks(self, samples: Sequence[NeedleSample], select_block_size: int) -> torch.Tensor:
         """[samples, num_layers, H_kv] int64: the best rank of a needle block in that layer's KV head at the
         question (block_rank; selected when <= n), for the samples since start_cell, in order."""
+        return self._ranks(self.score_batches, samples, select_block_size)
+
+    def needle_target_ranks(self, samples: Sequence[NeedleSample], select_block_size: int) -> torch.Tensor:
+        """The same rank by the block score loss's target: where a selection that had learned from the selected
+        branch's own queries and keys would put the needle's block."""
+        return self._ranks(self.target_batches, samples, select_block_size)
+
+    def _ranks(self, batches: List[torch.Tensor], samples: Sequence[NeedleSample], select_block_size: int):
         if not self.scores:
-            raise ValueError("needle_ranks needs QuestionSelections(..., scores=True)")
-        scores = torch.cat(self.score_batches, dim=1).transpose(0, 1)  # [samples, num_layers, H_kv, N_slc]
+            raise ValueError("needle ranks need QuestionSelections(..., scores=True)")
+        scores = torch.cat(batches, dim=1).transpose(0, 1)  # [samples, num_layers, H_kv, N_slc]
         if scores.shape[0] != len(samples):
             raise ValueError(f"block scores of {scores.shape[0]} samples recorded for {len(samples)} samples")
         ranks = torch.empty(scores.shape[:3], dtype=torch.int64)

@@ -101,9 +101,13 @@ def test_needle_selections_count_the_layers_that_select_the_needle(trained):
         ranks = report["needle_block_rank"][length]
         assert ranks["0"] == 1 and ranks["100"] <= 3 < ranks["50"] <= report["candidate_blocks"][length]
         assert len(report["needle_block_rank_by_layer"][length]["50"]) == 2
+        target = report["needle_block_target_rank"][length]  # the same ranks by the block score loss's target
+        assert target["0"] == 1 and target["100"] <= 3 < target["50"] <= report["candidate_blocks"][length]
+        assert len(report["needle_block_target_rank_by_layer"][length]["50"]) == 2
     assert report["candidate_blocks"] == {"64": 4, "200": 13} and report["select_count"] == 3
     assert "needle block selected at the question" in result.stdout and "needle block selected 66.7%" in result.stdout
     assert "needle block's median rank at the question" in result.stdout and "candidate blocks 4 at 64" in result.stdout
+    assert "the same rank by the block score loss's target" in result.stdout
 
 
 @pytest.mark.slow

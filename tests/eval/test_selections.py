@@ -100,5 +100,36 @@ def test_needle_rank_is_within_n_exactly_where_the_needle_is_selected(nsa_inputs
     assert torch.equal(ranks <= CONFIG.select_count, hits)
     assert (ranks[0] == 1).all()  # block 0 is the forced initial block, ranked first
     assert (ranks[1:] > CONFIG.select_init_blocks).all()
-    with pytest.raises(ValueError, match="needs QuestionSelections"):
+    with pytest.raises(ValueError, match="need QuestionSelections"):
         QuestionSelections(logits_fn, num_layers).needle_ranks(cell, 16)
+
+
+def test_target_rank_puts_a_planted_needle_first_after_the_forced_blocks():
+    """Keys at the needle's tokens made to match the question's queries: by the block score loss's target (the
+    selected branch's attention without selection) the needle's block ranks right after the 3 forced blocks in
+    every layer and KV head, whatever the block scores say; a sample without the planted key ranks it lower."""
+    num_layers, batch, seq_len, q_heads, kv_heads, dim = 2, 2, 128, 4, 2, 16
+    question = seq_len - 1 - 1
+    g = torch.Generator().manual_seed(int(numpy.random.default_rng().integers(1 << 30)))
+    layers = []
+    for _ in range(num_layers):
+        q = torch.randn(batch, seq_len, q_heads, dim, generator=g)
+        k = torch.randn(batch, seq_len, kv_heads, dim, generator=g)
+        for head in range(kv_heads):  # sample 0: token 50 (block 3) answers the question's queries
+            k[0, 50, head] = 3.0 * q[0, question, 2 * head:2 * head + 2].sum(0)
+        layers.append((q, k, torch.randn(batch, seq_len, kv_heads, dim, generator=g),
+                       torch.rand(batch, seq_len, q_heads, 3, generator=g)))
+
+    def logits_fn(tokens):
+        for q, k, v, gates in layers:
+            nsa_attention(q, k, v, gates, CONFIG, backend="torch")
+        return torch.randn(*tokens.shape, 5)
+
+    cell = [sample(seq_len, 50, needle_length=1), sample(seq_len, 50, needle_length=1)]
+    tracked = QuestionSelections(logits_fn, num_layers, scores=True)
+    tracked.start_cell(cell)
+    tracked(torch.zeros(batch, seq_len, dtype=torch.int64))
+    target_ranks = tracked.needle_target_ranks(cell, select_block_size=16)
+    assert target_ranks.shape == (batch, num_layers, kv_heads)
+    assert (target_ranks[0] == 4).all()  # forced: block 0 and the 2 local blocks (6, 7)
+    assert (target_ranks[1] > 4).any()
