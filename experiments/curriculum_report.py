@@ -89,6 +89,10 @@ def needle_section(name: str, needle: dict, silenced: Optional[dict], ranks: Opt
         lines += [f"Needle block's median rank at the question, {name}, step {ranks['step']:,} (1 = highest score; "
                   f"the top {ranks['select_count']} are selected; candidate blocks {candidates}):", "",
                   rank_table(ranks["needle_block_rank"], ranks["lengths"], ranks["depths"]), ""]
+        if "needle_block_target_rank" in ranks:  # results of the needle command before it had the target
+            lines += [f"The same rank by the block score loss's target (the selected branch's own attention per "
+                      f"block, without selection), {name}:", "",
+                      rank_table(ranks["needle_block_target_rank"], ranks["lengths"], ranks["depths"]), ""]
     return lines
 
 

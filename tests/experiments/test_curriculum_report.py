@@ -36,7 +36,8 @@ def _write_run(directory, losses, needle_accuracy, selected=None, silenced=None,
     if rank is not None:
         (directory / "needle_ranks.json").write_text(json.dumps(
             {"step": 3400, "lengths": [8192], "depths": DEPTHS, "samples": [4], "candidate_blocks": {"8192": 128},
-             "select_count": 16, "needle_block_rank": {"8192": {f"{d:g}": rank for d in DEPTHS}}}))
+             "select_count": 16, "needle_block_rank": {"8192": {f"{d:g}": rank for d in DEPTHS}},
+             "needle_block_target_rank": {"8192": {f"{d:g}": 4.0 for d in DEPTHS}}}))
 
 
 def test_report_puts_the_runs_side_by_side(tmp_path, capsys):
@@ -57,6 +58,7 @@ def test_report_puts_the_runs_side_by_side(tmp_path, capsys):
     assert "Needle, nsa, with the branches cmp win off:" in text and "| mean | 80.0% |" in text
     assert ("Needle block's median rank at the question, nsa, step 3,400 (1 = highest score; the top 16 are "
             "selected; candidate blocks 128 at 8,192):" in text) and "| 50% | 20.5 |" in text
+    assert "The same rank by the block score loss's target" in text and "| 50% | 4 |" in text
     assert "selected at the question, dense" not in text and "dense, with the branches" not in text
     assert "rank at the question, dense" not in text
     report = json.loads((tmp_path / "results" / "report_h100.json").read_text())
