@@ -148,16 +148,18 @@ def block_score_loss(q, k_cmp, k_slc, config: NSAConfig, queries: int, cu_seqlen
 
 
 @torch.no_grad()
-def ranked_target_scores(q, k_slc, config: NSAConfig, cu_seqlens=None) -> torch.Tensor:
+def ranked_target_scores(q, k_slc, config: NSAConfig, cu_seqlens=None, positions=None) -> torch.Tensor:
     """The loss's target for every query, as the selection would rank it: [B * T, H_kv, N_slc] (rows in batch-then-
     token order, as recorded_block_scores'), +inf for forced blocks, -inf for blocks a query cannot select and
     past a shorter document's blocks. q [B, T, H_q, d_k], k_slc [B, T, H_kv, d_k] as the selected branch uses
-    them."""
+    them. `positions`: the queries at these token indices of each sequence alone ([B * len(positions), ...])."""
     scale, compute = config.scale_for(q.shape[-1]), compute_dtype(q.dtype)
     parts = []
     for b, start, end in sequence_spans(q.shape[0], q.shape[1], cu_seqlens):
         q_pos = torch.arange(end - start, device=q.device)
-        target = target_block_attention(q[b, start:end].to(compute), k_slc[b, start:end].to(compute), q_pos,
+        if positions is not None:
+            q_pos = q_pos[torch.as_tensor(positions, device=q.device)]
+        target = target_block_attention(q[b, start + q_pos].to(compute), k_slc[b, start:end].to(compute), q_pos,
                                         config.select_block_size, scale)
         parts.append(in_selection_order(target, q_pos, config))
     num_slc = max(part.shape[-1] for part in parts)

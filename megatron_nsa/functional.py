@@ -76,24 +76,29 @@ def recorded_block_scores() -> Iterator[List[torch.Tensor]]:
         yield records
 
 
-# The list that recorded_target_scores() opened in this context, None outside one.
-_target_records: contextvars.ContextVar[Optional[List[torch.Tensor]]] = contextvars.ContextVar(
-    "nsa_target_score_records", default=None)
+# The list and query positions that recorded_target_scores() opened in this context, None outside one.
+_target_records: contextvars.ContextVar[Optional[Tuple[List[torch.Tensor], Optional[Sequence[int]]]]] = \
+    contextvars.ContextVar("nsa_target_score_records", default=None)
 
 
 @contextlib.contextmanager
-def recorded_target_scores() -> Iterator[List[torch.Tensor]]:
+def recorded_target_scores(positions: Optional[Sequence[int]] = None) -> Iterator[List[torch.Tensor]]:
     """Record, per block, the attention the selected branch's queries and keys would give it without
     selection (the block score loss's target, megatron_nsa/block_score_loss.py): how the blocks would rank
     if the block scores had learned where the selected branch looks.
 
     Inside the block, every nsa_attention call (either backend) appends block_score_loss.ranked_target_scores
     of its queries to the yielded list, in call order: [B * T, H_kv, N_slc] on the host, rows and +inf / -inf
-    as in recorded_block_scores. It costs one full causal attention per call. Outputs and gradients are
-    unchanged.
+    as in recorded_block_scores; with `positions` (token indices within each sequence), those queries'
+    alone, [B * len(positions), H_kv, N_slc] (one full causal attention per call otherwise). Outputs and
+    gradients are unchanged.
     """
-    with _recording_into(_target_records) as records:
+    records: List[torch.Tensor] = []
+    token = _target_records.set((records, positions))
+    try:
         yield records
+    finally:
+        _target_records.reset(token)
 
 
 BRANCHES = ("cmp", "slc", "win")  # the order of the gates' last dimension
@@ -338,7 +343,8 @@ def nsa_attention(
     backend = backend or default_backend(q.device)
     records, score_records, target_records = _selection_records.get(), _score_records.get(), _target_records.get()
     if target_records is not None:
-        target_records.append(ranked_target_scores(q.detach(), ks[1].detach(), config, cu_seqlens).to("cpu"))
+        target_list, positions = target_records
+        target_list.append(ranked_target_scores(q.detach(), ks[1].detach(), config, cu_seqlens, positions).to("cpu"))
     if backend == "triton":
         if score_records is not None:
             raise RuntimeError("recorded_block_scores() needs backend='torch'; this call has backend='triton', whose "

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from megatron_nsa import KVCompressor, NSAConfig
-from megatron_nsa.block_score_loss import block_score_loss, sampled_positions, sequence_block_score_loss
+from megatron_nsa.block_score_loss import (
+    block_score_loss,
+    ranked_target_scores,
+    sampled_positions,
+    sequence_block_score_loss,
+)
 
 CONFIG = NSAConfig(compress_block_size=8, compress_stride=4, select_block_size=16, select_count=4,
                    select_init_blocks=1, select_local_blocks=2, window_size=32)
@@ -135,3 +140,13 @@ def test_half_precision_inputs_give_a_float32_loss():
     half = block_score_loss(q.bfloat16(), k_cmp.bfloat16(), k_slc.bfloat16(), CONFIG, queries=12)
     assert half.dtype == torch.float32
     assert half.item() == pytest.approx(exact.item(), rel=0.05)  # inputs rounded to 8 bits of mantissa
+
+
+def test_ranked_target_scores_at_some_positions_are_those_rows_of_all():
+    q, _, k_slc = random_inputs(batch=1, seq_len=170)
+    cu_seqlens = torch.tensor([0, 70, 170])
+    every = ranked_target_scores(q, k_slc, CONFIG, cu_seqlens)  # [170, H_kv, N_slc]
+    some = ranked_target_scores(q, k_slc, CONFIG, cu_seqlens, positions=[5, 69])
+    assert every.shape == (170, 2, 7) and some.shape == (4, 2, 7)
+    assert torch.equal(some, every[[5, 69, 75, 139]])
+    assert torch.isinf(every[5, :, 1:]).all() and (every[5, :, 0] == float("inf")).all()  # block 0 forced, 1+ later

@@ -69,19 +69,19 @@ class QuestionSelections:
         self.answer_length = 1
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, seq_len = tokens.shape
+        question = seq_len - 1 - self.answer_length
         with contextlib.ExitStack() as stack:
             records = stack.enter_context(recorded_selections())
             if self.scores:
                 score_records = stack.enter_context(recorded_block_scores())
-                target_records = stack.enter_context(recorded_target_scores())
+                target_records = stack.enter_context(recorded_target_scores(positions=[question]))
             logits = self.logits_fn(tokens)
-        batch, seq_len = tokens.shape
-        question = seq_len - 1 - self.answer_length
         at_question = lambda rows: stack_layers(rows, self.num_layers, batch, seq_len)[:, :, question]  # noqa: E731
         self.batches.append(at_question(records))
         if self.scores:
             self.score_batches.append(at_question(score_records))
-            self.target_batches.append(at_question(target_records))
+            self.target_batches.append(stack_layers(target_records, self.num_layers, batch, 1)[:, :, 0])
         return logits
 
     def start_cell(self, samples: Sequence[NeedleSample]) -> None:
