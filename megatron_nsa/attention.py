@@ -132,6 +132,10 @@ class NSASelfAttention(Attention):
         if settings.block_score_loss_coeff > 0 and get_pg_size(self.pg_collection.cp) > 1:
             raise ValueError(f"nsa_block_score_loss_coeff={settings.block_score_loss_coeff} needs context parallel "
                              f"size 1 (got {get_pg_size(self.pg_collection.cp)}); allowed with context parallelism: 0")
+        if settings.block_score_loss_coeff > 0 and self.k_layernorm is not None:
+            raise ValueError(f"nsa_block_score_loss_coeff={settings.block_score_loss_coeff} with qk_layernorm=True: "
+                             "the key norm is shared by the three key branches, so the loss would change the "
+                             "selected and window keys too; allowed: qk_layernorm=False, or the coefficient 0")
         # the block score loss of this layer's training forwards since a monitor last read it (sum, count)
         self.block_score_loss_sum = torch.zeros((), dtype=torch.float32)
         self.block_score_loss_count = 0
@@ -174,17 +178,23 @@ class NSASelfAttention(Attention):
         core_out = self._nsa_core(batch_first(q), tuple(map(batch_first, k)), tuple(map(batch_first, v)),
                                   batch_first(gates), cu_seqlens, rotary)
         if self.settings.block_score_loss_coeff > 0 and self.training and torch.is_grad_enabled():
-            core_out = self._with_block_score_loss(core_out, batch_first(q), batch_first(k[0]), batch_first(k[1]),
+            core_out = self._with_block_score_loss(core_out, hidden_states, batch_first(q), batch_first(k[1]),
                                                    cu_seqlens, rotary)
         core_out = batch_first(core_out).reshape(seq_len, batch, -1)  # [s, b, H_q * d_v]
         return self.linear_proj(core_out)
 
-    def _with_block_score_loss(self, core_out, q, k_cmp, k_slc, cu_seqlens, rotary):
-        """core_out carrying this layer's block score loss (megatron_nsa/block_score_loss.py) into backward,
-        weighted so that it adds nsa_block_score_loss_coeff * loss to the per-token language-model loss the
+    def _with_block_score_loss(self, core_out, hidden_states, q, k_slc, cu_seqlens, rotary):
+        """core_out carrying this layer's block score loss (megatron_nsa/block_score_loss.py) into backward.
+
+        The compressed keys are projected once more from the detached layer input, so that the loss trains the
+        compressed-key rows of linear_qkv and the compressor and nothing before them (as DeepSeek-V3.2 detaches
+        its indexer's input): a gradient into the residual stream would retrain every earlier layer toward it.
+        Weighted so that it adds nsa_block_score_loss_coeff * loss to the per-token language-model loss the
         optimizer sees: with calculate_per_token_loss Megatron divides every gradient by the batch's token
         count, so the loss enters once per token of this micro-batch; without, Megatron divides each
         micro-batch's loss by the number of micro-batches, and so is this one."""
+        _, k, _, _ = self.get_query_key_value_tensors(hidden_states.detach())
+        k_cmp = k[0].transpose(0, 1)  # [b, s, H_kv, d_k], un-rotated
         loss = block_score_loss(q, k_cmp, k_slc, self.core_config, self.settings.block_score_loss_queries,
                                 cu_seqlens, self.compressor, rotary)
         self.block_score_loss_sum = self.block_score_loss_sum.to(loss.device) + loss.detach()

@@ -7,8 +7,9 @@ positions of each sequence it takes the attention that the selected branch's que
 every key before the query (full causal attention, no selection), sums it over the G heads of a KV group
 and over each selection block's tokens, and measures the Kullback-Leibler divergence of the block scores
 from that target. Both sides are restricted to the blocks the ranking decides (not forced, not after
-the query's block) and normalized there. The target and the queries are detached: the gradient reaches
-the compressed keys alone (their projection and the compression phi).
+the query's block) and normalized there. The target and the queries are detached, and the layer projects
+the compressed keys for the loss from its detached input: the gradient reaches the compressed-key
+projection and the compression phi alone.
 
     loss = mean over (sequence, sampled query, KV group) of KL(target || scores)
 

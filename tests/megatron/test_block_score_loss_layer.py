@@ -22,10 +22,12 @@ def build_attention(config):
 
 
 def parameter_grads(layer, x):
+    """(output, {parameter: gradient}, input gradient) of sum(output^2)."""
     layer.zero_grad()
+    x = x.clone().requires_grad_()
     output, _ = layer(x, None)
     output.square().sum().backward()
-    return output.detach(), {name: p.grad.clone() for name, p in layer.named_parameters()}
+    return output.detach(), {name: p.grad.clone() for name, p in layer.named_parameters()}, x.grad
 
 
 def loss_of_layer(layer, x, queries: int):
@@ -51,9 +53,10 @@ def test_backward_adds_the_weighted_loss_gradient(per_token):
                                             nsa_block_score_loss_queries=queries))
     with_loss.load_state_dict(plain.state_dict())
     x = torch.randn(SEQ, BATCH, plain.config.hidden_size, dtype=torch.float64)
-    out_plain, grads_plain = parameter_grads(plain, x)
-    out_loss, grads_loss = parameter_grads(with_loss, x)
+    out_plain, grads_plain, input_grad_plain = parameter_grads(plain, x)
+    out_loss, grads_loss, input_grad_loss = parameter_grads(with_loss, x)
     assert torch.equal(out_plain, out_loss)
+    assert torch.equal(input_grad_plain, input_grad_loss)  # nothing of the loss reaches the residual stream
 
     loss = loss_of_layer(with_loss, x, queries)
     assert loss.item() > 1e-3
@@ -92,3 +95,14 @@ def test_no_loss_outside_training():
 def test_bad_settings_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**fields)
+
+
+def test_shared_key_norm_is_refused():
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_nsa import get_gpt_layer_nsa_spec
+
+    spec = get_gpt_layer_nsa_spec(use_transformer_engine=False, qk_layernorm=True).submodules.self_attention
+    with pytest.raises(ValueError, match=r"nsa_block_score_loss_coeff=0.5 with qk_layernorm=True: the key norm is "
+                                         r"shared by the three key branches"):
+        build_module(spec, config=tiny_config(qk_layernorm=True, nsa_block_score_loss_coeff=0.5), layer_number=1)
