@@ -22,12 +22,13 @@ from typing import Optional
 
 import torch
 
-from .compression import block_windows
 from .config import NSAConfig
 from .reference import (
     RopeFn,
     block_scores,
+    cat_block_rows,
     compressed_block_positions,
+    compressed_keys,
     in_selection_order,
     masked_attention,
     num_selection_blocks,
@@ -55,16 +56,6 @@ def rankable_blocks(q_pos: torch.Tensor, num_slc: int, config: NSAConfig) -> tor
     ending at the query's block."""
     ordered = in_selection_order(torch.zeros(q_pos.shape[0], 1, num_slc, device=q_pos.device), q_pos, config)
     return torch.isfinite(ordered[:, 0])
-
-
-def compressed_keys(k: torch.Tensor, config: NSAConfig, compressor=None, rope: Optional[RopeFn] = None):
-    """k [T, H_kv, d_k] (un-rotated) -> the sequence's compressed keys [N_cmp, H_kv, d_k], rotated at
-    their blocks' last tokens when `rope` is given (as the compressed branch makes them)."""
-    windows = block_windows(k, config.compress_block_size, config.compress_stride)  # [N_cmp, l, H_kv, d_k]
-    keys = windows.mean(dim=1) if compressor is None else compressor.compress_k(windows)
-    if rope is not None and keys.shape[0] > 0:
-        keys = rope(keys, compressed_block_positions(keys.shape[0], config, k.device))
-    return keys
 
 
 @torch.no_grad()
@@ -102,10 +93,10 @@ def sequence_block_score_loss(q, k_cmp, k_slc, config: NSAConfig, queries: int, 
     q_pos = sampled_positions(seq_len, queries, q.device)
     rankable = rankable_blocks(q_pos, num_slc, config)  # [R, N_slc]
     keep = rankable.sum(dim=1) >= 2
-    if not bool(keep.any()):
-        return q.new_zeros((), dtype=compute_dtype(q.dtype)), 0
-    q_pos, rankable = q_pos[keep], rankable[keep]
     compute = compute_dtype(q.dtype)
+    if not bool(keep.any()):
+        return q.new_zeros((), dtype=compute), 0
+    q_pos, rankable = q_pos[keep], rankable[keep]
     q_rows = q.detach()[q_pos].to(compute)  # [R, H_q, d_k]
     target = target_block_attention(q_rows, k_slc.detach().to(compute), q_pos, config.select_block_size, scale)
 
@@ -163,9 +154,7 @@ def ranked_target_scores(q, k_slc, config: NSAConfig, cu_seqlens=None, positions
         target = target_block_attention(q[b, start + q_pos].to(compute), k_slc[b, start:end].to(compute), q_pos,
                                         config.select_block_size, scale)
         parts.append(in_selection_order(target, q_pos, config))
-    num_slc = max(part.shape[-1] for part in parts)
-    return torch.cat([torch.nn.functional.pad(part, (0, num_slc - part.shape[-1]), value=float("-inf"))
-                      for part in parts])
+    return cat_block_rows(parts)
 
 
 class _AttachedLoss(torch.autograd.Function):

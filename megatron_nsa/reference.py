@@ -14,7 +14,7 @@ Conventions (docs/semantics.md, 0-indexed):
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.utils.checkpoint
@@ -122,16 +122,20 @@ def compress_sequence(k: torch.Tensor, v: torch.Tensor, config: NSAConfig, compr
 
     `rope(x, positions)` rotates the compressed keys at their representative positions.
     """
-    l, d = config.compress_block_size, config.compress_stride
-    k_windows = block_windows(k, l, d)  # [N_cmp, l, H_kv, d_k]
-    v_windows = block_windows(v, l, d)
-    if compressor is None:
-        compressed_k, compressed_v = k_windows.mean(dim=1), v_windows.mean(dim=1)
-    else:
-        compressed_k, compressed_v = compressor.compress_k(k_windows), compressor.compress_v(v_windows)
-    if rope is not None and compressed_k.shape[0] > 0:
-        compressed_k = rope(compressed_k, compressed_block_positions(compressed_k.shape[0], config, k.device))
-    return compressed_k, compressed_v
+    v_windows = block_windows(v, config.compress_block_size, config.compress_stride)  # [N_cmp, l, H_kv, d_v]
+    compressed_v = v_windows.mean(dim=1) if compressor is None else compressor.compress_v(v_windows)
+    return compressed_keys(k, config, compressor, rope), compressed_v
+
+
+def compressed_keys(k: torch.Tensor, config: NSAConfig, compressor: Optional[KVCompressor] = None,
+                    rope: Optional[RopeFn] = None) -> torch.Tensor:
+    """k [T, H_kv, d_k] (un-rotated) -> the sequence's compressed keys [N_cmp, H_kv, d_k], rotated at their
+    blocks' last tokens when `rope` is given."""
+    windows = block_windows(k, config.compress_block_size, config.compress_stride)  # [N_cmp, l, H_kv, d_k]
+    keys = windows.mean(dim=1) if compressor is None else compressor.compress_k(windows)
+    if rope is not None and keys.shape[0] > 0:
+        keys = rope(keys, compressed_block_positions(keys.shape[0], config, k.device))
+    return keys
 
 
 def compressed_attention(q, compressed_k, compressed_v, q_pos, config: NSAConfig, scale: float):
@@ -344,9 +348,14 @@ def nsa_reference(q, kv_cmp, kv_slc, kv_win, gates, config: NSAConfig, cu_seqlen
     out = torch.cat(outs).view(batch, seq_len, q.shape[2], -1).to(in_dtype)
     if not return_intermediates:
         return out
-    num_slc = max(p.ranked_block_scores.shape[-1] for p in parts)
-    parts = [dataclasses.replace(p, ranked_block_scores=torch.nn.functional.pad(
-        p.ranked_block_scores, (0, num_slc - p.ranked_block_scores.shape[-1]), value=float("-inf"))) for p in parts]
-    merged = NSAIntermediates(*[torch.cat([getattr(p, f.name) for p in parts])
-                                for f in dataclasses.fields(NSAIntermediates)])
+    merged = NSAIntermediates(*[(cat_block_rows if f.name == "ranked_block_scores" else torch.cat)(
+        [getattr(p, f.name) for p in parts]) for f in dataclasses.fields(NSAIntermediates)])
     return out, merged
+
+
+def cat_block_rows(parts: List[torch.Tensor]) -> torch.Tensor:
+    """Per-block rows of several sequences [T_i, H_kv, N_slc_i] -> one [sum T_i, H_kv, max N_slc], -inf past a
+    sequence's own blocks (never selectable)."""
+    num_slc = max(part.shape[-1] for part in parts)
+    return torch.cat([torch.nn.functional.pad(part, (0, num_slc - part.shape[-1]), value=float("-inf"))
+                      for part in parts])
